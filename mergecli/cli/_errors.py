@@ -1,0 +1,61 @@
+"""The one place where library errors become one-line messages and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+
+from mergecli.cli._console import err_console
+from mergecli.errors import MergecliError
+
+F = TypeVar("F", bound=Callable)
+EXIT_INTERRUPTED = 130
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("MERGECLI_DEBUG", "") not in ("", "0", "false")
+
+
+def report_errors(command: F) -> F:
+    """Run a command; turn errors into `error: ...` (+ `hint: ...`) on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except MergecliError as exc:
+            if debug_enabled():
+                raise
+            _print_error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            _print_error("interrupted; nothing was written (inputs and any existing output are untouched)")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as exc:
+            if debug_enabled():
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            _print_error(f"{exc.strerror or exc}{where}", "nothing was written; fix the problem and rerun")
+            raise typer.Exit(1) from None
+        except Exception as exc:  # a bug: say so, briefly
+            if debug_enabled():
+                raise
+            _print_error(f"internal error: {type(exc).__name__}: {exc}",
+                         "rerun with MERGECLI_DEBUG=1 for the traceback, and please report it")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_error(message: str, hint: str | None = None) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    if hint:
+        err_console.print(f"[yellow]hint:[/] {hint}", markup=True, highlight=False, soft_wrap=True)

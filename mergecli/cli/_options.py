@@ -1,0 +1,21 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+RecipeArg = Annotated[Path, typer.Argument(help="TOML recipe.", show_default=False)]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output directory (overrides the recipe's `output`).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE",
+                 help="Override a recipe key, e.g. --set normalize=false --set models.1.weight=0.7."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of progress bars.")]

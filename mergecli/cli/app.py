@@ -1,0 +1,69 @@
+"""The `mergecli` application: wiring of the command modules."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated
+
+import typer
+
+from mergecli import __version__
+from mergecli.cli.average import average
+from mergecli.cli.validate import validate
+
+app = typer.Typer(
+    name="mergecli",
+    help="Merge model checkpoints (weighted average, RegMean) from TOML recipes, streaming tensor by "
+         "tensor so that memory stays small whatever the model size.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.command(no_args_is_help=False)(average)
+app.command()(validate)
+
+
+def _register_optional_groups() -> None:
+    """Command groups that live in their own modules."""
+    try:
+        from mergecli.cli.regmean import regmean_app
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    else:
+        app.add_typer(regmean_app, name="regmean")
+    try:
+        from mergecli.cli.push import push
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        app.command()(push)
+
+
+_register_optional_groups()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mergecli {__version__}")
+        raise typer.Exit()
+
+
+def _terminate(signum, frame) -> None:  # SIGTERM cleans up like Ctrl-C
+    raise KeyboardInterrupt
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Merge model checkpoints from TOML recipes."""
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (embedded use)
+        pass
+
+
+def main() -> None:
+    app()

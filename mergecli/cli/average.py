@@ -1,0 +1,97 @@
+"""`mergecli average`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergecli.cli._console import info
+from mergecli.cli._errors import report_errors
+from mergecli.cli._options import DryRunOpt, ForceOpt, OutputOpt, QuietOpt, SetOpt
+from mergecli.cli._render import print_plan, print_report, progress_bar
+from mergecli.errors import UsageError
+from mergecli.merge import plan_average, run_merge
+from mergecli.recipe import Recipe, load_recipe, recipe_from_data
+
+EXAMPLES = """
+Examples:
+
+  mergecli average recipes/demo-average.toml
+
+  mergecli average recipe.toml -o merged/ --set dtype=bfloat16 --set models.1.weight=0.7
+
+  mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
+
+  mergecli average recipe.toml --dry-run
+"""
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.3,0.7") from None
+
+
+def recipe_from_options(recipe_path: Path | None, models: list[str], weights: str | None,
+                        overrides: list[str]) -> Recipe:
+    """A recipe from a file, or the recipe-less one-liner's `-m` / `-w` options."""
+    if recipe_path is not None:
+        if models or weights:
+            raise UsageError("give either a RECIPE or -m/-w options, not both")
+        return load_recipe(recipe_path, overrides=overrides)
+    if not models:
+        raise UsageError("nothing to merge", hint="give a RECIPE, or at least one -m PATH")
+    entries: list[dict] = [{"path": path} for path in models]
+    if weights is not None:
+        values = parse_weights(weights)
+        if len(values) != len(models):
+            raise UsageError(f"{len(values)} weights for {len(models)} models",
+                             hint="give one weight per -m, in the same order")
+        for entry, value in zip(entries, values):
+            entry["weight"] = value
+    return recipe_from_data({"models": entries}, source="command line", base_dir=Path.cwd(),
+                            overrides=overrides)
+
+
+def merge_and_report(plan, *, quiet: bool) -> None:
+    """Run a planned merge with progress, then print the summary and how to load the result."""
+    with progress_bar("merging", total_bytes=plan.bytes_read, total_items=len(plan.tasks),
+                      quiet=quiet) as update:
+        report = run_merge(plan, on_progress=update)
+    print_report(report, "base" if plan.inputs.base else plan.recipe.models[0].name)
+    if (report.output / "config.json").is_file():
+        info(f"load it with: AutoModel.from_pretrained({str(report.output)!r})")
+
+
+@report_errors
+def average(
+    recipe: Annotated[Path | None, typer.Argument(help="TOML recipe (or use -m).", show_default=False)] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="A model to merge (repeat).")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", "-w", help="Weights, e.g. 0.3,0.7.")] = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge checkpoints by weighted averaging, streaming tensor by tensor."""
+    spec = recipe_from_options(recipe, model or [], weights, set_ or [])
+    if spec.method != "average":
+        raise UsageError(f"this recipe's method is {spec.method!r}",
+                         hint=f"run `mergecli {spec.method} merge RECIPE`")
+    plan = plan_average(spec, output=output, force=force or dry_run)
+    if dry_run:
+        print_plan(plan, title="average (dry run: nothing written)")
+        plan.inputs.close()
+        return
+    merge_and_report(plan, quiet=quiet)
+    if spec.push_to_hub:
+        from mergecli.cli.push import push_after_merge
+
+        push_after_merge(plan.output, spec)
+
+
+average.__doc__ = (average.__doc__ or "") + EXAMPLES

@@ -1,0 +1,74 @@
+"""Typed errors. The library raises these with fields; the CLI words them (cli/app.py).
+
+Exit codes follow the spec: 2 means "fix your command or recipe", 1 means "the inputs or the
+machine failed the merge".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MergecliError(Exception):
+    """Base class; `exit_code` is what the CLI exits with, `hint` says what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(MergecliError):
+    """Bad flags or arguments, or an output that would be clobbered."""
+
+    exit_code = 2
+
+
+class RecipeError(UsageError):
+    """The recipe does not validate; `problems` holds one line per bad key."""
+
+    def __init__(self, source: str, problems: list[str], *, hint: str | None = None):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems), hint=hint)
+
+
+class InputNotFoundError(UsageError):
+    """A model path that is neither a local checkpoint nor a resolvable hub repo."""
+
+    def __init__(self, path: str, *, hint: str | None = None):
+        self.path = path
+        super().__init__(f"{path}: no such file or directory", hint=hint)
+
+
+class CheckpointError(MergecliError):
+    """A checkpoint that cannot be read: corrupt, truncated, unsupported format."""
+
+    def __init__(self, path: Path | str, problem: str, *, hint: str | None = None):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}", hint=hint)
+
+
+class ShapeMismatchError(MergecliError):
+    """Inputs disagree on tensor names or shapes; `problems` lists every mismatch."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        shown = problems[:20]
+        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(
+            f"the inputs do not have the same tensors ({len(problems)} mismatch"
+            f"{'es' if len(problems) != 1 else ''}):\n" + "\n".join(f"  {p}" for p in shown) + more,
+            hint="merge only checkpoints of the same architecture and vocabulary size",
+        )
+
+
+class StatsError(MergecliError):
+    """RegMean statistics that are missing, stale, from another model or corrupt."""
+
+
+class HubError(MergecliError):
+    """The Hugging Face Hub refused or could not be reached."""

@@ -1,0 +1,1 @@
+"""Pure tensor math of the merge methods: no files, no recipes."""

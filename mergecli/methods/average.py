@@ -1,0 +1,27 @@
+"""Weighted averaging: θ = Σ w_i θ_i, accumulated in float32 (float64 for float64 inputs)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_i t_i in the accumulation dtype; inputs may have different floating dtypes.
+
+    Example:
+        >>> weighted_sum([torch.ones(2, dtype=torch.bfloat16), torch.zeros(2)], [0.25, 0.75])
+        tensor([0.2500, 0.2500])
+    """
+    if len(tensors) != len(weights) or not tensors:
+        raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
+    dtype = accumulation_dtype([t.dtype for t in tensors])
+    total = tensors[0].to(dtype, copy=True)
+    total.mul_(weights[0])
+    for tensor, weight in zip(tensors[1:], weights[1:]):
+        total.add_(tensor, alpha=weight)  # mixed dtypes computed in `dtype`, no temporary
+    return total

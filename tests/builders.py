@@ -1,0 +1,51 @@
+"""Tiny real checkpoints for tests and the demo: transformers configs with random weights, saved
+with `save_pretrained`, and word-level tokenizers built with `tokenizers`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = ("the a of to and in is it that for on with as was at by be this from or an are which one all "
+         "model merge weight layer token data math code text image train test loss mean sum").split()
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+)
+
+
+def word_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer with `vocab_size` entries (specials, words, fillers)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + list(WORDS))}
+    while len(vocab) < vocab_size:
+        vocab[f"w{len(vocab)}"] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def llama_config(*, vocab_size: int = 128, tie: bool = False, hidden: int = 32, layers: int = 2,
+                 intermediate: int = 64) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3,
+    )
+
+
+def build_llama(path: Path, *, seed: int, dtype: torch.dtype = torch.float32, tie: bool = False,
+                max_shard_size: str | None = None, vocab_size: int = 128) -> Path:
+    """Save a random tiny LLaMA (with tokenizer and generation config) to `path`."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(vocab_size=vocab_size, tie=tie)).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    word_tokenizer(vocab_size).save_pretrained(path)
+    return path

@@ -1,0 +1,98 @@
+"""Interrupted merges (SIGTERM, SIGKILL, failures) leave nothing that looks complete and lose nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tree_digest
+from mergecli.errors import MergecliError
+from mergecli.writer import atomic_directory
+
+
+@pytest.fixture(scope="module")
+def big_pair(tmp_path_factory) -> list[Path]:
+    """Two 256 MB fp32 checkpoints: large enough that a merge is still running when signalled."""
+    root = tmp_path_factory.mktemp("big")
+    paths = []
+    for i in range(2):
+        tensors = {f"layer.{j}.weight": torch.full((4096, 2048), float(i + j)) for j in range(8)}
+        paths.append(root / f"big{i}.safetensors")
+        save_file(tensors, paths[-1])
+    return paths
+
+
+def start_merge(pair: list[Path], out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "mergecli", "average", "-m", str(pair[0]), "-m", str(pair[1]),
+               "-o", str(out), "--quiet", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_partial(out: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(f".{out.name}.partial-*")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the merge never started writing"
+        time.sleep(0.002)
+
+
+def test_sigterm_cleans_up_and_keeps_existing_output(big_pair, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous merge")
+    before = {str(p): p.stat().st_mtime_ns for p in big_pair}
+    process = start_merge(big_pair, out, "--force")
+    wait_for_partial(out, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {str(p): p.stat().st_mtime_ns for p in big_pair} == before
+
+
+def test_sigkill_leaves_no_complete_looking_output_and_rerun_cleans(big_pair, tmp_path):
+    out = tmp_path / "out"
+    process = start_merge(big_pair, out)
+    wait_for_partial(out, process)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not out.exists()
+    partials = list(tmp_path.glob(".out.partial-*"))
+    assert partials and all(p.name.startswith(".") for p in partials)
+    rerun = start_merge(big_pair, out)
+    _, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the stale partial was removed
+
+
+def test_failure_inside_atomic_directory_keeps_the_old_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old")
+    before = tree_digest(out)
+    with pytest.raises(MergecliError), atomic_directory(out, force=True) as temporary:
+        (temporary / "model.safetensors").write_bytes(b"new, half written")
+        raise MergecliError("disk full")
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_plain_progress_lines_when_not_a_terminal(big_pair, tmp_path):
+    """Non-terminal stderr: one plain line per step, no bar animation; the summary on stdout."""
+    process = start_merge(big_pair, tmp_path / "out")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[0].startswith("merging: 8 tensors") and lines[-1].startswith("merging: 100%")
+    assert "\r" not in stderr and "\x1b[" not in stderr
+    assert "output" in stdout and "written" in stdout

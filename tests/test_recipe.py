@@ -1,0 +1,105 @@
+"""Recipe validation, overrides and the resolved TOML written into outputs."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+
+import pytest
+
+from mergecli.errors import RecipeError
+from mergecli.recipe import dump_recipe, load_recipe, parse_size
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    recipe = load_recipe(write(tmp_path, 'output = "out"\n[[models]]\npath = "a"\n[[models]]\npath = "b"\n'))
+    assert recipe.output == str(tmp_path / "out")
+    assert [m.path for m in recipe.models] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert [m.name for m in recipe.models] == ["a", "b"]
+    assert recipe.weights == [0.5, 0.5]
+    assert recipe.shard_size == 5 * 10**9 and recipe.dtype == "auto"
+
+
+def test_hub_ids_are_kept(tmp_path):
+    recipe = load_recipe(write(tmp_path, '[[models]]\npath = "org/model-a"\n'))
+    assert recipe.models[0].path == "org/model-a" and recipe.models[0].name == "model-a"
+
+
+def test_unknown_keys_name_file_and_path(tmp_path):
+    path = write(tmp_path, 'normalise = true\n[[models]]\npath = "a"\nwieght = 2\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    text = str(info.value)
+    assert f"{path}: normalise: unknown key" in text
+    assert f"{path}: models.0.wieght: unknown key" in text
+
+
+def test_bad_weight_type(tmp_path):
+    with pytest.raises(RecipeError, match=r"models\.1\.weight: Input should be a valid number"):
+        load_recipe(write(tmp_path, '[[models]]\npath = "a"\n[[models]]\npath = "b"\nweight = "x"\n'))
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf"])
+def test_non_finite_weight(tmp_path, weight):
+    with pytest.raises(RecipeError, match=r"models\.0\.weight: Input should be a finite number"):
+        load_recipe(write(tmp_path, f'[[models]]\npath = "a"\nweight = {weight}\n'))
+
+
+def test_zero_sum_weights_with_normalize(tmp_path):
+    text = '[[models]]\npath = "a"\nweight = 1\n[[models]]\npath = "b"\nweight = -1\n'
+    with pytest.raises(RecipeError, match="weights sum to 0"):
+        load_recipe(write(tmp_path, text))
+    assert load_recipe(write(tmp_path, "normalize = false\n" + text)).weights == [1.0, -1.0]
+
+
+def test_duplicate_names_and_bad_regex(tmp_path):
+    with pytest.raises(RecipeError, match="names must be unique"):
+        load_recipe(write(tmp_path, '[[models]]\npath = "x/a"\n[[models]]\npath = "y/a"\n'))
+    with pytest.raises(RecipeError, match=r"exclude: .*invalid regex"):
+        load_recipe(write(tmp_path, 'exclude = ["(("]\n[[models]]\npath = "a"\n'))
+
+
+def test_name_cannot_escape_stats_dir(tmp_path):
+    with pytest.raises(RecipeError, match="name"):
+        load_recipe(write(tmp_path, '[[models]]\npath = "a"\nname = "../../etc"\n'))
+
+
+def test_invalid_toml(tmp_path):
+    with pytest.raises(RecipeError, match="invalid TOML"):
+        load_recipe(write(tmp_path, "models = [\n"))
+
+
+def test_set_overrides(tmp_path):
+    path = write(tmp_path, '[[models]]\npath = "a"\n[[models]]\npath = "b"\n')
+    recipe = load_recipe(path, overrides=["normalize=false", "models.1.weight=0.7", "dtype=bfloat16",
+                                          "regmean.reduce_non_diagonal_ratio=0.9", 'exclude=["x.*"]'])
+    assert recipe.weights == [1.0, 0.7]
+    assert recipe.dtype == "bfloat16" and recipe.exclude == ["x.*"]
+    assert recipe.regmean.reduce_non_diagonal_ratio == 0.9
+    with pytest.raises(RecipeError, match="no list item '5'"):
+        load_recipe(path, overrides=["models.5.weight=1"])
+    with pytest.raises(RecipeError, match="dtype: Input should be"):
+        load_recipe(path, overrides=["dtype=float8"])
+
+
+@pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8),
+                                            ("2GiB", 2 * 2**30), (1234, 1234), ("1.5KB", 1500)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_dump_roundtrips(tmp_path):
+    recipe = load_recipe(write(tmp_path, 'exclude = ["a\\\\..*"]\nshard_size = "1MB"\n[base]\npath = "base"\n'
+                                         '[[models]]\npath = "a"\nweight = 0.25\n[[models]]\npath = "b"\n'))
+    again = tmp_path / "again.toml"
+    again.write_text(dump_recipe(recipe))
+    reloaded = load_recipe(again)
+    assert reloaded == recipe
+    assert tomllib.loads(dump_recipe(recipe))["exclude"] == ["a\\..*"]
+    assert math.isclose(sum(reloaded.weights), 1.0)
