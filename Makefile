@@ -25,7 +25,6 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check mergecli tests benchmarks recipes
-	$(BIN)/ruff format --check mergecli tests benchmarks recipes
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

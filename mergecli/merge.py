@@ -21,7 +21,7 @@ import torch
 
 from mergecli.checkpoint import Checkpoint, TensorInfo, iter_row_blocks, open_checkpoint
 from mergecli.errors import ShapeMismatchError, UsageError
-from mergecli.methods.average import accumulation_dtype, weighted_sum
+from mergecli.methods.average import weighted_sum
 from mergecli.recipe import Recipe, dump_recipe
 from mergecli.writer import OutputTensor, ShardPlan, ShardWriter, atomic_directory, check_output_path, plan_shards
 
@@ -47,6 +47,7 @@ class TensorTask:
     sources: tuple[Checkpoint, ...]
     combine: Combine
     block_elements: int = BLOCK_ELEMENTS
+    work_bytes: int = 0  # memory `combine` itself allocates beyond the blocks (e.g. statistics it loads)
 
     @property
     def bytes_read(self) -> int:
@@ -102,7 +103,8 @@ class MergePlan:
             info = task.sources[0].tensors[task.out.name]
             elements = max(rows_elements(info, task.block_elements))
             read = sum(s.tensors[task.out.name].dtype.itemsize for s in task.sources) * elements
-            peak = max(peak, (PREFETCH_DEPTH + 2) * read + elements * (8 + task.out.dtype.itemsize))
+            peak = max(peak, (PREFETCH_DEPTH + 2) * read + elements * (8 + task.out.dtype.itemsize)
+                       + task.work_bytes)
         return peak
 
     def counts(self) -> dict[str, int]:

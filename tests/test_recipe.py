@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import tomllib
 
 import pytest
+import tomllib
 
 from mergecli.errors import RecipeError
 from mergecli.recipe import dump_recipe, load_recipe, parse_size

@@ -108,7 +108,8 @@ def progress_bar(description: str, *, total_bytes: int, total_items: int, quiet:
     def log(items: int, done: int) -> None:
         tenth = int(10 * done / total_bytes) if total_bytes else 10
         now = time.monotonic()
-        if tenth > last["tenth"] or now - last["time"] > 10:
+        finished = items == total_items
+        if finished or (tenth > last["tenth"] and now - last["time"] >= 1) or now - last["time"] >= 10:
             last.update(time=now, tenth=tenth)
             info(f"{description}: {100 * done / max(total_bytes, 1):3.0f}% "
                  f"({human_bytes(done)}, {items}/{total_items} {item_name}, {now - started:.0f} s)")

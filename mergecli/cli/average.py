@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mergecli.cli._console import info
+from mergecli.cli._console import out_console
 from mergecli.cli._errors import report_errors
 from mergecli.cli._options import DryRunOpt, ForceOpt, OutputOpt, QuietOpt, SetOpt
 from mergecli.cli._render import print_plan, print_report, progress_bar
@@ -62,8 +63,23 @@ def merge_and_report(plan, *, quiet: bool) -> None:
                       quiet=quiet) as update:
         report = run_merge(plan, on_progress=update)
     print_report(report, "base" if plan.inputs.base else plan.recipe.models[0].name)
-    if (report.output / "config.json").is_file():
-        info(f"load it with: AutoModel.from_pretrained({str(report.output)!r})")
+    out_console.print(f"\nmerged model: {report.output}")
+    auto_class = loader_class(report.output)
+    if auto_class:
+        out_console.print(f"load it with: from transformers import {auto_class}; "
+                          f"{auto_class}.from_pretrained({str(report.output)!r})")
+
+
+def loader_class(directory: Path) -> str | None:
+    """The transformers Auto class that loads a merged directory (None without a config)."""
+    config = directory / "config.json"
+    if not config.is_file():
+        return None
+    architectures = json.loads(config.read_text()).get("architectures") or [""]
+    for suffix in ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM"):
+        if architectures[0].endswith(suffix):
+            return f"AutoModel{suffix}"
+    return "AutoModel"
 
 
 @report_errors
