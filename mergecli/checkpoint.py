@@ -113,14 +113,15 @@ def _index_shards(index_path: Path) -> list[Path]:
 
 def find_weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory, safetensors preferred over `.bin`."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (directory / index_name).is_file():
-            return _index_shards(directory / index_name)
+    if (directory / "model.safetensors.index.json").is_file():
+        return _index_shards(directory / "model.safetensors.index.json")
     if (directory / "model.safetensors").is_file():
         return [directory / "model.safetensors"]
     shards = sorted(directory.glob("*.safetensors"))
     if shards:
         return shards
+    if (directory / "pytorch_model.bin.index.json").is_file():  # after every safetensors form
+        return _index_shards(directory / "pytorch_model.bin.index.json")
     for name in ("pytorch_model.bin", "model.pt", "model.pth"):
         if (directory / name).is_file():
             return [directory / name]
@@ -166,8 +167,14 @@ class Checkpoint:
     _state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read tensor `name`, or only rows `[start, stop)` of its first dimension."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, *,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor `name`, or only rows `[start, stop)` of its first dimension.
+
+        Args:
+            buffer: optional uint8 tensor to read into (reused by the caller to spare the
+                allocation and page faults of a fresh buffer per block); it must be large enough.
+        """
         info = self.tensors[name]
         if name in self._state_dict:
             tensor = self._state_dict[name]
@@ -177,7 +184,11 @@ class Checkpoint:
         else:
             start, shape = rows[0], (rows[1] - rows[0], *info.shape[1:])
         row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize if info.shape else 0
-        out = torch.empty(shape, dtype=info.dtype)
+        if buffer is None:
+            out = torch.empty(shape, dtype=info.dtype)
+        else:
+            nbytes = math.prod(shape) * info.dtype.itemsize
+            out = buffer[:nbytes].view(info.dtype).view(shape)
         self._pread_into(info.file, out, info.offset + start * row_bytes)
         return out
 

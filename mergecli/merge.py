@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from mergecli.buffers import BufferRing, ScratchBuffers
 from mergecli.checkpoint import Checkpoint, TensorInfo, iter_row_blocks, open_checkpoint
 from mergecli.errors import ShapeMismatchError, UsageError
-from mergecli.methods.average import weighted_sum
+from mergecli.methods.average import accumulation_dtype, weighted_sum
 from mergecli.recipe import Recipe, dump_recipe
 from mergecli.writer import OutputTensor, ShardPlan, ShardWriter, atomic_directory, check_output_path, plan_shards
 
@@ -208,8 +209,11 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> list[T
     weights = recipe.weights
     reference = inputs.reference
 
+    accumulators = ScratchBuffers()  # combine runs on one thread: one accumulator, reused
+
     def average(blocks: list[torch.Tensor]) -> torch.Tensor:
-        return weighted_sum(blocks, weights)
+        dtype = accumulation_dtype([b.dtype for b in blocks])
+        return weighted_sum(blocks, weights, out=accumulators.tensor(dtype, blocks[0].shape, dtype))
 
     block = BLOCK_ELEMENTS
     tasks = []
@@ -319,12 +323,22 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
 
 
 def _read_blocks(tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, int, list[torch.Tensor], bool]]:
+    ring = BufferRing(PREFETCH_DEPTH + 2)
     for task in tasks:
         name = task.out.name
         blocks = list(iter_row_blocks(task.sources[0].tensors[name], task.block_elements))
         for i, rows in enumerate(blocks):
-            tensors = [source.read(name, rows) for source in task.sources]
+            buffers = ring.next()
+            nbytes = [_block_bytes(s.tensors[name], rows) for s in task.sources]
+            tensors = [source.read(name, rows, buffer=buffers.get(k, n))
+                       for k, (source, n) in enumerate(zip(task.sources, nbytes))]
             yield task, rows[0] if rows else 0, tensors, i == len(blocks) - 1
+
+
+def _block_bytes(info: TensorInfo, rows: tuple[int, int] | None) -> int:
+    if rows is None:
+        return info.nbytes
+    return (rows[1] - rows[0]) * (info.nbytes // info.shape[0])
 
 
 def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -> MergeReport:
@@ -339,9 +353,12 @@ def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -
         with atomic_directory(plan.output, force=plan.force) as directory:
             writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks})
             try:
+                scratch = ScratchBuffers()
                 for task, row_start, blocks, last in prefetched(_read_blocks(plan.tasks), PREFETCH_DEPTH):
                     merged = task.combine(blocks)
-                    writer.write(task.out.name, merged.to(task.out.dtype), row_start)
+                    if merged.dtype != task.out.dtype:
+                        merged = scratch.tensor("cast", merged.shape, task.out.dtype).copy_(merged)
+                    writer.write(task.out.name, merged, row_start)
                     bytes_done += sum(b.nbytes for b in blocks)
                     tensors_done += last
                     del merged, blocks

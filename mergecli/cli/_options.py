@@ -19,3 +19,10 @@ SetOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of progress bars.")]
+OptionalRecipeArg = Annotated[Path | None, typer.Argument(help="TOML recipe (or use -m).", show_default=False)]
+ModelOpt = Annotated[
+    list[str] | None, typer.Option("--model", "-m", metavar="PATH", help="A model to merge (repeat).")
+]
+WeightsOpt = Annotated[
+    str | None, typer.Option("--weights", "-w", metavar="W1,W2,...", help="Weights, one per -m, e.g. 0.3,0.7.")
+]

@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from mergecli.cli._console import out_console
 from mergecli.cli._errors import report_errors
-from mergecli.cli._options import DryRunOpt, ForceOpt, OutputOpt, QuietOpt, SetOpt
+from mergecli.cli._options import (
+    DryRunOpt,
+    ForceOpt,
+    ModelOpt,
+    OptionalRecipeArg,
+    OutputOpt,
+    QuietOpt,
+    SetOpt,
+    WeightsOpt,
+)
 from mergecli.cli._render import print_plan, print_report, progress_bar
 from mergecli.errors import UsageError
 from mergecli.merge import plan_average, run_merge
 from mergecli.recipe import Recipe, load_recipe, recipe_from_data
-
-EXAMPLES = """
-Examples:
-
-  mergecli average recipes/demo-average.toml
-
-  mergecli average recipe.toml -o merged/ --set dtype=bfloat16 --set models.1.weight=0.7
-
-  mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
-
-  mergecli average recipe.toml --dry-run
-"""
 
 
 def parse_weights(text: str) -> list[float]:
@@ -84,16 +78,28 @@ def loader_class(directory: Path) -> str | None:
 
 @report_errors
 def average(
-    recipe: Annotated[Path | None, typer.Argument(help="TOML recipe (or use -m).", show_default=False)] = None,
-    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="A model to merge (repeat).")] = None,
-    weights: Annotated[str | None, typer.Option("--weights", "-w", help="Weights, e.g. 0.3,0.7.")] = None,
+    recipe: OptionalRecipeArg = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
     output: OutputOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Merge checkpoints by weighted averaging, streaming tensor by tensor."""
+    """Merge checkpoints by weighted averaging, streaming tensor by tensor.
+
+    RECIPE is a TOML recipe; without one, -m PATH (repeat) and -w give a recipe-less merge.
+    Exit codes: 0 success, 1 merge failed, 2 usage or recipe error.
+
+    Examples:
+
+    \b
+      mergecli average recipes/demo-average.toml
+      mergecli average recipe.toml -o merged/ --set dtype=bfloat16 --set models.1.weight=0.7
+      mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
+      mergecli average recipe.toml --dry-run
+    """
     spec = recipe_from_options(recipe, model or [], weights, set_ or [])
     if spec.method != "average":
         raise UsageError(f"this recipe's method is {spec.method!r}",
@@ -109,5 +115,3 @@ def average(
 
         push_after_merge(plan.output, spec)
 
-
-average.__doc__ = (average.__doc__ or "") + EXAMPLES

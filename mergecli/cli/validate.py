@@ -16,8 +16,8 @@ def validate(recipe: RecipeArg, output: OutputOpt = None, set_: SetOpt = None) -
 
     Examples:
 
+    \b
       mergecli validate recipes/demo-average.toml
-
       mergecli validate recipe.toml --set models.0.path=./other-model
     """
     spec = load_recipe(recipe, overrides=set_ or [])

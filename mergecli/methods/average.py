@@ -10,8 +10,11 @@ def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float], *,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Σ w_i t_i in the accumulation dtype; inputs may have different floating dtypes.
+
+    `out`, when given, is a tensor of the accumulation dtype and shape to write the sum into.
 
     Example:
         >>> weighted_sum([torch.ones(2, dtype=torch.bfloat16), torch.zeros(2)], [0.25, 0.75])
@@ -20,7 +23,11 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
     if len(tensors) != len(weights) or not tensors:
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
     dtype = accumulation_dtype([t.dtype for t in tensors])
-    total = tensors[0].to(dtype, copy=True)
+    if out is None:
+        total = tensors[0].to(dtype, copy=True)
+    else:
+        total = out
+        total.copy_(tensors[0])
     total.mul_(weights[0])
     for tensor, weight in zip(tensors[1:], weights[1:]):
         total.add_(tensor, alpha=weight)  # mixed dtypes computed in `dtype`, no temporary
