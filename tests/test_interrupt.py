@@ -96,3 +96,20 @@ def test_plain_progress_lines_when_not_a_terminal(big_pair, tmp_path):
     assert lines[0].startswith("merging: 8 tensors") and lines[-1].startswith("merging: 100%")
     assert "\r" not in stderr and "\x1b[" not in stderr
     assert "output" in stdout and "written" in stdout
+
+
+def test_write_failure_mid_merge_is_an_io_error(big_pair, tmp_path):
+    """A write that fails part-way (file size limit, as on a full disk): exit 1, nothing left."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50 * 2**20, 50 * 2**20))
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mergecli", "average", "-m", str(big_pair[0]), "-m", str(big_pair[1]),
+               "-o", str(out), "--quiet"]
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "File too large" in result.stderr and "nothing was written" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
