@@ -1,58 +1,173 @@
-"""The model card (README.md) written into every output: what the hub shows."""
+"""The model card (README.md) written into every output: what the hub shows on the model page.
+
+YAML front matter (the hub's metadata: `base_model` with the inputs' hub ids and
+`base_model_relation: merge`, so the model tree links the merge to its parents; `tags`,
+`library_name`, `pipeline_tag`), then a page meant for people: what was merged with what weights,
+how, how to load it, and the exact recipe that reproduces it.
+"""
 
 from __future__ import annotations
 
+import json
+
 from mergecli import __version__
 from mergecli.hub import looks_like_repo_id
-from mergecli.recipe import Recipe, dump_recipe
+from mergecli.recipe import BaseSpec, ModelSpec, Recipe, dump_recipe
 
-_PIPELINES = {
+HUB_URL = "https://huggingface.co"
+MERGECLI_URL = "https://pypi.org/project/mergecli/"
+REGMEAN_PAPER = "https://arxiv.org/abs/2212.09849"
+
+_PIPELINES = {  # architecture suffix -> the hub's pipeline tag
     "ForCausalLM": "text-generation",
+    "LMHeadModel": "text-generation",
     "ForSequenceClassification": "text-classification",
     "ForTokenClassification": "token-classification",
     "ForQuestionAnswering": "question-answering",
     "ForMaskedLM": "fill-mask",
     "ForImageClassification": "image-classification",
 }
+_LOADERS = {  # pipeline tag -> transformers Auto class
+    "text-generation": "AutoModelForCausalLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "fill-mask": "AutoModelForMaskedLM",
+    "image-classification": "AutoModelForImageClassification",
+}
 
 
-def _pipeline_tag(config: dict | None) -> str | None:
+def pipeline_tag(config: dict | None) -> str | None:
+    """The hub pipeline tag that the config's architecture implies (None if it implies none)."""
     for architecture in (config or {}).get("architectures") or []:
         for suffix, tag in _PIPELINES.items():
-            if architecture.endswith(suffix):
+            if str(architecture).endswith(suffix):
                 return tag
     return None
 
 
-def _front_matter(recipe: Recipe, config: dict | None) -> list[str]:
-    hub_ids = [m.path for m in ([recipe.base] if recipe.base else []) + list(recipe.models)
-               if looks_like_repo_id(m.path)]
+def hub_ids(recipe: Recipe) -> list[str]:
+    """Hub repo ids among the base and the models, in recipe order, without duplicates."""
+    specs = ([recipe.base] if recipe.base else []) + list(recipe.models)
+    return list(dict.fromkeys(spec.path for spec in specs if looks_like_repo_id(spec.path)))
+
+
+def _yaml(value: str) -> str:
+    # A JSON string is a valid YAML double-quoted scalar: no value can break the front matter.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def front_matter(recipe: Recipe, config: dict | None) -> str:
+    """The YAML metadata block, `---` lines included."""
     lines = ["---"]
-    if hub_ids:
+    parents = hub_ids(recipe)
+    if parents:
         lines.append("base_model:")
-        lines.extend(f"- {repo}" for repo in dict.fromkeys(hub_ids))
-    lines += ["tags:", "- merge", "- mergecli"]
+        lines.extend(f"- {_yaml(repo)}" for repo in parents)
+        lines.append("base_model_relation: merge")
     if config is not None:
         lines.append("library_name: transformers")
-    tag = _pipeline_tag(config)
+    tag = pipeline_tag(config)
     if tag:
         lines.append(f"pipeline_tag: {tag}")
-    lines.append("---")
+    lines += ["tags:", "- merge", "- mergecli", "---"]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _source(spec: BaseSpec | ModelSpec) -> str:
+    """A hub id as a link (with its pinned commit), a local checkpoint by its file or folder name."""
+    if looks_like_repo_id(spec.path):
+        if spec.revision:
+            pinned = (f"[`{spec.revision[:12]}`]({HUB_URL}/{spec.path}/tree/{spec.revision})"
+                      if len(spec.revision) == 40 else f"`{_cell(spec.revision)}`")
+            return f"[{spec.path}]({HUB_URL}/{spec.path}) @ {pinned}"
+        return f"[{spec.path}]({HUB_URL}/{spec.path})"
+    name = spec.path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return f"`{_cell(name)}` (local)"
+
+
+def _method(recipe: Recipe, config: dict | None) -> list[str]:
+    dtype = recipe.dtype
+    if dtype == "auto":  # write_support_files sets the config's dtype to the output's
+        dtype = (config or {}).get("dtype") or (config or {}).get("torch_dtype") or "the first model's dtype"
+    reference = "the base model" if recipe.base else f"the first model (`{recipe.models[0].name}`)"
+    if recipe.method == "regmean":
+        settings = recipe.regmean
+        lines = [
+            f"**RegMean** ([Jin et al., ICLR 2023]({REGMEAN_PAPER}), \"Dataless Knowledge Fusion by "
+            "Merging Weights of Language Models\"). Every linear layer is merged in closed form, "
+            "`W = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢ` with `G̃ᵢ = α·Gᵢ + (1−α)·diag(Gᵢ)`, where Gᵢ is the Gram matrix "
+            "of the layer's inputs in model i on its calibration data; everything else is averaged "
+            "with the weights below.",
+            "",
+            f"- α (`reduce_non_diagonal_ratio`): {settings.reduce_non_diagonal_ratio:g}",
+            f"- calibration: up to {settings.num_examples} examples per model, "
+            f"at most {settings.max_length} tokens each",
+        ]
+    else:
+        lines = [
+            "**Weighted average** of the parameters (weight ensembling): θ = Σ wᵢ θᵢ, "
+            + ("with the weights normalized to sum 1." if recipe.normalize else "with the weights as given."),
+            "",
+        ]
+    if recipe.method == "regmean":
+        lines.append(f"- linear layers solved in float64, everything else accumulated in float32; written as {dtype}")
+    else:
+        lines.append(f"- accumulated in float32 (float64 for float64 inputs), written as {dtype}")
+    if recipe.backbone_only:
+        patterns = ", ".join(f"`{_cell(p)}`" for p in (recipe.head or ["lm_head\\..*", "score\\..*",
+                                                                         "classifier\\..*"]))
+        lines.append(f"- head tensors ({patterns}) copied from {reference}, not averaged")
+    if recipe.exclude:
+        patterns = ", ".join(f"`{_cell(p)}`" for p in recipe.exclude)
+        lines.append(f"- tensors matching {patterns} copied from {reference}, not merged")
+    lines.append(f"- integer tensors copied from {reference}")
     return lines
 
 
+def _usage(recipe: Recipe, config: dict | None, title: str) -> list[str]:
+    loader = _LOADERS.get(pipeline_tag(config) or "", "AutoModel")
+    where = recipe.push.repo_id if recipe.push and recipe.push.repo_id else f"path/to/{title}"
+    code = ["```python", f"from transformers import {loader}", "",
+            f"model = {loader}.from_pretrained({_yaml(where)})"]
+    if recipe.copy_tokenizer and pipeline_tag(config) and pipeline_tag(config) != "image-classification":
+        code[1] = f"from transformers import AutoTokenizer, {loader}"
+        code.append(f"tokenizer = AutoTokenizer.from_pretrained({_yaml(where)})")
+    return ["## Use", "", *code, "```", ""]
+
+
 def render_card(recipe: Recipe, *, config: dict | None) -> str:
-    """A model card: front matter, method, models and weights, and the recipe that made it."""
-    method = {"average": "weighted average", "regmean": "RegMean (Jin et al., 2023)"}[recipe.method]
-    title = recipe.output.rstrip("/").rsplit("/", 1)[-1] if recipe.output else "merged model"
-    lines = _front_matter(recipe, config)
-    lines += ["", f"# {title}", "",
-              f"This model is a **{method}** merge of {len(recipe.models)} models, made with "
-              f"[mergecli](https://pypi.org/project/mergecli/) {__version__}.", ""]
+    """A model card: front matter, models and weights, method, usage, and the recipe that made it.
+
+    Args:
+        recipe: the resolved recipe (hub revisions pinned to commits), as written to mergecli.toml.
+        config: the output's config.json, or None when the inputs had none.
+    """
+    title = recipe.output.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] if recipe.output else "merged-model"
+    count = len(recipe.models)
+    method = {"average": "weighted average", "regmean": "RegMean merge"}[recipe.method]
+    lines = [front_matter(recipe, config), "", f"# {title}", "",
+             f"A {method} of {count} model{'s' * (count != 1)}, made with [mergecli]({MERGECLI_URL}) "
+             f"{__version__}.", "", "## Models", "",
+             "| model | weight | source |", "|---|---:|---|"]
+    for spec, weight in zip(recipe.models, recipe.weights):
+        lines.append(f"| {_cell(spec.name)} | {weight:.4g} | {_source(spec)} |")
+    lines.append("")
     if recipe.base:
-        lines += [f"Base model: `{recipe.base.path}`", ""]
-    lines += ["| model | weight |", "|---|---|"]
-    for model, weight in zip(recipe.models, recipe.weights):
-        lines.append(f"| `{model.path}` | {weight:.4g} |")
-    lines += ["", "## Recipe", "", "```toml", dump_recipe(recipe).rstrip(), "```", ""]
+        role = ("head, excluded and integer tensors, config and tokenizer come from it"
+                if recipe.method == "average" else "excluded and integer tensors, config and tokenizer come from it")
+        lines += [f"Base model: {_source(recipe.base)} (never averaged; {role}).", ""]
+    lines += ["## Method", "", *_method(recipe, config), ""]
+    if config is not None:
+        lines += _usage(recipe, config, title)
+    lines += ["## Recipe", "",
+              "The recipe as run, with every default filled in and hub revisions pinned to commits. "
+              "It is saved next to the weights as `mergecli.toml`; "
+              f"`mergecli {'regmean merge' if recipe.method == 'regmean' else 'average'} mergecli.toml "
+              "-o again/` reproduces this merge bit for bit.", "",
+              "```toml", dump_recipe(recipe).rstrip(), "```", ""]
     return "\n".join(lines)

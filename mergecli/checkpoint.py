@@ -101,9 +101,11 @@ def _index_shards(index_path: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(index_path, "corrupt shard index (no weight_map)") from None
     shards = []
+    directory = Path(os.path.normpath(index_path.parent))
     for name in files:
-        shard = (index_path.parent / name).resolve()
-        if index_path.parent.resolve() not in shard.parents:
+        # Checked lexically, not with resolve(): in the hub cache every file is a symlink into blobs/.
+        shard = Path(os.path.normpath(directory / str(name)))
+        if directory not in shard.parents:
             raise CheckpointError(index_path, f"shard {name!r} lies outside the checkpoint directory")
         if not shard.is_file():
             raise CheckpointError(index_path, f"shard {name} is listed in the index but missing")

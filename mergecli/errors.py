@@ -71,4 +71,22 @@ class StatsError(MergecliError):
 
 
 class HubError(MergecliError):
-    """The Hugging Face Hub refused or could not be reached."""
+    """The Hugging Face Hub refused or could not be reached (network, server error, cache)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, repo_id: str | None = None,
+                 status: int | None = None):
+        self.repo_id = repo_id
+        self.status = status  # the HTTP status, when the hub answered
+        super().__init__(message, hint=hint)
+
+
+class HubNotFoundError(HubError):
+    """The repo or the revision a recipe names does not exist (or is invisible to the token)."""
+
+    exit_code = 2
+
+
+class HubAccessError(HubError):
+    """Gated repo, missing or rejected token, token without write access."""
+
+    exit_code = 2

@@ -1,0 +1,80 @@
+"""`mergecli push`, and the push after a merge whose recipe says `push_to_hub = true`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mergecli import hub
+from mergecli.cli._console import info, out_console
+from mergecli.cli._errors import report_errors
+from mergecli.cli._render import human_bytes
+from mergecli.errors import MergecliError
+from mergecli.recipe import Recipe
+
+
+def print_push(result: hub.PushResult) -> None:
+    """A dry run's file table on stdout; after a push, a summary on stderr and the commit URL on stdout."""
+    where = f"{result.repo_id} (branch {result.revision}{', private' if result.private else ''})"
+    if result.dry_run:
+        table = Table(title=f"push to {where} (dry run: nothing sent)", title_justify="left")
+        table.add_column("file", overflow="fold")
+        table.add_column("size", justify="right")
+        for name, size in result.files:
+            table.add_row(name, human_bytes(size))
+        out_console.print(table)
+        out_console.print(f"  {len(result.files)} files, {human_bytes(result.bytes)}; "
+                          f"commit message: {result.message}", markup=False)
+        return
+    if result.changed:
+        info(f"pushed {len(result.files)} files ({human_bytes(result.bytes)}) to {where}")
+    else:
+        info(f"{where} already holds these {len(result.files)} files: no new commit")
+    out_console.print(result.commit_url, markup=False, highlight=False)
+
+
+@report_errors
+def push(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A finished mergecli output directory.",
+                                              show_default=False)],
+    repo_id: Annotated[str | None, typer.Option(
+        "--repo-id", metavar="ORG/NAME", help="Model repo (default: [push] repo_id in DIR/mergecli.toml).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", metavar="BRANCH",
+                                                 help="Branch to commit to (created if needed).")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and sizes; send nothing.")] = False,
+) -> None:
+    """Upload a finished merge to the Hugging Face Hub and print the commit URL.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed.
+
+    Examples:
+
+      mergecli push merged/llama-avg --repo-id me/llama-avg --private
+
+      mergecli push merged/llama-avg --repo-id me/llama-avg --revision v2 --message "v2: more math"
+
+      mergecli push merged/llama-avg --repo-id me/llama-avg --dry-run
+    """
+    result = hub.push(directory, repo_id=repo_id, private=private or None, revision=revision,
+                      message=message, dry_run=dry_run)
+    print_push(result)
+
+
+def push_after_merge(output: Path, recipe: Recipe, *, dry_run: bool = False) -> None:
+    """The push that `push_to_hub = true` asks for, with the recipe's `[push]` settings."""
+    settings = recipe.push
+    try:
+        result = hub.push(output, repo_id=settings.repo_id if settings else None,
+                          private=settings.private if settings else None,
+                          revision=settings.revision if settings else None,
+                          message=settings.message if settings else None, dry_run=dry_run)
+    except MergecliError:
+        info(f"the merge is complete in {output}; only the push failed: "
+             f"retry it with `mergecli push {output}`")
+        raise
+    print_push(result)
