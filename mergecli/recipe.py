@@ -316,6 +316,8 @@ def _toml_value(value: Any) -> str:
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as TOML, every default filled in, so that it reproduces the merge."""
     data = recipe.model_dump(exclude_none=True)
+    if recipe.method != "regmean":
+        data.pop("regmean")  # meaningless for other methods: keep the resolved recipe readable
     lines = []
     tables = []
     for key, value in data.items():
