@@ -1,0 +1,44 @@
+"""Scale-out: `torchrun --nproc-per-node 2 -m mergecli regmean collect-stats` (gloo on CPU) splits the
+calibration data across ranks and all-reduces the sums; the result equals a single-process run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from builders import build_llama
+from clirunner import cli
+from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
+from regmean_fixtures import read_stats, write_recipe
+
+
+def test_two_ranks_equal_one_process(tmp_path, text_data):
+    # float64 checkpoints: per-batch Grams in float64, so that a different batching adds no rounding
+    models = [build_llama(tmp_path / f"llama-{i}", seed=30 + i, dtype=torch.float64) for i in range(2)]
+    recipe = write_recipe(tmp_path / "recipe.toml", list(zip(models, text_data)),
+                          settings={"num_examples": 15, "batch_size": 3, "max_length": 16})
+    single = cli("regmean", "collect-stats", recipe, "--set", "regmean.stats_dir=single")
+    assert single.exit_code == 0, single.output
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "mergecli", "regmean", "collect-stats", str(recipe), "--set", "regmean.stats_dir=ranks"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("15 examples") == 2  # one summary per model, printed by rank 0 only
+
+    for name in ("m0", "m1"):
+        one, one_grams = read_stats(tmp_path / "single" / name)
+        two, two_grams = read_stats(tmp_path / "ranks" / name)
+        assert (two["examples"], two["tokens"]) == (one["examples"], one["tokens"]) == (15, one["tokens"])
+        assert two["layers"] == one["layers"]
+        assert two["fingerprint"] == one["fingerprint"] and two["weights_sha256"] == one["weights_sha256"]
+        assert set(two_grams) == set(one_grams)
+        for key, gram in one_grams.items():
+            torch.testing.assert_close(two_grams[key], gram, rtol=1e-12, atol=1e-12 * float(gram.abs().max()))
+    assert sorted(p.name for p in (tmp_path / "ranks").iterdir()) == ["m0", "m1"]

@@ -1,0 +1,174 @@
+"""`regmean collect-stats` against independent float64 recomputations, and the stats files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clirunner import cli
+from mergecli.checkpoint import open_checkpoint
+from mergecli.stats import GramCollector, LinearLayer
+from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
+from regmean_fixtures import (
+    first_examples,
+    image_inputs,
+    layer_inputs,
+    read_stats,
+    shard_metadata,
+    text_inputs,
+    write_recipe,
+)
+
+MAX_LENGTH = 16
+
+
+def collect(tmp_path: Path, models: list[Path], data: list[Path], **settings) -> Path:
+    recipe = write_recipe(tmp_path / "recipe.toml", list(zip(models, data)), settings=settings)
+    result = cli("regmean", "collect-stats", recipe)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "stats"
+
+
+def assert_matches_reference(stats: Path, reference: dict[str, torch.Tensor], *, not_hooked: set[str] = frozenset(),
+                             orientation: str = "out_in") -> dict:
+    """Every hooked layer's Gram equals XᵀX of its own captured inputs, token counts included."""
+    meta, grams = read_stats(stats)
+    assert set(meta["layers"]) == {f"{m}.weight" for m in reference} - not_hooked
+    for weight, entry in meta["layers"].items():
+        x = reference[weight.removesuffix(".weight")]  # (tokens, d_in), float64
+        expected = x.T @ x
+        assert entry["tokens"] == x.shape[0], weight
+        assert entry["orientation"] == orientation or weight.startswith(("lm_head", "classifier")), weight
+        gram = grams[entry["gram"]]
+        assert gram.dtype == torch.float64
+        torch.testing.assert_close(gram, expected, rtol=2e-5, atol=2e-5 * float(expected.abs().max()), msg=weight)
+    return meta
+
+
+def test_llama_stats_equal_unpadded_float64_recomputation(tmp_path, llama_models, text_data):
+    # 16 examples of 1..30 words, truncated to 16 tokens, in padded batches of 3 uneven lengths
+    stats = collect(tmp_path, llama_models, text_data, num_examples=16, batch_size=3, max_length=MAX_LENGTH)
+    for model, data, name in zip(llama_models, text_data, ["m0", "m1"]):
+        inputs = text_inputs(model, first_examples(data, 16), max_length=MAX_LENGTH)
+        assert len(inputs) == 16 and any(len(i["input_ids"][0]) == MAX_LENGTH for i in inputs)
+        meta = assert_matches_reference(stats / name, layer_inputs(model, inputs))
+        assert meta["tokens"] == sum(i["input_ids"].shape[1] for i in inputs)
+        assert meta["examples"] == 16
+    meta, grams = read_stats(stats / "m0")
+    # q/k/v read one tensor, gate/up another: 4 Grams per decoder layer, plus lm_head's input
+    assert len(grams) == 2 * 4 + 1
+    layer = {w: e["gram"] for w, e in meta["layers"].items()}
+    assert layer["model.layers.0.self_attn.q_proj.weight"] == layer["model.layers.0.self_attn.v_proj.weight"]
+    assert layer["model.layers.1.mlp.gate_proj.weight"] == layer["model.layers.1.mlp.up_proj.weight"]
+    assert layer["model.layers.1.mlp.up_proj.weight"] != layer["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_gpt2_conv1d_stats(tmp_path, gpt2_models, text_data):
+    stats = collect(tmp_path, gpt2_models, text_data, num_examples=12, batch_size=5, max_length=MAX_LENGTH)
+    inputs = text_inputs(gpt2_models[1], first_examples(text_data[1], 12), max_length=MAX_LENGTH)
+    # lm_head is tied to the token embeddings: no weight of its own, so not hooked
+    meta = assert_matches_reference(stats / "m1", layer_inputs(gpt2_models[1], inputs), not_hooked={"lm_head.weight"},
+                                    orientation="in_out")
+    assert meta["layers"]["transformer.h.0.attn.c_attn.weight"]["in_features"] == 32
+
+
+def test_bert_classifier_stats(tmp_path, bert_models, text_data):
+    stats = collect(tmp_path, bert_models, text_data, num_examples=10, batch_size=4, max_length=MAX_LENGTH)
+    inputs = text_inputs(bert_models[0], first_examples(text_data[0], 10), max_length=MAX_LENGTH)
+    meta = assert_matches_reference(stats / "m0", layer_inputs(bert_models[0], inputs))
+    # pooler and classifier read one vector per example
+    assert meta["layers"]["bert.pooler.dense.weight"]["tokens"] == 10
+    assert meta["layers"]["classifier.weight"]["tokens"] == 10
+
+
+def test_clip_vision_stats_from_image_folder(tmp_path, clip_models, image_data):
+    stats = collect(tmp_path, clip_models, image_data, num_examples=7, batch_size=3)
+    reference = layer_inputs(clip_models[1], image_inputs(clip_models[1], image_data[1]))
+    meta = assert_matches_reference(stats / "m1", reference)
+    assert meta["tokens"] == 7 * (1 + (32 // 8) ** 2)  # class token + patches, all real
+    assert meta["data"]["kind"] == "image"
+
+
+def test_stats_metadata_and_sharding(tmp_path, llama_models, text_data):
+    recipe = write_recipe(tmp_path / "recipe.toml", list(zip(llama_models, text_data)),
+                          settings={"num_examples": 5, "max_length": 8}, extra='shard_size = "20KB"')
+    result = cli("regmean", "collect-stats", recipe, "--model", "m1")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "stats" / "m0").exists()  # --model picks models
+    directory = tmp_path / "stats" / "m1"
+    shards = sorted(p.name for p in directory.glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"grams-00001-of-{len(shards):05d}.safetensors"
+    meta = json.loads((directory / "stats.json").read_text())
+    with open_checkpoint(str(llama_models[1])) as checkpoint:
+        fingerprint = checkpoint.fingerprint()
+    assert meta["fingerprint"] == fingerprint
+    assert meta["format_version"] == 1 and meta["mergecli_version"]
+    assert meta["data"]["num_examples"] == 5 and meta["data"]["max_length"] == 8
+    for file in directory.glob("*.safetensors"):
+        assert all(t.dtype == torch.float64 for t in load_file(file).values())
+    header = shard_metadata(directory)
+    assert header["fingerprint"] == fingerprint and header["mergecli_stats_format"] == "1"
+    assert [p.name for p in (tmp_path / "stats").iterdir()] == ["m1"]  # no temporary directory left
+
+
+@pytest.mark.parametrize("flag", [[], ["--force"]])
+def test_up_to_date_stats_are_skipped_unless_forced(tmp_path, llama_models, text_data, flag):
+    recipe = write_recipe(tmp_path / "recipe.toml", list(zip(llama_models, text_data)),
+                          settings={"num_examples": 4, "max_length": 8})
+    assert cli("regmean", "collect-stats", recipe).exit_code == 0
+    gram_file = tmp_path / "stats" / "m0" / "grams.safetensors"
+    before = gram_file.stat().st_mtime_ns
+    result = cli("regmean", "collect-stats", recipe, *flag)
+    assert result.exit_code == 0, result.output
+    if flag:
+        assert gram_file.stat().st_mtime_ns != before
+        assert "up to date" not in result.output
+    else:
+        assert gram_file.stat().st_mtime_ns == before
+        assert result.output.count("up to date") == 2
+
+
+def test_changed_data_settings_recompute(tmp_path, llama_models, text_data):
+    recipe = write_recipe(tmp_path / "recipe.toml", list(zip(llama_models, text_data)),
+                          settings={"num_examples": 4, "max_length": 8})
+    assert cli("regmean", "collect-stats", recipe).exit_code == 0
+    result = cli("regmean", "collect-stats", recipe, "--set", "regmean.num_examples=6")
+    assert result.exit_code == 0, result.output
+    assert "up to date" not in result.output
+    assert json.loads((tmp_path / "stats" / "m0" / "stats.json").read_text())["examples"] == 6
+
+
+class TwoBranches(torch.nn.Module):
+    """`a` and `b` read the same input; `c` reads `a`'s output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(40, 20), torch.nn.Linear(40, 30), torch.nn.Linear(20, 5)
+
+    def forward(self, x):
+        return self.c(self.a(x)) + self.b(x)[..., :5]
+
+
+@pytest.mark.parametrize("block", [8, 256])  # 8: the blocked upper-triangle path, mirrored by finish()
+def test_gram_collector_blocks_masks_and_shares(block):
+    torch.manual_seed(0)
+    model = TwoBranches().double()
+    layers = [LinearLayer(name, f"{name}.weight", "out_in", m.in_features)
+              for name, m in [("a", model.a), ("b", model.b), ("c", model.c)]]
+    xs = [torch.randn(3, 7, 40, dtype=torch.float64) for _ in range(2)]
+    masks = [torch.arange(7)[None, :] < torch.tensor([[7], [2], [5]]), torch.ones(3, 7, dtype=torch.bool)]
+    with GramCollector(model, layers, block=block) as collector, torch.inference_mode():
+        for x, mask in zip(xs, masks):
+            collector.begin_batch(mask)
+            model(x)
+    sums = collector.finish()
+    assert collector.gram_of == {"a": "a", "b": "a", "c": "c"}
+    real = torch.cat([x[m] for x, m in zip(xs, masks)])  # (14 + 21, 40)
+    hidden = model.a(real).detach()
+    torch.testing.assert_close(sums["a"], real.T @ real, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums["c"], hidden.T @ hidden, rtol=1e-12, atol=1e-12)
+    assert collector.tokens == {"a": 35, "c": 35}
