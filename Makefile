@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test examples demo demo-average demo-regmean bench bench-average bench-regmean lint clean
 
 $(BIN)/mergecli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,25 @@ install: $(BIN)/mergecli
 test: install
 	$(BIN)/pytest -q
 
-demo: install
+demo: demo-average demo-regmean
+
+examples: install
 	$(BIN)/python recipes/make_examples.py recipes/examples
+
+demo-average: examples
 	$(BIN)/mergecli average recipes/demo-average.toml --force
 
-bench: install
+demo-regmean: examples
+	$(BIN)/mergecli regmean collect-stats recipes/regmean-llama.toml
+	$(BIN)/mergecli regmean merge recipes/regmean-llama.toml --force
+
+bench: bench-average bench-regmean
+
+bench-average: install
 	$(BIN)/python benchmarks/bench_average.py
+
+bench-regmean: install
+	$(BIN)/python benchmarks/bench_regmean.py
 
 lint: install
 	$(BIN)/ruff check mergecli tests benchmarks recipes

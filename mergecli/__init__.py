@@ -1,3 +1,31 @@
-"""mergecli: merge model checkpoints from the shell, streaming tensor by tensor."""
+"""mergecli: merge model checkpoints from the shell, streaming tensor by tensor.
+
+The public API mirrors the commands:
+
+    >>> from mergecli import load_recipe, plan_average, run_merge
+    >>> recipe = load_recipe("recipes/demo-average.toml")
+    >>> report = run_merge(plan_average(recipe, force=True))
+"""
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_recipe": "mergecli.recipe",
+    "plan_average": "mergecli.merge",
+    "run_merge": "mergecli.merge",
+    "plan_regmean": "mergecli.regmean_merge",
+    "plan_stats": "mergecli.stats",
+    "StatsSession": "mergecli.stats",
+    "push": "mergecli.hub",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    """Import the public functions lazily: `import mergecli` stays cheap (no torch import)."""
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mergecli' has no attribute {name!r}")

@@ -219,3 +219,16 @@ def test_dry_run_and_validate_write_nothing(llama_fp32, tmp_path):
         assert "21 tensors averaged" in result.stdout and "peak memory" in result.stdout
         assert "read" in result.stdout and "write" in result.stdout
         assert not out.exists()
+
+
+def test_library_api(llama_fp32, tmp_path):
+    """The same merge through the public Python API: plan (nothing read), then run."""
+    import mergecli
+
+    recipe_path = write_recipe(tmp_path, f'output = "api-out"\n[[models]]\npath = "{llama_fp32[0]}"\n'
+                                         f'[[models]]\npath = "{llama_fp32[1]}"\nweight = 3\n')
+    plan = mergecli.plan_average(mergecli.load_recipe(recipe_path))
+    assert not (tmp_path / "api-out").exists() and plan.counts() == {"average": 21}
+    report = mergecli.run_merge(plan)
+    assert report.output == tmp_path / "api-out" and report.tensors == 21
+    assert_matches(report.output, reference_average(llama_fp32[:2], [1, 3]), torch.float32)
