@@ -123,24 +123,40 @@ def measure(command: list[str]) -> tuple[float, float]:
     return wall, int(kbytes) * 1024 / MB
 
 
+REPEATS = 3  # each figure is the median wall time (and the largest peak RSS) of this many runs
+
+
+def measure_median(command: list[str], cleanup: Path) -> tuple[float, float]:
+    runs = []
+    for _ in range(REPEATS):
+        runs.append(measure(command))
+        if cleanup.is_dir():
+            shutil.rmtree(cleanup)
+        else:
+            cleanup.unlink(missing_ok=True)
+    walls = sorted(wall for wall, _ in runs)
+    return walls[len(walls) // 2], max(rss for _, rss in runs)
+
+
 def run_set(label: str, models: list[Path], work: Path, baseline_rss: float) -> list[tuple]:
-    out = work / f"out-{label}"
+    out = work / f"out-{label.replace(' ', '')}"
     py = sys.executable
     for path in models:  # warm the page cache so that every contender reads from memory
         for file in path.glob("*.safetensors"):
             with open(file, "rb") as f:
                 while f.read(64 * MB):
                     pass
-    floor_wall, floor_rss = measure([py, "-c", COPY_FLOOR, *map(str, models), str(work / "copy.bin")])
-    (work / "copy.bin").unlink()
+    floor_wall, floor_rss = measure_median([py, "-c", COPY_FLOOR, *map(str, models), str(work / "copy.bin")],
+                                           work / "copy.bin")
     args = [a for m in models for a in ("-m", str(m))]
     shutil.rmtree(out, ignore_errors=True)
-    ours_wall, ours_rss = measure([py, "-m", "mergecli", "average", *args, "-o", str(out), "--quiet",
-                                   "--set", "shard_size=5GB"])
+    command = [py, "-m", "mergecli", "average", *args, "-o", str(out), "--quiet", "--set", "shard_size=5GB"]
+    measure(command)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     shutil.rmtree(out)
-    naive_wall, naive_rss = measure([py, "-c", NAIVE, *map(str, models), str(work / "naive.safetensors")])
-    (work / "naive.safetensors").unlink()
+    ours_wall, ours_rss = measure_median(command, out)
+    naive_wall, naive_rss = measure_median([py, "-c", NAIVE, *map(str, models), str(work / "naive.safetensors")],
+                                           work / "naive.safetensors")
     size = sum(f.stat().st_size for f in models[0].glob("*.safetensors")) / MB
     return [
         (label, f"{len(models)} x {size:.0f} MB", "mergecli average", ours_wall, ours_wall / floor_wall,
@@ -163,7 +179,8 @@ def main(work: Path) -> None:
                             str(seed)], check=True)
         rows.extend(run_set(label, models, work, baseline_rss))
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"torch {torch.__version__}; baseline RSS (import mergecli + torch) {baseline_rss:.0f} MB\n")
+          f"torch {torch.__version__}; baseline RSS (import mergecli + torch) {baseline_rss:.0f} MB; "
+          f"median of {REPEATS} runs\n")
     print("| model set | inputs | method | wall s | wall / copy floor | peak RSS − baseline (MB) | note |")
     print("|---|---|---|---:|---:|---:|---|")
     for label, inputs, method, wall, ratio, rss, note in rows:

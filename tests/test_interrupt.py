@@ -113,3 +113,25 @@ def test_write_failure_mid_merge_is_an_io_error(big_pair, tmp_path):
     assert "File too large" in result.stderr and "nothing was written" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 8 MB tmpfs (needs root, which CI has); skipped where mounting is not allowed."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_not_enough_disk_space_fails_before_writing(big_pair, tiny_filesystem):
+    out = tiny_filesystem / "out"
+    process = start_merge(big_pair, out)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert "not enough disk space" in stderr and "writes 0.27 GB" in stderr
+    assert list(tiny_filesystem.iterdir()) == []
