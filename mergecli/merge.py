@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -367,10 +367,13 @@ def _stream_blocks(plan: MergePlan, writer: ShardWriter, on_progress: ProgressCa
     """
     outputs = BufferRing(WRITE_DEPTH + 1)
     tensors_done = bytes_done = 0
-    with compute_threads(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-writer") as pool:
+    # closing(): the reader thread is stopped and joined here, even on Ctrl-C, not whenever the
+    # generator happens to be collected (a reader still inside torch at interpreter exit aborts it).
+    with compute_threads(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-writer") as pool, \
+            closing(prefetched(_read_blocks(plan.tasks), PREFETCH_DEPTH)) as blocks_read:
         in_flight: deque[Future] = deque()
         try:
-            for task, row_start, blocks, last in prefetched(_read_blocks(plan.tasks), PREFETCH_DEPTH):
+            for task, row_start, blocks, last in blocks_read:
                 merged = task.combine(blocks)
                 if len(in_flight) == WRITE_DEPTH:
                     in_flight.popleft().result()
