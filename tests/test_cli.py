@@ -13,11 +13,12 @@ def test_version():
     assert result.exit_code == 0 and result.stdout.strip() == f"mergecli {__version__}"
 
 
-@pytest.mark.parametrize("command", [["average"], ["validate"]])
+@pytest.mark.parametrize("command", [["average"], ["validate"], ["push"], ["regmean", "collect-stats"],
+                                     ["regmean", "merge"]])
 def test_help_has_examples(command):
     result = cli(*command, "--help")
     assert result.exit_code == 0
-    assert "Examples:" in result.stdout and f"mergecli {command[0]}" in result.stdout
+    assert "Examples:" in result.stdout and f"mergecli {' '.join(command)} " in result.stdout
 
 
 def test_nothing_to_merge_is_a_usage_error():

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from mergecli.cli._console import out_console
 from mergecli.cli._errors import report_errors
+from mergecli.cli._merge import execute
 from mergecli.cli._options import (
     DryRunOpt,
     ForceOpt,
@@ -17,9 +16,8 @@ from mergecli.cli._options import (
     SetOpt,
     WeightsOpt,
 )
-from mergecli.cli._render import print_plan, print_report, progress_bar
 from mergecli.errors import UsageError
-from mergecli.merge import plan_average, run_merge
+from mergecli.merge import plan_average
 from mergecli.recipe import Recipe, load_recipe, recipe_from_data
 
 
@@ -51,31 +49,6 @@ def recipe_from_options(recipe_path: Path | None, models: list[str], weights: st
                             overrides=overrides)
 
 
-def merge_and_report(plan, *, quiet: bool) -> None:
-    """Run a planned merge with progress, then print the summary and how to load the result."""
-    with progress_bar("merging", total_bytes=plan.bytes_read, total_items=len(plan.tasks),
-                      quiet=quiet) as update:
-        report = run_merge(plan, on_progress=update)
-    print_report(report, "base" if plan.inputs.base else plan.recipe.models[0].name)
-    out_console.print(f"\nmerged model: {report.output}")
-    auto_class = loader_class(report.output)
-    if auto_class:
-        out_console.print(f"load it with: from transformers import {auto_class}; "
-                          f"{auto_class}.from_pretrained({str(report.output)!r})")
-
-
-def loader_class(directory: Path) -> str | None:
-    """The transformers Auto class that loads a merged directory (None without a config)."""
-    config = directory / "config.json"
-    if not config.is_file():
-        return None
-    architectures = json.loads(config.read_text()).get("architectures") or [""]
-    for suffix in ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM"):
-        if architectures[0].endswith(suffix):
-            return f"AutoModel{suffix}"
-    return "AutoModel"
-
-
 @report_errors
 def average(
     recipe: OptionalRecipeArg = None,
@@ -104,14 +77,5 @@ def average(
     if spec.method != "average":
         raise UsageError(f"this recipe's method is {spec.method!r}",
                          hint=f"run `mergecli {spec.method} merge RECIPE`")
-    plan = plan_average(spec, output=output, force=force or dry_run)
-    if dry_run:
-        print_plan(plan, title="average (dry run: nothing written)")
-        plan.inputs.close()
-        return
-    merge_and_report(plan, quiet=quiet)
-    if spec.push_to_hub:
-        from mergecli.cli.push import push_after_merge
-
-        push_after_merge(plan.output, spec)
+    execute(plan_average(spec, output=output, force=force or dry_run), dry_run=dry_run, quiet=quiet)
 

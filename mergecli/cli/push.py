@@ -54,10 +54,9 @@ def push(
 
     Examples:
 
+    \b
       mergecli push merged/llama-avg --repo-id me/llama-avg --private
-
       mergecli push merged/llama-avg --repo-id me/llama-avg --revision v2 --message "v2: more math"
-
       mergecli push merged/llama-avg --repo-id me/llama-avg --dry-run
     """
     result = hub.push(directory, repo_id=repo_id, private=private or None, revision=revision,

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mergecli.cli._console import err_console, info, interactive, out_console, warn
 from mergecli.cli._errors import report_errors
 from mergecli.cli._options import DryRunOpt, ForceOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
-from mergecli.cli._render import human_bytes, print_plan
+from mergecli.cli._render import human_bytes
 from mergecli.errors import UsageError
 from mergecli.recipe import Recipe, load_recipe
 
@@ -86,10 +86,9 @@ def collect_stats(
 
     Examples:
 
+    \b
       mergecli regmean collect-stats recipes/regmean-llama.toml
-
       mergecli regmean collect-stats recipe.toml --model math --device cuda --force
-
       torchrun --nproc-per-node 2 -m mergecli regmean collect-stats recipe.toml
     """
     from mergecli.stats import StatsSession, plan_stats
@@ -129,23 +128,13 @@ def merge(
 
     Examples:
 
+    \b
       mergecli regmean merge recipes/regmean-llama.toml
-
       mergecli regmean merge recipe.toml -o merged/ --set regmean.reduce_non_diagonal_ratio=0.9
-
       mergecli regmean merge recipe.toml --dry-run
     """
-    from mergecli.cli.average import merge_and_report
+    from mergecli.cli._merge import execute
     from mergecli.regmean_merge import plan_regmean
 
     spec = _regmean_recipe(load_recipe(recipe, overrides=set_ or []))
-    plan = plan_regmean(spec, output=output, force=force or dry_run)
-    if dry_run:
-        print_plan(plan, title="regmean (dry run: nothing written)")
-        plan.inputs.close()
-        return
-    merge_and_report(plan, quiet=quiet)
-    if spec.push_to_hub:
-        from mergecli.cli.push import push_after_merge
-
-        push_after_merge(plan.output, spec)
+    execute(plan_regmean(spec, output=output, force=force or dry_run), dry_run=dry_run, quiet=quiet)
