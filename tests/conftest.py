@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from builders import build_llama
+from hub_server import point_huggingface_hub
 
 # Where a test that forgets to go offline or to start a FakeHub would send requests: nothing listens.
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"
@@ -20,45 +21,14 @@ def isolated_env(tmp_path_factory, monkeypatch):
 
     huggingface_hub reads its environment once, at import, into `huggingface_hub.constants`:
     setting env vars (for subprocesses and a later import) is not enough, the already-imported
-    constants are patched too (as tests/hub_server.py's `use_fake_hub` does for a FakeHub).
+    constants are patched too, as for a FakeHub, but offline and towards an endpoint where
+    nothing listens.
     """
-    from huggingface_hub import constants, hf_api
-    from huggingface_hub.utils import _cache_manager
-
     home = tmp_path_factory.mktemp("hf_home")
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-                 "HF_ASSETS_CACHE", "HF_XET_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME", "MERGECLI_DEBUG"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_ENDPOINT", UNREACHABLE_ENDPOINT)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
-    patched = {
-        "ENDPOINT": UNREACHABLE_ENDPOINT,
-        "HUGGINGFACE_CO_URL_TEMPLATE": UNREACHABLE_ENDPOINT + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(home / "hub"),
-        "HUGGINGFACE_HUB_CACHE": str(home / "hub"),
-        "default_cache_path": str(home / "hub"),
-        "HF_ASSETS_CACHE": str(home / "assets"),
-        "HUGGINGFACE_ASSETS_CACHE": str(home / "assets"),
-        "default_assets_cache_path": str(home / "assets"),
-        "HF_TOKEN_PATH": str(home / "token"),
-        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
-        "HF_XET_CACHE": str(home / "xet"),
-        "default_xet_cache_path": str(home / "xet"),
-        "HF_HUB_OFFLINE": True,
-        "HF_HUB_DISABLE_XET": True,
-        "HF_HUB_DISABLE_TELEMETRY": True,
-        "HF_HUB_DISABLE_UPDATE_CHECK": True,
-    }
-    for name, value in patched.items():
-        if hasattr(constants, name):
-            monkeypatch.setattr(constants, name, value)
-    monkeypatch.setattr(hf_api.api, "endpoint", UNREACHABLE_ENDPOINT)
-    monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(home / "hub"))
+    env = {"HF_HOME": str(home), "HF_ENDPOINT": UNREACHABLE_ENDPOINT, "HF_HUB_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    point_huggingface_hub(monkeypatch, UNREACHABLE_ENDPOINT, home, env=env, offline=True)
+    monkeypatch.delenv("MERGECLI_DEBUG", raising=False)
 
 
 @pytest.fixture(scope="session")

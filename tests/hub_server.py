@@ -1551,19 +1551,27 @@ def use_fake_hub(
     Caches, token file and xet cache go under `hf_home` (created). `token`, if given, is exported
     as HF_TOKEN; otherwise no token is configured anywhere. Everything is undone by monkeypatch.
     Returns the hub cache dir (`hf_home/hub`)."""
-    from huggingface_hub import constants, hf_api
-
     home = Path(hf_home)
     home.mkdir(parents=True, exist_ok=True)
+    return point_huggingface_hub(monkeypatch, hub.url, home, env=hub.env(home, token), offline=False)
+
+
+def point_huggingface_hub(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, *,
+                          env: dict[str, str], offline: bool) -> Path:
+    """Set `env` (after clearing HF settings that would escape it) and patch the constants that
+    huggingface_hub read from the environment at import: endpoint, caches, token paths, offline.
+    Returns the hub cache dir (`home/hub`)."""
+    from huggingface_hub import constants, hf_api
+
     for name in _ENV_TO_CLEAR:
         monkeypatch.delenv(name, raising=False)
-    for name, value in hub.env(home, token).items():
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
 
     hub_cache = home / "hub"
     patched = {
-        "ENDPOINT": hub.url,
-        "HUGGINGFACE_CO_URL_TEMPLATE": hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
         "HF_HOME": str(home),
         "default_cache_path": str(hub_cache),
         "default_assets_cache_path": str(home / "assets"),
@@ -1578,7 +1586,7 @@ def use_fake_hub(
         "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
         "CHECK_FOR_UPDATE_DONE_PATH": str(home / ".check_for_update_done"),
         "CHECK_FOR_SKILL_UPDATE_DONE_PATH": str(home / ".check_for_skill_update_done"),
-        "HF_HUB_OFFLINE": False,
+        "HF_HUB_OFFLINE": offline,
         "HF_HUB_DISABLE_XET": True,  # no Xet/CAS here: uploads must use git-LFS
         "HF_HUB_DISABLE_TELEMETRY": True,  # else the first request fetches {ENDPOINT}/api/agent-harnesses
         "HF_HUB_DISABLE_UPDATE_CHECK": True,
@@ -1589,7 +1597,7 @@ def use_fake_hub(
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value)
     # Module-level functions (huggingface_hub.upload_folder, ...) are bound to an HfApi() made at import.
-    monkeypatch.setattr(hf_api.api, "endpoint", hub.url)
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
     # Modules that copied a constant by value at import time.
     from huggingface_hub.utils import _cache_manager
 
