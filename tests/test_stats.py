@@ -172,3 +172,18 @@ def test_gram_collector_blocks_masks_and_shares(block):
     torch.testing.assert_close(sums["a"], real.T @ real, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sums["c"], hidden.T @ hidden, rtol=1e-12, atol=1e-12)
     assert collector.tokens == {"a": 35, "c": 35}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stats_equal_cpu_stats(tmp_path, llama_models, text_data):
+    """--device cuda (zeroed padding rows, GPU matmuls) gives the CPU's Gram sums and token counts."""
+    recipe = write_recipe(tmp_path / "recipe.toml", list(zip(llama_models, text_data)),
+                          settings={"num_examples": 16, "batch_size": 3, "max_length": MAX_LENGTH})
+    assert cli("regmean", "collect-stats", recipe).exit_code == 0
+    cpu_meta, cpu_grams = read_stats(tmp_path / "stats" / "m0")
+    result = cli("regmean", "collect-stats", recipe, "--device", "cuda", "--force")
+    assert result.exit_code == 0, result.output
+    gpu_meta, gpu_grams = read_stats(tmp_path / "stats" / "m0")
+    assert gpu_meta["layers"] == cpu_meta["layers"] and gpu_meta["tokens"] == cpu_meta["tokens"]
+    for key, gram in cpu_grams.items():
+        torch.testing.assert_close(gpu_grams[key], gram, rtol=1e-4, atol=1e-4 * float(gram.abs().max()), msg=key)
