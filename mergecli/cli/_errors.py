@@ -37,7 +37,8 @@ def report_errors(command: F) -> F:
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
-            _print_error("interrupted; nothing was written (inputs and any existing output are untouched)")
+            _print_error("interrupted; nothing half-written was left behind "
+                         "(inputs, existing outputs and finished statistics are untouched)")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except OSError as exc:
             if debug_enabled():
