@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -103,3 +104,18 @@ def test_dump_roundtrips(tmp_path):
     assert reloaded == recipe
     assert tomllib.loads(dump_recipe(recipe))["exclude"] == ["a\\..*"]
     assert math.isclose(sum(reloaded.weights), 1.0)
+
+
+def test_readme_recipe_is_valid(tmp_path):
+    """The recipe documented in the README validates, every key of the schema included."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    recipe = load_recipe(write(tmp_path, block.replace('method = "average"', 'method = "regmean"')))
+    assert recipe.models[0].path == "org/llama-math" and recipe.base.path == "meta-llama/Llama-2-7b-hf"
+    assert recipe.push.repo_id == "me/llama-avg" and recipe.regmean.reduce_non_diagonal_ratio == 0.6
+    lines = block.splitlines()
+    documented = {line.split("=")[0].strip() for line in lines if "=" in line and not line.startswith("[")}
+    documented |= {line.split("]")[0].strip("[") for line in lines if line.startswith("[")}  # tables
+    schema = set(type(recipe).model_fields) | {f for m in (recipe.models[0], recipe.regmean, recipe.push)
+                                                 for f in type(m).model_fields}
+    assert schema - documented == set(), "recipe keys missing from the README"
