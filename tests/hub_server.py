@@ -1163,19 +1163,7 @@ class FakeHub:
                     },
                 )
             if recursive or len(rel_parts) == 1:
-                entry: dict[str, Any] = {
-                    "type": "file",
-                    "path": path,
-                    "size": len(blob.content),
-                    "oid": blob.git_oid,
-                }
-                if blob.lfs:
-                    entry["lfs"] = {
-                        "oid": blob.sha256,
-                        "size": len(blob.content),
-                        "pointerSize": blob.pointer_size,
-                    }
-                entries[path] = entry
+                entries[path] = _file_entry(path, blob)
         return list(entries.values())
 
     def _tree(self, repo_id: str, revision: str, path: str, query: dict, user) -> _Response:
@@ -1193,20 +1181,7 @@ class FakeHub:
         for path in form.get("paths", []):
             path = path.strip("/")
             if path in commit.files:
-                blob = commit.files[path]
-                entry: dict[str, Any] = {
-                    "type": "file",
-                    "path": path,
-                    "size": len(blob.content),
-                    "oid": blob.git_oid,
-                }
-                if blob.lfs:
-                    entry["lfs"] = {
-                        "oid": blob.sha256,
-                        "size": len(blob.content),
-                        "pointerSize": blob.pointer_size,
-                    }
-                out.append(entry)
+                out.append(_file_entry(path, commit.files[path]))
             elif any(p.startswith(path + "/") for p in commit.files):
                 out.append(
                     {
@@ -1537,6 +1512,14 @@ _ENV_TO_CLEAR = tuple(
     HUGGINGFACE_CO_STAGING HF_OIDC_RESOURCE HF_HUB_DISABLE_IMPLICIT_TOKEN TRANSFORMERS_CACHE XDG_CACHE_HOME
     """.split()
 )
+
+
+def _file_entry(path: str, blob: Any) -> dict[str, Any]:
+    """A file as the tree and paths-info endpoints describe it (with its LFS pointer, if any)."""
+    entry: dict[str, Any] = {"type": "file", "path": path, "size": len(blob.content), "oid": blob.git_oid}
+    if blob.lfs:
+        entry["lfs"] = {"oid": blob.sha256, "size": len(blob.content), "pointerSize": blob.pointer_size}
+    return entry
 
 
 def use_fake_hub(
