@@ -51,6 +51,11 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of the first dimension (0 for a scalar)."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else 0
+
 
 def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     """Parse and check one safetensors file's header; return its tensors (in file order)."""
@@ -185,13 +190,12 @@ class Checkpoint:
             start, shape = 0, info.shape
         else:
             start, shape = rows[0], (rows[1] - rows[0], *info.shape[1:])
-        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize if info.shape else 0
         if buffer is None:
             out = torch.empty(shape, dtype=info.dtype)
         else:
             nbytes = math.prod(shape) * info.dtype.itemsize
             out = buffer[:nbytes].view(info.dtype).view(shape)
-        self._pread_into(info.file, out, info.offset + start * row_bytes)
+        self._pread_into(info.file, out, info.offset + start * info.row_bytes)
         return out
 
     def _pread_into(self, path: Path, out: torch.Tensor, offset: int) -> None:

@@ -334,16 +334,13 @@ def _read_blocks(tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, int, lis
         blocks = list(iter_row_blocks(task.sources[0].tensors[name], task.block_elements))
         for i, rows in enumerate(blocks):
             buffers = ring.next()
-            nbytes = [_block_bytes(s.tensors[name], rows) for s in task.sources]
-            tensors = [source.read(name, rows, buffer=buffers.get(k, n))
-                       for k, (source, n) in enumerate(zip(task.sources, nbytes))]
+            tensors = [source.read(name, rows, buffer=buffers.get(k, _block_bytes(source.tensors[name], rows)))
+                       for k, source in enumerate(task.sources)]
             yield task, rows[0] if rows else 0, tensors, i == len(blocks) - 1
 
 
 def _block_bytes(info: TensorInfo, rows: tuple[int, int] | None) -> int:
-    if rows is None:
-        return info.nbytes
-    return (rows[1] - rows[0]) * (info.nbytes // info.shape[0])
+    return info.nbytes if rows is None else (rows[1] - rows[0]) * info.row_bytes
 
 
 @contextmanager

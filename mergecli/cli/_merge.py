@@ -8,7 +8,19 @@ from pathlib import Path
 
 from mergecli.cli._console import out_console
 from mergecli.cli._render import print_plan, print_report, progress_bar
+from mergecli.errors import UsageError
 from mergecli.merge import MergePlan, run_merge
+from mergecli.recipe import Recipe
+
+COMMANDS = {"average": "mergecli average RECIPE", "regmean": "mergecli regmean merge RECIPE"}
+
+
+def require_method(recipe: Recipe, method: str) -> Recipe:
+    """The recipe, if its `method` is the one this command runs; else a usage error naming the right command."""
+    if recipe.method != method:
+        raise UsageError(f"this recipe's method is {recipe.method!r}",
+                         hint=f"run `{COMMANDS[recipe.method]}`, or set method = \"{method}\"")
+    return recipe
 
 
 def execute(plan: MergePlan, *, dry_run: bool, quiet: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergecli.cli._errors import report_errors
-from mergecli.cli._merge import execute
+from mergecli.cli._merge import execute, require_method
 from mergecli.cli._options import (
     DryRunOpt,
     ForceOpt,
@@ -73,9 +73,6 @@ def average(
       mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
       mergecli average recipe.toml --dry-run
     """
-    spec = recipe_from_options(recipe, model or [], weights, set_ or [])
-    if spec.method != "average":
-        raise UsageError(f"this recipe's method is {spec.method!r}",
-                         hint=f"run `mergecli {spec.method} merge RECIPE`")
+    spec = require_method(recipe_from_options(recipe, model or [], weights, set_ or []), "average")
     execute(plan_average(spec, output=output, force=force or dry_run), dry_run=dry_run, quiet=quiet)
 

@@ -64,14 +64,13 @@ def push(
     print_push(result)
 
 
-def push_after_merge(output: Path, recipe: Recipe, *, dry_run: bool = False) -> None:
-    """The push that `push_to_hub = true` asks for, with the recipe's `[push]` settings."""
+def push_after_merge(output: Path, recipe: Recipe) -> None:
+    """The push that `push_to_hub = true` asks for, with the recipe's `[push]` settings (which the
+    recipe's validation guarantees, with a repo_id)."""
     settings = recipe.push
     try:
-        result = hub.push(output, repo_id=settings.repo_id if settings else None,
-                          private=settings.private if settings else None,
-                          revision=settings.revision if settings else None,
-                          message=settings.message if settings else None, dry_run=dry_run)
+        result = hub.push(output, repo_id=settings.repo_id, private=settings.private,
+                          revision=settings.revision, message=settings.message)
     except MergecliError:
         info(f"the merge is complete in {output}; only the push failed: "
              f"retry it with `mergecli push {output}`")

@@ -12,10 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mergecli.cli._console import err_console, info, interactive, out_console, warn
 from mergecli.cli._errors import report_errors
+from mergecli.cli._merge import execute, require_method
 from mergecli.cli._options import DryRunOpt, ForceOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
 from mergecli.cli._render import human_bytes
-from mergecli.errors import UsageError
-from mergecli.recipe import Recipe, load_recipe
+from mergecli.recipe import load_recipe
 
 regmean_app = typer.Typer(
     name="regmean",
@@ -29,13 +29,6 @@ regmean_app = typer.Typer(
 ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NAME",
                                                     help="Only this model of the recipe (repeat).")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="cpu|cuda", help="Where to run the models.")]
-
-
-def _regmean_recipe(recipe: Recipe) -> Recipe:
-    if recipe.method != "regmean":
-        raise UsageError(f"this recipe's method is {recipe.method!r}",
-                         hint=f"run `mergecli {recipe.method} RECIPE`, or set method = \"regmean\"")
-    return recipe
 
 
 @contextmanager
@@ -93,7 +86,7 @@ def collect_stats(
     """
     from mergecli.stats import StatsSession, plan_stats
 
-    spec = _regmean_recipe(load_recipe(recipe, overrides=set_ or []))
+    spec = require_method(load_recipe(recipe, overrides=set_ or []), "regmean")
     with StatsSession(device) as session:
         quiet = quiet or session.rank != 0
         for job in plan_stats(spec, models=model or [], force=force):
@@ -133,8 +126,7 @@ def merge(
       mergecli regmean merge recipe.toml -o merged/ --set regmean.reduce_non_diagonal_ratio=0.9
       mergecli regmean merge recipe.toml --dry-run
     """
-    from mergecli.cli._merge import execute
     from mergecli.regmean_merge import plan_regmean
 
-    spec = _regmean_recipe(load_recipe(recipe, overrides=set_ or []))
+    spec = require_method(load_recipe(recipe, overrides=set_ or []), "regmean")
     execute(plan_regmean(spec, output=output, force=force or dry_run), dry_run=dry_run, quiet=quiet)
