@@ -33,16 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from builders import word_tokenizer  # noqa: E402  (the tests' tiny tokenizer, any vocabulary size)
-from mergecli.calibration import pad_id, read_examples, text_batches, tokenize_examples  # noqa: E402
 from mergecli.recipe import load_recipe  # noqa: E402
-from mergecli.stats import (  # noqa: E402
-    GramCollector,
-    StatsSession,
-    compute_dtype,
-    find_linear_layers,
-    load_model,
-    plan_stats,
-)
+from mergecli.regmean.calibration import pad_id, read_examples, text_batches, tokenize_examples  # noqa: E402
+from mergecli.regmean.collect import StatsSession, compute_dtype, load_model, plan_stats  # noqa: E402
+from mergecli.regmean.grams import GramCollector  # noqa: E402
+from mergecli.regmean.layers import find_linear_layers  # noqa: E402
 
 MB = 10**6
 # A child's getrusage(RUSAGE_SELF).ru_maxrss starts at its parent's peak on Linux (kept across fork
@@ -172,7 +167,7 @@ def main() -> None:
     recipe = load_recipe(recipe_path)
 
     # 1. Hooks + Grams against a plain forward pass, same model, same padded batches.
-    from mergecli.checkpoint import open_checkpoint
+    from mergecli.io.checkpoint import open_checkpoint
 
     with open_checkpoint(str(models[0])) as checkpoint:
         model = load_model(models[0], dtype=compute_dtype(checkpoint, args.device), device=args.device, label="m0")
@@ -220,9 +215,9 @@ def main() -> None:
                                                 "-o", str(work / "averaged"), "--force", "--quiet")
     largest = max(args.hidden, args.intermediate)
     one_layer = 2 * largest * largest * 8
-    from mergecli.regmean_merge import plan_regmean
+    from mergecli.merge.plan import plan_merge
 
-    plan = plan_regmean(recipe, force=True)
+    plan = plan_merge(recipe, force=True)
     estimate = plan.peak_memory
     plan.inputs.close()
     model_bytes = directory_bytes(models[0]) - sum(p.stat().st_size for p in models[0].glob("*.json"))

@@ -2,21 +2,22 @@
 
 The public API mirrors the commands:
 
-    >>> from mergecli import load_recipe, plan_average, run_merge
+    >>> from mergecli import load_recipe, plan_merge, run_merge
     >>> recipe = load_recipe("recipes/demo-average.toml")
-    >>> report = run_merge(plan_average(recipe, force=True))
+    >>> report = run_merge(plan_merge(recipe, force=True))
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "load_recipe": "mergecli.recipe",
-    "plan_average": "mergecli.merge",
-    "run_merge": "mergecli.merge",
-    "plan_regmean": "mergecli.regmean_merge",
-    "plan_stats": "mergecli.stats",
-    "StatsSession": "mergecli.stats",
-    "push": "mergecli.hub",
+    "plan_merge": "mergecli.merge.plan",
+    "run_merge": "mergecli.merge.run",
+    "plan_stats": "mergecli.regmean.collect",
+    "StatsSession": "mergecli.regmean.collect",
+    "push": "mergecli.publish.push",
+    "Method": "mergecli.methods.base",
+    "register": "mergecli.methods.base",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergecli.errors import RecipeError
+from mergecli.methods.base import method_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +30,8 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HEAD_PATTERNS = [r"lm_head\..*", r"score\..*", r"classifier\..*"]  # `head`'s default
+METHOD_TABLES = ("regmean",)  # tables that only the method of the same name reads
 
 
 def parse_size(value: int | str) -> int:
@@ -105,7 +108,7 @@ class PushSettings(_Strict):
 class Recipe(_Strict):
     """A merge recipe, as in the spec's TOML schema."""
 
-    method: Literal["average", "regmean"] = "average"
+    method: str = "average"
     output: str | None = None
     dtype: Dtype = "auto"
     shard_size: int = 5 * 10**9
@@ -124,6 +127,13 @@ class Recipe(_Strict):
     @classmethod
     def _parse_shard_size(cls, value: Any) -> int:
         return parse_size(value)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in method_names():
+            raise ValueError(f"unknown method {name!r}; methods: {', '.join(method_names())}")
+        return name
 
     @field_validator("head", "exclude")
     @classmethod
@@ -146,6 +156,11 @@ class Recipe(_Strict):
         if self.push_to_hub and not (self.push and self.push.repo_id):
             raise ValueError("push_to_hub = true needs [push] repo_id")
         return self
+
+    @property
+    def head_patterns(self) -> list[str]:
+        """The regexes of head tensors for `backbone_only` (the `head` key, else HEAD_PATTERNS)."""
+        return self.head if self.head is not None else HEAD_PATTERNS
 
     @property
     def weights(self) -> list[float]:
@@ -316,8 +331,9 @@ def _toml_value(value: Any) -> str:
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as TOML, every default filled in, so that it reproduces the merge."""
     data = recipe.model_dump(exclude_none=True)
-    if recipe.method != "regmean":
-        data.pop("regmean")  # meaningless for other methods: keep the resolved recipe readable
+    for table in METHOD_TABLES:
+        if table != recipe.method:
+            data.pop(table)  # meaningless for other methods: keep the resolved recipe readable
     lines = []
     tables = []
     for key, value in data.items():

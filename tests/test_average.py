@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from clirunner import cli
-from mergecli import merge
+from mergecli.merge import tasks
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +72,7 @@ def test_mixed_dtypes_and_output_dtype(llama_fp32, llama_bf16_sharded, tmp_path)
 
 def test_small_shards_and_row_blocks(llama_fp32, tmp_path, monkeypatch):
     """Many output shards with an index, and every tensor split into row blocks of 100 elements."""
-    monkeypatch.setattr(merge, "BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(tasks, "BLOCK_ELEMENTS", 100)
     out = tmp_path / "out"
     result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", out, "--set", "shard_size=30000")
     assert result.exit_code == 0, result.output
@@ -227,7 +227,7 @@ def test_library_api(llama_fp32, tmp_path):
 
     recipe_path = write_recipe(tmp_path, f'output = "api-out"\n[[models]]\npath = "{llama_fp32[0]}"\n'
                                          f'[[models]]\npath = "{llama_fp32[1]}"\nweight = 3\n')
-    plan = mergecli.plan_average(mergecli.load_recipe(recipe_path))
+    plan = mergecli.plan_merge(mergecli.load_recipe(recipe_path))
     assert not (tmp_path / "api-out").exists() and plan.counts() == {"average": 21}
     report = mergecli.run_merge(plan)
     assert report.output == tmp_path / "api-out" and report.tensors == 21

@@ -11,7 +11,8 @@ from huggingface_hub import ModelCard
 from clirunner import cli
 from hub_server import FakeHub
 from hub_server import fake_hub as fake_hub  # noqa: F401  (the fixture)
-from mergecli.card import render_card
+from mergecli.methods.base import get_method
+from mergecli.publish.card import render_card
 from mergecli.recipe import dump_recipe, recipe_from_data
 
 if sys.version_info >= (3, 11):
@@ -25,6 +26,10 @@ LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "d
 
 def recipe(data: dict, tmp_path: Path):
     return recipe_from_data(data, source="test", base_dir=tmp_path)
+
+
+def card_of(spec, *, config: dict | None) -> str:
+    return render_card(spec, get_method(spec.method), config=config)
 
 
 def split(card: str) -> tuple[dict, str]:
@@ -43,7 +48,7 @@ def test_hub_merge_front_matter_and_page(tmp_path, fake_hub: FakeHub):
         "push": {"repo_id": "me/llama-math-code"},
     }, tmp_path)
 
-    card = render_card(spec, config=LLAMA_CONFIG)
+    card = card_of(spec, config=LLAMA_CONFIG)
     meta, body = split(card)
 
     assert meta == {
@@ -73,7 +78,7 @@ def test_hub_merge_front_matter_and_page(tmp_path, fake_hub: FakeHub):
 
 def test_local_merge_without_config_has_minimal_front_matter(tmp_path):
     spec = recipe({"models": [{"path": str(tmp_path / "a.safetensors")}, {"path": str(tmp_path / "b")}]}, tmp_path)
-    card = render_card(spec, config=None)
+    card = card_of(spec, config=None)
     meta, body = split(card)
     assert meta == {"tags": ["merge", "mergecli"]}
     assert "## Use" not in body and "# merged-model" in body
@@ -84,7 +89,7 @@ def test_regmean_card(tmp_path):
                    "regmean": {"reduce_non_diagonal_ratio": 0.9, "num_examples": 64},
                    "models": [{"path": "org/bert-a", "data": "a.jsonl"}, {"path": "org/bert-b", "data": "b.jsonl"}]},
                   tmp_path)
-    meta, body = split(render_card(spec, config={"architectures": ["BertForSequenceClassification"]}))
+    meta, body = split(card_of(spec, config={"architectures": ["BertForSequenceClassification"]}))
     assert meta["pipeline_tag"] == "text-classification"
     assert "**RegMean** ([Jin et al., ICLR 2023](https://arxiv.org/abs/2212.09849)" in body
     assert "α (`reduce_non_diagonal_ratio`): 0.9" in body and "up to 64 examples per model" in body
@@ -105,7 +110,7 @@ def test_broken_front_matter_is_refused_by_the_validator(fake_hub: FakeHub):
 
     assert validate("---\nbase_model: [org/a\ntags: merge\n---\n# x\n") == 400
     assert validate("---\n- merge\n---\n# x\n") == 400
-    assert validate(render_card(recipe({"models": [{"path": "org/a"}]}, Path.cwd()), config=None)) == 200
+    assert validate(card_of(recipe({"models": [{"path": "org/a"}]}, Path.cwd()), config=None)) == 200
 
 
 def test_card_of_a_real_merge_passes_validation(llama_fp32, tmp_path, fake_hub: FakeHub):

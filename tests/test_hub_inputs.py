@@ -16,7 +16,7 @@ from builders import build_llama
 from clirunner import cli
 from hub_server import FakeHub, fast_retries, use_fake_hub
 from hub_server import fake_hub as fake_hub  # noqa: F401  (the fixture)
-from mergecli.checkpoint import open_checkpoint
+from mergecli.io.checkpoint import open_checkpoint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -362,7 +362,7 @@ def test_repo_ids_are_what_the_hub_accepts(name):
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from mergecli.hub import looks_like_repo_id
+    from mergecli.io.hub import looks_like_repo_id
 
     try:
         validate_repo_id(name)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from conftest import tree_digest
 from mergecli.errors import MergecliError
-from mergecli.writer import atomic_directory
+from mergecli.io.atomic import atomic_directory
 
 
 @pytest.fixture(scope="module")

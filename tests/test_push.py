@@ -13,6 +13,7 @@ import pytest
 from clirunner import cli, cli_process
 from conftest import tree_digest
 from hub_server import FakeHub, fast_retries, running_hub, use_fake_hub
+from mergecli import __version__
 
 # huggingface_hub's own LFS PUT (data=<file>) triggers this httpx2 deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -93,7 +94,7 @@ def test_default_branch_and_commit_message(hub, merged):
     assert result.exit_code == 0, result.output
     assert remote_files(hub) == local_files(merged)
     assert not hub.is_private(REPO)
-    assert hub.last_commit(REPO).message == "Upload weighted average merge of 2 models (mergecli 0.1.0)"
+    assert hub.last_commit(REPO).message == f"Upload weighted average of 2 models (mergecli {__version__})"
     assert result.stdout.strip() == f"{hub.url}/{REPO}/commit/{hub.head(REPO)}"
 
     commits = len(hub.commits(REPO))

@@ -13,10 +13,11 @@ import transformers
 
 from builders import build_clip_vision, build_gpt2, build_llama
 from clirunner import cli
-from mergecli.checkpoint import iter_row_blocks
-from mergecli.merge import run_merge
+from mergecli.io.checkpoint import iter_row_blocks
+from mergecli.merge.plan import plan_merge
+from mergecli.merge.run import run_merge
 from mergecli.recipe import load_recipe
-from mergecli.regmean_merge import plan_regmean
+from mergecli.regmean import tasks as regmean_tasks
 from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
 from regmean_fixtures import (
     first_examples,
@@ -81,7 +82,7 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, m
     assert error < tol, f"{msg}: relative error {float(error):.2e}"
 
 
-def test_llama_linear_layers_are_least_squares_fits(tmp_path, llama64, text_data):
+def test_llama_linear_layers_are_least_squares_fits(tmp_path, llama64, text_data, monkeypatch):
     recipe = collected(tmp_path, llama64, text_data)
     out = tmp_path / "out"
     result = cli("regmean", "merge", recipe, "-o", out, "--set", "regmean.reduce_non_diagonal_ratio=1.0",
@@ -111,7 +112,8 @@ def test_llama_linear_layers_are_least_squares_fits(tmp_path, llama64, text_data
 
     # the same merge with nn.Linear weights streamed a few rows at a time (Grams factored once)
     spec = load_recipe(recipe, overrides=["regmean.reduce_non_diagonal_ratio=1.0", "models.1.weight=3"])
-    plan = plan_regmean(spec, output=tmp_path / "blocks", block_elements=96)
+    monkeypatch.setattr(regmean_tasks, "BLOCK_ROWS", 3)  # 96 elements of 32 inputs
+    plan = plan_merge(spec, output=tmp_path / "blocks")
     tasks = [t for t in plan.tasks if t.kind == "regmean"]
     assert all(len(list(iter_row_blocks(t.sources[0].tensors[t.out.name], t.block_elements))) > 3 for t in tasks)
     report = run_merge(plan)

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from clirunner import cli
-from mergecli.checkpoint import open_checkpoint
-from mergecli.stats import GramCollector, LinearLayer
+from mergecli.io.checkpoint import open_checkpoint
+from mergecli.regmean.grams import GramCollector
+from mergecli.regmean.layers import LinearLayer
 from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
 from regmean_fixtures import (
     first_examples,

@@ -7,8 +7,9 @@ import json
 import torch
 from safetensors import safe_open
 
-from mergecli.buffers import BufferRing
-from mergecli.writer import OutputTensor, ShardWriter, plan_shards
+from mergecli.io.buffers import BufferRing
+from mergecli.io.safetensors import TensorSpec as OutputTensor
+from mergecli.io.writer import ShardWriter, plan_shards
 
 
 def test_plan_shards_respects_size_and_order():

@@ -1,49 +1,60 @@
-"""What every merge command does once it has a plan: print it (dry run), or run it with progress,
-summarize, say how to load the result, and push it when the recipe asks."""
+"""What every merge command does once it has a recipe: check that the recipe's method is the one
+the command runs, plan, then print the plan (dry run) or run it with progress, summarize, say how to
+load the result, and push it when the recipe asks."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergecli.cli._console import out_console
-from mergecli.cli._render import print_plan, print_report, progress_bar
+from mergecli.cli._render import print_plan, print_report, progress
 from mergecli.errors import UsageError
-from mergecli.merge import MergePlan, run_merge
-from mergecli.recipe import Recipe
 
-COMMANDS = {"average": "mergecli average RECIPE", "regmean": "mergecli regmean merge RECIPE"}
-
-
-def require_method(recipe: Recipe, method: str) -> Recipe:
-    """The recipe, if its `method` is the one this command runs; else a usage error naming the right command."""
-    if recipe.method != method:
-        raise UsageError(f"this recipe's method is {recipe.method!r}",
-                         hint=f"run `{COMMANDS[recipe.method]}`, or set method = \"{method}\"")
-    return recipe
+if TYPE_CHECKING:
+    from mergecli.merge.plan import MergePlan
+    from mergecli.recipe import Recipe
 
 
-def execute(plan: MergePlan, *, dry_run: bool, quiet: bool) -> None:
-    """Dry run: print the plan and close the inputs. Otherwise merge, report, and push if asked."""
+def require_command(recipe: Recipe, command: str) -> None:
+    """Refuse a recipe whose method another command runs, naming that command."""
+    from mergecli.methods.base import get_method
+
+    method = get_method(recipe.method)
+    if method.command != command:
+        raise UsageError(f"this recipe's method is {recipe.method!r}, which `mergecli {method.command}` runs",
+                         hint=f"run `mergecli {method.command} RECIPE`")
+
+
+def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bool, dry_run: bool,
+                 quiet: bool) -> None:
+    """Dry run: print the plan. Otherwise merge, report, and push if the recipe asks."""
+    from mergecli.merge.plan import plan_merge
+
+    require_command(recipe, command)
+    plan = plan_merge(recipe, output=output, force=force or dry_run)
     if dry_run:
         try:
-            print_plan(plan, title=f"{plan.recipe.method} (dry run: nothing written)")
+            print_plan(plan, title=f"{recipe.method} (dry run: nothing written)")
         finally:
             plan.inputs.close()
         return
     merge_and_report(plan, quiet=quiet)
-    if plan.recipe.push_to_hub:
+    if recipe.push_to_hub:
         from mergecli.cli.push import push_after_merge
 
-        push_after_merge(plan.output, plan.recipe)
+        push_after_merge(plan.output, recipe)
 
 
 def merge_and_report(plan: MergePlan, *, quiet: bool) -> None:
     """Run a planned merge with progress, then print the summary and how to load the result."""
-    with progress_bar("merging", total_bytes=plan.bytes_read, total_items=len(plan.tasks),
-                      quiet=quiet) as update:
-        report = run_merge(plan, on_progress=update)
-    print_report(report, "base" if plan.inputs.base else plan.recipe.models[0].name)
+    from mergecli.merge.run import run_merge
+
+    tensors = len(plan.tasks)
+    with progress("merging", total=plan.bytes_read, quiet=quiet, what=f"{tensors} tensors") as update:
+        report = run_merge(plan, on_progress=lambda done, read: update(read, f"{done}/{tensors} tensors"))
+    print_report(report, plan.method, plan.reference_name)
     out_console.print(f"\nmerged model: {report.output}")
     auto_class = loader_class(report.output)
     if auto_class:
@@ -61,3 +72,4 @@ def loader_class(directory: Path) -> str | None:
         if architectures[0].endswith(suffix):
             return f"AutoModel{suffix}"
     return "AutoModel"
+

@@ -1,14 +1,16 @@
-"""Rendering of plans, reports and progress."""
+"""Rendering of plans, reports and progress: tables on stdout, one progress renderer on stderr."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -17,15 +19,19 @@ from rich.progress import (
 from rich.table import Table
 
 from mergecli.cli._console import err_console, info, interactive, out_console, warn
-from mergecli.merge import MergePlan, MergeReport
+
+if TYPE_CHECKING:
+    from mergecli.merge.plan import MergePlan
+    from mergecli.merge.run import MergeReport
+    from mergecli.methods.base import Method
 
 KIND_LABELS = {
     "average": "averaged",
-    "regmean": "RegMean (linear weights)",
     "head": "head, copied from {ref}",
     "exclude": "excluded, copied from {ref}",
     "integer": "integer, copied from {ref}",
 }
+Update = Callable[[int, str], None]  # (units done, a few words on the rest)
 
 
 def human_bytes(count: float) -> str:
@@ -36,8 +42,10 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def _reference(plan: MergePlan) -> str:
-    return "base" if plan.inputs.base else plan.recipe.models[0].name
+def kinds_line(counts: dict[str, int], method: Method, reference: str) -> list[str]:
+    """"21 averaged", "1 head, copied from base", ...: what was done to how many tensors."""
+    labels = {**KIND_LABELS, **method.kinds}
+    return [f"{n} {labels.get(kind, kind).format(ref=reference)}" for kind, n in counts.items()]
 
 
 def print_plan(plan: MergePlan, *, title: str) -> None:
@@ -55,9 +63,9 @@ def print_plan(plan: MergePlan, *, title: str) -> None:
     for spec, weight, ckpt in zip(recipe.models, recipe.weights, plan.inputs.models):
         table.add_row(spec.name, f"{weight:.4g}", str(len(ckpt.tensors)), human_bytes(ckpt.nbytes), ckpt.source)
     out_console.print(table)
-    reference = _reference(plan)
-    for kind, count in plan.counts().items():
-        out_console.print(f"  {count:>6} tensors {KIND_LABELS.get(kind, kind).format(ref=reference)}")
+    for line in kinds_line(plan.counts(), plan.method, plan.reference_name):
+        count, label = line.split(" ", 1)
+        out_console.print(f"  {count:>6} tensors {label}")
     out_console.print(f"  output      {plan.output}  ({len(plan.shards)} shard{'s' * (len(plan.shards) > 1)})")
     out_console.print(f"  read        {human_bytes(plan.bytes_read)}")
     out_console.print(f"  write       {human_bytes(plan.bytes_written)}")
@@ -66,13 +74,12 @@ def print_plan(plan: MergePlan, *, title: str) -> None:
         warn(message)
 
 
-def print_report(report: MergeReport, reference: str) -> None:
+def print_report(report: MergeReport, method: Method, reference: str) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("output", str(report.output))
-    table.add_row("tensors", ", ".join(
-        f"{n} {KIND_LABELS.get(k, k).format(ref=reference)}" for k, n in report.counts.items()))
+    table.add_row("tensors", ", ".join(kinds_line(report.counts, method, reference)))
     table.add_row("shards", str(report.shards))
     table.add_row("read", human_bytes(report.bytes_read))
     table.add_row("written", human_bytes(report.bytes_written))
@@ -84,34 +91,42 @@ def print_report(report: MergeReport, reference: str) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, *, total_bytes: int, total_items: int, quiet: bool,
-                 item_name: str = "tensors") -> Iterator[Callable[[int, int], None]]:
-    """Yield a callback `(items done, bytes done)` that draws a Rich bar, or logs plain lines."""
+def progress(description: str, *, total: int, quiet: bool, unit: str = "bytes", what: str = "") -> Iterator[Update]:
+    """Yield `update(done, detail)`: a Rich bar on a terminal, else a plain line per tenth (and at
+    least every 10 s), or nothing with --quiet.
+
+    Args:
+        total: how many units make the whole job.
+        unit: "bytes" (sizes and a transfer rate) or a counted noun ("examples").
+        what: a few words on the whole job, for the first plain line ("8 tensors").
+    """
     if interactive(quiet):
-        columns = (
-            TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TextColumn("{task.fields[items]}"), TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=err_console, transient=False) as progress:
-            task = progress.add_task(description, total=total_bytes, items=f"0/{total_items} {item_name}")
+        if unit == "bytes":
+            counter: tuple = (DownloadColumn(), TransferSpeedColumn())
+        else:
+            counter = (MofNCompleteColumn(), TextColumn(unit))
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), *counter,
+                   TextColumn("{task.fields[detail]}"), TimeRemainingColumn())
+        with Progress(*columns, console=err_console, transient=False) as bar:
+            task = bar.add_task(description, total=total, detail="")
 
-            def update(items: int, done: int) -> None:
-                progress.update(task, completed=done, items=f"{items}/{total_items} {item_name}")
+            def draw(done: int, detail: str) -> None:
+                bar.update(task, completed=done, detail=detail)
 
-            yield update
+            yield draw
         return
 
     started = time.monotonic()
     last = {"time": started, "tenth": -1}
-    info(f"{description}: {total_items} {item_name}, {human_bytes(total_bytes)}")
+    size = human_bytes(total) if unit == "bytes" else f"{total} {unit}"
+    info(f"{description}: {what + ', ' if what else ''}{size}")
 
-    def log(items: int, done: int) -> None:
-        tenth = int(10 * done / total_bytes) if total_bytes else 10
+    def log(done: int, detail: str) -> None:
+        tenth = int(10 * done / total) if total else 10
         now = time.monotonic()
-        finished = items == total_items
-        if finished or (tenth > last["tenth"] and now - last["time"] >= 1) or now - last["time"] >= 10:
+        if done >= total or (tenth > last["tenth"] and now - last["time"] >= 1) or now - last["time"] >= 10:
             last.update(time=now, tenth=tenth)
-            info(f"{description}: {100 * done / max(total_bytes, 1):3.0f}% "
-                 f"({human_bytes(done)}, {items}/{total_items} {item_name}, {now - started:.0f} s)")
+            amount = human_bytes(done) if unit == "bytes" else f"{done}/{total} {unit}"
+            info(f"{description}: {100 * done / max(total, 1):3.0f}% ({amount}, {detail}, {now - started:.0f} s)")
 
     yield log

@@ -1,4 +1,4 @@
-"""The `mergecli` application: wiring of the command modules."""
+"""The `mergecli` application: the wiring of the command modules, and `--version`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import typer
 
 from mergecli import __version__
 from mergecli.cli.average import average
+from mergecli.cli.push import push
+from mergecli.cli.regmean import regmean_app
 from mergecli.cli.validate import validate
 
 app = typer.Typer(
@@ -21,26 +23,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.command(no_args_is_help=False)(average)
+app.add_typer(regmean_app, name="regmean")
+app.command()(push)
 app.command()(validate)
-
-
-def _register_optional_groups() -> None:
-    """Command groups that live in their own modules."""
-    try:
-        from mergecli.cli.regmean import regmean_app
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        app.add_typer(regmean_app, name="regmean")
-    try:
-        from mergecli.cli.push import push
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        app.command()(push)
-
-
-_register_optional_groups()
 
 
 def _version(value: bool) -> None:

@@ -1,11 +1,12 @@
-"""`mergecli average`."""
+"""`mergecli average`: a recipe, or the recipe-less `-m/-w` one-liner."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergecli.cli._errors import report_errors
-from mergecli.cli._merge import execute, require_method
+from mergecli.cli._merge import plan_and_run
 from mergecli.cli._options import (
     DryRunOpt,
     ForceOpt,
@@ -17,8 +18,9 @@ from mergecli.cli._options import (
     WeightsOpt,
 )
 from mergecli.errors import UsageError
-from mergecli.merge import plan_average
-from mergecli.recipe import Recipe, load_recipe, recipe_from_data
+
+if TYPE_CHECKING:
+    from mergecli.recipe import Recipe
 
 
 def parse_weights(text: str) -> list[float]:
@@ -31,6 +33,8 @@ def parse_weights(text: str) -> list[float]:
 def recipe_from_options(recipe_path: Path | None, models: list[str], weights: str | None,
                         overrides: list[str]) -> Recipe:
     """A recipe from a file, or the recipe-less one-liner's `-m` / `-w` options."""
+    from mergecli.recipe import load_recipe, recipe_from_data
+
     if recipe_path is not None:
         if models or weights:
             raise UsageError("give either a RECIPE or -m/-w options, not both")
@@ -73,6 +77,5 @@ def average(
       mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
       mergecli average recipe.toml --dry-run
     """
-    spec = require_method(recipe_from_options(recipe, model or [], weights, set_ or []), "average")
-    execute(plan_average(spec, output=output, force=force or dry_run), dry_run=dry_run, quiet=quiet)
-
+    spec = recipe_from_options(recipe, model or [], weights, set_ or [])
+    plan_and_run(spec, "average", output=output, force=force, dry_run=dry_run, quiet=quiet)

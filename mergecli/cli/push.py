@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from mergecli import hub
 from mergecli.cli._console import info, out_console
 from mergecli.cli._errors import report_errors
 from mergecli.cli._render import human_bytes
 from mergecli.errors import MergecliError
-from mergecli.recipe import Recipe
+
+if TYPE_CHECKING:
+    from mergecli.publish.push import PushResult
+    from mergecli.recipe import Recipe
 
 
-def print_push(result: hub.PushResult) -> None:
+def print_push(result: PushResult) -> None:
     """A dry run's file table on stdout; after a push, a summary on stderr and the commit URL on stdout."""
     where = f"{result.repo_id} (branch {result.revision}{', private' if result.private else ''})"
     if result.dry_run:
@@ -59,7 +61,9 @@ def push(
       mergecli push merged/llama-avg --repo-id me/llama-avg --revision v2 --message "v2: more math"
       mergecli push merged/llama-avg --repo-id me/llama-avg --dry-run
     """
-    result = hub.push(directory, repo_id=repo_id, private=private or None, revision=revision,
+    from mergecli.publish.push import push as push_directory
+
+    result = push_directory(directory, repo_id=repo_id, private=private or None, revision=revision,
                       message=message, dry_run=dry_run)
     print_push(result)
 
@@ -67,9 +71,11 @@ def push(
 def push_after_merge(output: Path, recipe: Recipe) -> None:
     """The push that `push_to_hub = true` asks for, with the recipe's `[push]` settings (which the
     recipe's validation guarantees, with a repo_id)."""
+    from mergecli.publish.push import push as push_directory
+
     settings = recipe.push
     try:
-        result = hub.push(output, repo_id=settings.repo_id, private=settings.private,
+        result = push_directory(output, repo_id=settings.repo_id, private=settings.private,
                           revision=settings.revision, message=settings.message)
     except MergecliError:
         info(f"the merge is complete in {output}; only the push failed: "

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mergecli.cli._console import err_console, info, interactive, out_console, warn
+from mergecli.cli._console import info, out_console, warn
 from mergecli.cli._errors import report_errors
-from mergecli.cli._merge import execute, require_method
+from mergecli.cli._merge import plan_and_run, require_command
 from mergecli.cli._options import DryRunOpt, ForceOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
-from mergecli.cli._render import human_bytes
-from mergecli.recipe import load_recipe
+from mergecli.cli._render import Update, human_bytes, progress
 
 regmean_app = typer.Typer(
     name="regmean",
@@ -31,38 +28,17 @@ ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NA
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="cpu|cuda", help="Where to run the models.")]
 
 
-@contextmanager
-def stats_progress(name: str, total: int, *, quiet: bool) -> Iterator[Callable[[int, int], None]]:
-    """A callback `(examples, tokens)` drawing a bar of examples with a token count, or log lines."""
-    if interactive(quiet):
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("examples, {task.fields[tokens]} tokens ({task.fields[rate]} tokens/s)"),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=err_console) as progress:
-            task = progress.add_task(name, total=total, tokens=0, rate=0)
-            clock = {"started": time.monotonic()}
+def with_token_rate(update: Update) -> Callable[[int, int], None]:
+    """A `(examples, tokens)` progress callback that shows the tokens and their rate."""
+    started = [time.monotonic()]
 
-            def update(examples: int, tokens: int) -> None:
-                if examples == 0:  # (0, 0) comes when the model is loaded and the batches start
-                    clock["started"] = time.monotonic()
-                rate = tokens / max(time.monotonic() - clock["started"], 1e-9)
-                progress.update(task, completed=examples, tokens=tokens, rate=f"{rate:,.0f}")
+    def on_progress(examples: int, tokens: int) -> None:
+        if examples == 0:  # (0, 0) comes when the model is loaded and the batches start
+            started[0] = time.monotonic()
+        rate = tokens / max(time.monotonic() - started[0], 1e-9)
+        update(examples, f"{tokens:,} tokens, {rate:,.0f} tokens/s")
 
-            yield update
-        return
-    started = time.monotonic()
-    last = {"tenth": -1}
-    info(f"{name}: {total} examples")
-
-    def log(examples: int, tokens: int) -> None:
-        if examples == 0:
-            return
-        tenth = 10 * examples // max(total, 1)
-        if tenth > last["tenth"]:
-            last["tenth"] = tenth
-            info(f"{name}: {examples}/{total} examples, {tokens} tokens, {time.monotonic() - started:.0f} s")
-
-    yield log
+    return on_progress
 
 
 @regmean_app.command("collect-stats")
@@ -84,9 +60,11 @@ def collect_stats(
       mergecli regmean collect-stats recipe.toml --model math --device cuda --force
       torchrun --nproc-per-node 2 -m mergecli regmean collect-stats recipe.toml
     """
-    from mergecli.stats import StatsSession, plan_stats
+    from mergecli.recipe import load_recipe
+    from mergecli.regmean.collect import StatsSession, plan_stats
 
-    spec = require_method(load_recipe(recipe, overrides=set_ or []), "regmean")
+    spec = load_recipe(recipe, overrides=set_ or [])
+    require_command(spec, "regmean merge")
     with StatsSession(device) as session:
         quiet = quiet or session.rank != 0
         for job in plan_stats(spec, models=model or [], force=force):
@@ -97,8 +75,8 @@ def collect_stats(
             for message in job.warnings if session.rank == 0 else []:
                 warn(message)
             total = len(job.data.examples[session.rank::session.world])
-            with stats_progress(job.name, total, quiet=quiet) as update:
-                result = session.collect(job, on_progress=update)
+            with progress(job.name, total=total, quiet=quiet, unit="examples") as update:
+                result = session.collect(job, on_progress=with_token_rate(update))
             if session.rank == 0:
                 out_console.print(f"{result.name}: {result.examples} examples, {result.tokens} tokens, "
                                   f"{result.layers} linear layers in {result.grams} Gram matrices "
@@ -126,7 +104,7 @@ def merge(
       mergecli regmean merge recipe.toml -o merged/ --set regmean.reduce_non_diagonal_ratio=0.9
       mergecli regmean merge recipe.toml --dry-run
     """
-    from mergecli.regmean_merge import plan_regmean
+    from mergecli.recipe import load_recipe
 
-    spec = require_method(load_recipe(recipe, overrides=set_ or []), "regmean")
-    execute(plan_regmean(spec, output=output, force=force or dry_run), dry_run=dry_run, quiet=quiet)
+    spec = load_recipe(recipe, overrides=set_ or [])
+    plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run, quiet=quiet)

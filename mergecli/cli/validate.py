@@ -1,4 +1,4 @@
-"""`mergecli validate`."""
+"""`mergecli validate`: check a recipe and its inputs, print the plan, write nothing."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from mergecli.cli._console import out_console, warn
 from mergecli.cli._errors import report_errors
 from mergecli.cli._options import OutputOpt, RecipeArg, SetOpt
 from mergecli.cli._render import print_plan
-from mergecli.merge import plan_average
-from mergecli.recipe import load_recipe
 
 
 @report_errors
@@ -20,13 +18,11 @@ def validate(recipe: RecipeArg, output: OutputOpt = None, set_: SetOpt = None) -
       mergecli validate recipes/demo-average.toml
       mergecli validate recipe.toml --set models.0.path=./other-model
     """
-    spec = load_recipe(recipe, overrides=set_ or [])
-    if spec.method == "regmean":
-        from mergecli.regmean_merge import plan_regmean
+    from mergecli.merge.plan import plan_merge
+    from mergecli.recipe import load_recipe
 
-        plan = plan_regmean(spec, output=output, force=True)
-    else:
-        plan = plan_average(spec, output=output, force=True)
+    spec = load_recipe(recipe, overrides=set_ or [])
+    plan = plan_merge(spec, output=output, force=True)
     try:
         print_plan(plan, title=f"{recipe}: valid {spec.method} recipe")
         if plan.output.exists():

@@ -1,1 +1,1 @@
-"""Pure tensor math of the merge methods: no files, no recipes."""
+"""Merge methods: the Method interface and registry (base.py), and the pure math of each method."""

@@ -1,8 +1,13 @@
-"""Weighted averaging: θ = Σ w_i θ_i, accumulated in float32 (float64 for float64 inputs)."""
+"""Weighted averaging: θ = Σ w_i θ_i, accumulated in float32 (float64 for float64 inputs).
+
+The math, and the `average` method, which keeps the planner's default tasks as they are.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from mergecli.methods.base import Method, register
 
 
 def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
@@ -32,3 +37,19 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], *,
     for tensor, weight in zip(tensors[1:], weights[1:]):
         total.add_(tensor, alpha=weight)  # mixed dtypes computed in `dtype`, no temporary
     return total
+
+
+class Average(Method):
+    """Weight ensembling: every floating tensor is the weighted average of the models' tensors."""
+
+    name = "average"
+    title = "weighted average"
+    command = "average"
+
+    def describe(self, recipe) -> list[str]:
+        weights = "with the weights normalized to sum 1." if recipe.normalize else "with the weights as given."
+        return [f"**Weighted average** of the parameters (weight ensembling): θ = Σ wᵢ θᵢ, {weights}", "",
+                "- accumulated in float32 (float64 for float64 inputs)"]
+
+
+register(Average())

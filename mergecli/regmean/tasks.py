@@ -1,11 +1,10 @@
-"""`regmean merge`: the streaming merge of merge.py with RegMean for every hooked linear weight.
+"""RegMean's tasks: every hooked linear weight with statistics in every model is solved in closed
+form (methods/regmean.py) from the Gram matrices collect-stats stored; everything else is averaged.
 
-`plan_regmean` plans like `plan_average` (same checks, same output layout), checks every model's
-statistics against its checkpoint (fingerprint and weights), and then replaces the averaging task
-of each linear weight that has statistics in every model by a "regmean" task. Such a task streams
-an `nn.Linear` weight in row blocks like any other tensor: at its first block the `combine` reads
-the layer's n Gram matrices (one file read each) and factors Σ G̃, solves every block as it comes,
-and drops the Grams after the last, so that one layer's statistics are in memory at a time.
+A "regmean" task streams an `nn.Linear` weight in row blocks like any other tensor: at its first
+block the `combine` reads the layer's n Gram matrices (one file read each) and factors Σ G̃, solves
+every block as it comes, and drops the Grams after the last, so that one layer's statistics are in
+memory at a time. Every model's statistics are checked against its checkpoint first.
 """
 
 from __future__ import annotations
@@ -16,22 +15,14 @@ from pathlib import Path
 
 import torch
 
-from mergecli.calibration import read_examples
-from mergecli.checkpoint import Checkpoint
-from mergecli.errors import MergecliError, StatsError, UsageError
-from mergecli.merge import (
-    Combine,
-    MergePlan,
-    TensorTask,
-    check_compatible,
-    default_tasks,
-    make_plan,
-    open_inputs,
-    resolve_output,
-)
+from mergecli.errors import MergecliError, StatsError
+from mergecli.io.checkpoint import Checkpoint
+from mergecli.merge.plan import Inputs
+from mergecli.merge.tasks import Combine, TensorTask
 from mergecli.methods.regmean import RegMeanAccumulator
 from mergecli.recipe import Recipe
-from mergecli.stats import DATA_KEYS, LayerStats, ModelStats, check_source, data_changes, load_stats
+from mergecli.regmean.calibration import read_examples
+from mergecli.regmean.store import DATA_KEYS, LayerStats, ModelStats, check_source, data_changes, load_stats
 
 WHOLE_TENSOR = sys.maxsize  # a Conv1D weight `[in, out]` is read whole: the solve mixes all its rows
 BLOCK_ROWS = 256  # an nn.Linear weight is read in blocks of this many output rows
@@ -44,13 +35,8 @@ def load_recipe_stats(recipe: Recipe, checkpoints: list[Checkpoint]) -> tuple[li
         The statistics in recipe order, and warnings (data settings changed since collection).
 
     Raises:
-        UsageError: a model without `data`.
         StatsError: statistics missing, corrupt, of another format version or of another model.
     """
-    no_data = [f"models.{i} ({m.name})" for i, m in enumerate(recipe.models) if not m.data]
-    if no_data:
-        raise UsageError(f"{', '.join(no_data)}: no calibration `data`",
-                         hint="regmean needs `data` for every model (a .jsonl / .txt file or an image folder)")
     settings = recipe.regmean
     problems: list[str] = []
     warnings: list[str] = []
@@ -170,7 +156,7 @@ def regmean_combine(name: str, layers: list[LayerStats], stats: list[ModelStats]
 
 
 def regmean_task(task: TensorTask, layers: list[LayerStats], stats: list[ModelStats], recipe: Recipe,
-                 warnings: list[str], *, block_elements: int | None = None) -> TensorTask:
+                 warnings: list[str]) -> TensorTask:
     """The "regmean" task that replaces the averaging task of one linear weight."""
     name, shape = task.out.name, task.out.shape
     for index, layer in enumerate(layers):
@@ -180,56 +166,39 @@ def regmean_task(task: TensorTask, layers: list[LayerStats], stats: list[ModelSt
     combine = regmean_combine(name, layers, stats, recipe.weights, shape=shape, out_dtype=task.out.dtype,
                               ratio=recipe.regmean.reduce_non_diagonal_ratio, warnings=warnings)
     streamed = layers[0].orientation == "out_in"
-    block = (block_elements or BLOCK_ROWS * d_in) if streamed else WHOLE_TENSOR
+    block = BLOCK_ROWS * d_in if streamed else WHOLE_TENSOR
     work = work_bytes(d_in, d_out, len(stats), streamed=streamed, block_rows=max(1, block // d_in))
     return TensorTask(task.out, "regmean", task.sources, combine, block, work)
 
 
-def plan_regmean(recipe: Recipe, *, output: Path | str | None = None, force: bool = False,
-                 block_elements: int | None = None) -> MergePlan:
-    """Open and check the inputs and statistics of a regmean recipe, and plan the output; read no
-    tensor and no Gram matrix.
-
-    Args:
-        block_elements: elements per row block of an `nn.Linear` weight (default: `BLOCK_ROWS`
-            rows, so that a block's float64 temporaries stay near the size of a few Grams).
+def regmean_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[TensorTask]:
+    """The default tasks with a "regmean" task for every linear weight that has statistics in every
+    model; reads every model's `stats.json` and Gram headers, no Gram matrix.
 
     Raises:
-        UsageError: no output, output exists (without `force`) or overlaps an input; no `data`.
         StatsError: statistics missing, stale, corrupt or of another model.
-        InputNotFoundError, CheckpointError, ShapeMismatchError: bad inputs.
-
-    Example:
-        >>> plan = plan_regmean(load_recipe("recipes/regmean-llama.toml"))
-        >>> report = run_merge(plan)
     """
-    target = resolve_output(recipe, output)
-    inputs = open_inputs(recipe)
-    try:
-        check_compatible(recipe, inputs)
-        stats, warnings = load_recipe_stats(recipe, inputs.models)
-        tasks = default_tasks(recipe, inputs, warnings)
-        hooked = set.intersection(*(set(s.layers) for s in stats))
-        partial = sorted(set.union(*(set(s.layers) for s in stats)) - hooked)
-        if partial:
-            warnings.append(f"regmean: {len(partial)} linear weight(s) have statistics in only some models "
-                            f"and are averaged: {', '.join(partial[:5])}")
-        dead: list[str] = []
-        for position, task in enumerate(tasks):
-            if task.kind == "average" and task.out.name in hooked:
-                layers = [s.layers[task.out.name] for s in stats]
-                tasks[position] = regmean_task(task, layers, stats, recipe, warnings, block_elements=block_elements)
-                never = set.intersection(*(set(s.grams[layer.gram].dead_features) for s, layer in zip(stats, layers)))
-                if never:
-                    dead.append(f"{task.out.name} ({len(never)})")
-        if not any(task.kind == "regmean" for task in tasks):
-            warnings.append("regmean: no linear weight is merged by RegMean (all excluded or without "
-                            "statistics); everything was averaged")
-        if dead:
-            warnings.append(f"regmean: {len(dead)} layer(s) have input features that never fired in any "
-                            f"model's calibration data; their weight columns are the weighted average: "
-                            f"{', '.join(dead[:5])}{' ...' if len(dead) > 5 else ''}")
-        return make_plan(recipe, inputs, tasks, output=target, force=force, warnings=warnings)
-    except BaseException:
-        inputs.close()
-        raise
+    stats, stats_warnings = load_recipe_stats(recipe, inputs.models)
+    warnings.extend(stats_warnings)
+    tasks = list(tasks)
+    hooked = set.intersection(*(set(s.layers) for s in stats))
+    partial = sorted(set.union(*(set(s.layers) for s in stats)) - hooked)
+    if partial:
+        warnings.append(f"regmean: {len(partial)} linear weight(s) have statistics in only some models "
+                        f"and are averaged: {', '.join(partial[:5])}")
+    dead: list[str] = []
+    for position, task in enumerate(tasks):
+        if task.kind == "average" and task.out.name in hooked:
+            layers = [s.layers[task.out.name] for s in stats]
+            tasks[position] = regmean_task(task, layers, stats, recipe, warnings)
+            never = set.intersection(*(set(s.grams[layer.gram].dead_features) for s, layer in zip(stats, layers)))
+            if never:
+                dead.append(f"{task.out.name} ({len(never)})")
+    if not any(task.kind == "regmean" for task in tasks):
+        warnings.append("regmean: no linear weight is merged by RegMean (all excluded or without "
+                        "statistics); everything was averaged")
+    if dead:
+        warnings.append(f"regmean: {len(dead)} layer(s) have input features that never fired in any "
+                        f"model's calibration data; their weight columns are the weighted average: "
+                        f"{', '.join(dead[:5])}{' ...' if len(dead) > 5 else ''}")
+    return tasks

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 
 from mergecli import __version__
-from mergecli.hub import looks_like_repo_id
+from mergecli.io.hub import looks_like_repo_id
+from mergecli.methods.base import Method
 from mergecli.recipe import BaseSpec, ModelSpec, Recipe, dump_recipe
 
 HUB_URL = "https://huggingface.co"
 MERGECLI_URL = "https://pypi.org/project/mergecli/"
-REGMEAN_PAPER = "https://arxiv.org/abs/2212.09849"
 
 _PIPELINES = {  # architecture suffix -> the hub's pipeline tag
     "ForCausalLM": "text-generation",
@@ -90,37 +90,14 @@ def _source(spec: BaseSpec | ModelSpec) -> str:
     return f"`{_cell(name)}` (local)"
 
 
-def _method(recipe: Recipe, config: dict | None) -> list[str]:
+def _method(recipe: Recipe, method: Method, config: dict | None) -> list[str]:
     dtype = recipe.dtype
     if dtype == "auto":  # write_support_files sets the config's dtype to the output's
         dtype = (config or {}).get("dtype") or (config or {}).get("torch_dtype") or "the first model's dtype"
     reference = "the base model" if recipe.base else f"the first model (`{recipe.models[0].name}`)"
-    if recipe.method == "regmean":
-        settings = recipe.regmean
-        lines = [
-            f"**RegMean** ([Jin et al., ICLR 2023]({REGMEAN_PAPER}), \"Dataless Knowledge Fusion by "
-            "Merging Weights of Language Models\"). Every linear layer is merged in closed form, "
-            "`W = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢ` with `G̃ᵢ = α·Gᵢ + (1−α)·diag(Gᵢ)`, where Gᵢ is the Gram matrix "
-            "of the layer's inputs in model i on its calibration data; everything else is averaged "
-            "with the weights below.",
-            "",
-            f"- α (`reduce_non_diagonal_ratio`): {settings.reduce_non_diagonal_ratio:g}",
-            f"- calibration: up to {settings.num_examples} examples per model, "
-            f"at most {settings.max_length} tokens each",
-        ]
-    else:
-        lines = [
-            "**Weighted average** of the parameters (weight ensembling): θ = Σ wᵢ θᵢ, "
-            + ("with the weights normalized to sum 1." if recipe.normalize else "with the weights as given."),
-            "",
-        ]
-    if recipe.method == "regmean":
-        lines.append(f"- linear layers solved in float64, everything else accumulated in float32; written as {dtype}")
-    else:
-        lines.append(f"- accumulated in float32 (float64 for float64 inputs), written as {dtype}")
+    lines = [*method.describe(recipe), f"- written as {dtype}"]
     if recipe.backbone_only:
-        patterns = ", ".join(f"`{_cell(p)}`" for p in (recipe.head or ["lm_head\\..*", "score\\..*",
-                                                                         "classifier\\..*"]))
+        patterns = ", ".join(f"`{_cell(p)}`" for p in recipe.head_patterns)
         lines.append(f"- head tensors ({patterns}) copied from {reference}, not averaged")
     if recipe.exclude:
         patterns = ", ".join(f"`{_cell(p)}`" for p in recipe.exclude)
@@ -140,18 +117,18 @@ def _usage(recipe: Recipe, config: dict | None, title: str) -> list[str]:
     return ["## Use", "", *code, "```", ""]
 
 
-def render_card(recipe: Recipe, *, config: dict | None) -> str:
+def render_card(recipe: Recipe, method: Method, *, config: dict | None) -> str:
     """A model card: front matter, models and weights, method, usage, and the recipe that made it.
 
     Args:
         recipe: the resolved recipe (hub revisions pinned to commits), as written to mergecli.toml.
+        method: the recipe's method, which describes itself.
         config: the output's config.json, or None when the inputs had none.
     """
     title = recipe.output.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] if recipe.output else "merged-model"
     count = len(recipe.models)
-    method = {"average": "weighted average", "regmean": "RegMean merge"}[recipe.method]
     lines = [front_matter(recipe, config), "", f"# {title}", "",
-             f"A {method} of {count} model{'s' * (count != 1)}, made with [mergecli]({MERGECLI_URL}) "
+             f"A {method.title} of {count} model{'s' * (count != 1)}, made with [mergecli]({MERGECLI_URL}) "
              f"{__version__}.", "", "## Models", "",
              "| model | weight | source |", "|---|---:|---|"]
     for spec, weight in zip(recipe.models, recipe.weights):
@@ -159,15 +136,15 @@ def render_card(recipe: Recipe, *, config: dict | None) -> str:
     lines.append("")
     if recipe.base:
         role = ("head, excluded and integer tensors, config and tokenizer come from it"
-                if recipe.method == "average" else "excluded and integer tensors, config and tokenizer come from it")
+                if recipe.backbone_only else "excluded and integer tensors, config and tokenizer come from it")
         lines += [f"Base model: {_source(recipe.base)} (never averaged; {role}).", ""]
-    lines += ["## Method", "", *_method(recipe, config), ""]
+    lines += ["## Method", "", *_method(recipe, method, config), ""]
     if config is not None:
         lines += _usage(recipe, config, title)
     lines += ["## Recipe", "",
               "The recipe as run, with every default filled in and hub revisions pinned to commits. "
               "It is saved next to the weights as `mergecli.toml`; "
-              f"`mergecli {'regmean merge' if recipe.method == 'regmean' else 'average'} mergecli.toml "
+              f"`mergecli {method.command} mergecli.toml "
               "-o again/` reproduces this merge bit for bit.", "",
               "```toml", dump_recipe(recipe).rstrip(), "```", ""]
     return "\n".join(lines)

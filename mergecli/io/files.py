@@ -1,0 +1,70 @@
+"""The files of a checkpoint: which weights to read (safetensors preferred), shard indexes, and the
+support files (config, tokenizer, processor) that travel with the weights.
+
+One preference order serves a local directory and a hub repo's file list alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+
+from mergecli.errors import CheckpointError
+
+SINGLE_SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+STATE_DICT_FILES = ("pytorch_model.bin", "model.pt", "model.pth")
+STATE_DICT_SUFFIXES = (".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *STATE_DICT_SUFFIXES)
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json", "generation_config.json",
+)
+
+
+def parse_index(text: str, *, where: str) -> list[str]:
+    """The shard file names listed by a `*.index.json` (its `weight_map` values), in first-seen order.
+
+    Raises:
+        CheckpointError: not JSON, no `weight_map`, or a shard name that leaves the directory.
+    """
+    try:
+        weight_map = json.loads(text)["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise CheckpointError(where, "corrupt shard index (no weight_map)") from None
+    if not shards or not all(isinstance(s, str) and s and ".." not in s.split("/") and not s.startswith("/")
+                             for s in shards):
+        raise CheckpointError(where, "corrupt shard index (bad shard names)")
+    return shards
+
+
+def choose_weight_files(names: Iterable[str], *, read_index: Callable[[str], list[str]]) -> list[str]:
+    """The weight files to read among a checkpoint's top-level file `names`, safetensors first:
+    the shards of `model.safetensors.index.json`, `model.safetensors`, other `*.safetensors`, and
+    only when there are none, `pytorch_model.bin` (sharded or not) or `model.pt(h)`.
+
+    Args:
+        read_index: returns the shard names listed by an index file of `names` (reading it locally
+            or downloading it first).
+
+    Returns:
+        File names, the index (when there is one) first; empty when there are no weights.
+    """
+    top = {name for name in names if "/" not in name}
+    if SAFETENSORS_INDEX in top:
+        return [SAFETENSORS_INDEX, *read_index(SAFETENSORS_INDEX)]
+    if SINGLE_SAFETENSORS in top:
+        return [SINGLE_SAFETENSORS]
+    safetensors = sorted(name for name in top if name.endswith(".safetensors"))
+    if safetensors:
+        return safetensors
+    if BIN_INDEX in top:
+        return [BIN_INDEX, *read_index(BIN_INDEX)]
+    for name in STATE_DICT_FILES:
+        if name in top:
+            return [name]
+    return []

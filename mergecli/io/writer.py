@@ -1,0 +1,95 @@
+"""Output shards: planned from tensor specs, each header written first and every tensor block
+written in place (`pwrite` at its final offset), so that no shard is ever buffered in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergecli.errors import MergecliError
+from mergecli.io.files import SAFETENSORS_INDEX, SINGLE_SAFETENSORS
+from mergecli.io.safetensors import TensorSpec, encode_header, pwrite_all, tensor_bytes
+
+OUTPUT_METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output file: its header bytes and where each tensor's data starts in the file."""
+
+    filename: str
+    header: bytes
+    offsets: dict[str, int]
+    size: int
+
+
+def plan_shards(tensors: list[TensorSpec], shard_size: int) -> list[ShardPlan]:
+    """Group tensors, in order, into shards of at most `shard_size` data bytes (a larger tensor
+    gets a shard of its own); name them like `save_pretrained` does."""
+    groups: list[list[TensorSpec]] = [[]]
+    used = 0
+    for tensor in tensors:
+        if groups[-1] and used + tensor.nbytes > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(tensor)
+        used += tensor.nbytes
+    count = len(groups)
+    plans = []
+    for i, group in enumerate(groups, start=1):
+        filename = SINGLE_SAFETENSORS if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+        header, offsets, size = encode_header(group, OUTPUT_METADATA)
+        plans.append(ShardPlan(filename, header, offsets, size))
+    return plans
+
+
+@dataclass
+class ShardWriter:
+    """Writes planned shards into `directory`: headers at open, tensor blocks at their offsets."""
+
+    directory: Path
+    shards: list[ShardPlan]
+    tensors: dict[str, TensorSpec]
+    _fds: dict[str, int] = field(default_factory=dict)
+    _where: dict[str, tuple[str, int]] = field(default_factory=dict)
+    _written: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for shard in self.shards:
+            fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[shard.filename] = fd
+            pwrite_all(fd, shard.header, 0)
+            for name, offset in shard.offsets.items():
+                self._where[name] = (shard.filename, offset)
+
+    def write(self, name: str, block: torch.Tensor, row_start: int = 0) -> None:
+        """Write `block` (rows `row_start...` of tensor `name`, in its output dtype)."""
+        spec = self.tensors[name]
+        if block.dtype != spec.dtype:
+            raise ValueError(f"{name}: block is {block.dtype}, planned {spec.dtype}")
+        filename, offset = self._where[name]
+        data = tensor_bytes(block)
+        pwrite_all(self._fds[filename], data, offset + row_start * spec.row_bytes)
+        self._written[name] = self._written.get(name, 0) + len(data)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def finish(self) -> None:
+        """Close the files, check that every tensor was completely written, write the index."""
+        self.close()
+        missing = [n for n, t in self.tensors.items() if self._written.get(n, 0) != t.nbytes]
+        if missing:
+            raise MergecliError(f"internal error: tensor {missing[0]} was not completely written")
+        if len(self.shards) > 1:
+            weight_map = {n: self._where[n][0] for n in self.tensors}
+            index = {"metadata": {"total_size": sum(t.nbytes for t in self.tensors.values())},
+                     "weight_map": weight_map}
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,67 @@
+"""Running a plan: check the disk, stream every task into an atomic output directory, add the
+support files, and report what was done.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergecli.errors import MergecliError
+from mergecli.io.atomic import atomic_directory
+from mergecli.io.writer import ShardWriter
+from mergecli.merge.plan import MergePlan
+from mergecli.merge.stream import ProgressCallback, stream_tasks
+from mergecli.merge.support import write_support_files
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    output: Path
+    tensors: int
+    shards: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    counts: dict[str, int]
+    warnings: list[str]
+
+
+def check_disk_space(plan: MergePlan) -> None:
+    """Fail before anything is written when the output's file system cannot hold the output."""
+    parent = next((p for p in [plan.output, *plan.output.parents] if p.exists()), None)
+    if parent is None:
+        return
+    free = shutil.disk_usage(parent).free
+    if free < plan.bytes_written:
+        raise MergecliError(
+            f"not enough disk space for {plan.output}: the merge writes {plan.bytes_written / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free", hint="free some space or choose another output directory")
+
+
+def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -> MergeReport:
+    """Stream the planned merge into the output directory, atomically.
+
+    Returns:
+        A `MergeReport` (output path, sizes, time, what was done to how many tensors, warnings).
+
+    Raises:
+        MergecliError: not enough disk space, or a read / write failure (nothing is left behind).
+    """
+    started = time.perf_counter()
+    try:
+        check_disk_space(plan)
+        with atomic_directory(plan.output, force=plan.force) as directory:
+            writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks})
+            try:
+                stream_tasks(plan.tasks, writer, on_progress)
+                writer.finish()
+            finally:
+                writer.close()
+            write_support_files(plan, directory)
+    finally:
+        plan.inputs.close()
+    return MergeReport(plan.output, len(plan.tasks), len(plan.shards), plan.bytes_read,
+                       plan.bytes_written, time.perf_counter() - started, plan.counts(), plan.warnings)

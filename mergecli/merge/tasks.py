@@ -1,0 +1,99 @@
+"""Tensor tasks: how each output tensor is made (which inputs are read, how their blocks combine),
+and the default tasks every method starts from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from mergecli.io.buffers import ScratchBuffers
+from mergecli.io.checkpoint import Checkpoint
+from mergecli.io.safetensors import TensorInfo, TensorSpec
+from mergecli.methods.average import accumulation_dtype, weighted_sum
+from mergecli.recipe import Recipe
+
+if TYPE_CHECKING:
+    from mergecli.merge.plan import Inputs
+
+BLOCK_ELEMENTS = 4 * 2**20  # elements per row block: bounds memory for any tensor size
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Combine = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How one output tensor is made: read `out.name` from `sources`, `combine` the blocks."""
+
+    out: TensorSpec
+    kind: str  # "average" | "head" | "exclude" | "integer" | a method's own kind
+    sources: tuple[Checkpoint, ...]
+    combine: Combine
+    block_elements: int = BLOCK_ELEMENTS
+    work_bytes: int = 0  # memory `combine` itself allocates beyond the blocks (e.g. statistics it loads)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(source.tensors[self.out.name].nbytes for source in self.sources)
+
+
+def output_dtype(recipe: Recipe, info: TensorInfo) -> torch.dtype:
+    """Floating tensors get the recipe's dtype ("auto": the reference's); others keep theirs."""
+    if not info.dtype.is_floating_point or recipe.dtype == "auto":
+        return info.dtype
+    return OUTPUT_DTYPES[recipe.dtype]
+
+
+def copy_first(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The combine of a tensor taken as it is from its only source."""
+    return blocks[0]
+
+
+def _integer_combine(name: str, warnings: list[str]) -> Combine:
+    def combine(blocks: list[torch.Tensor]) -> torch.Tensor:
+        if any(not torch.equal(blocks[0], b) for b in blocks[1:]):
+            message = f"{name}: integer tensor differs between models; copied from the reference model"
+            if message not in warnings:
+                warnings.append(message)
+        return blocks[0]
+
+    return combine
+
+
+def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> list[TensorTask]:
+    """One task per tensor of the reference: averaged, or copied from the reference model."""
+    head = [re.compile(p) for p in recipe.head_patterns]
+    exclude = [re.compile(p) for p in recipe.exclude]
+    weights = recipe.weights
+    reference = inputs.reference
+
+    accumulators = ScratchBuffers()  # combine runs on one thread: one accumulator, reused
+
+    def average(blocks: list[torch.Tensor]) -> torch.Tensor:
+        dtype = accumulation_dtype([b.dtype for b in blocks])
+        return weighted_sum(blocks, weights, out=accumulators.tensor(dtype, blocks[0].shape, dtype))
+
+    block = BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
+    tasks = []
+    for name, info in reference.tensors.items():
+        out = TensorSpec(name, output_dtype(recipe, info), info.shape)
+        if any(p.fullmatch(name) for p in exclude):
+            tasks.append(TensorTask(out, "exclude", (reference,), copy_first, block))
+        elif recipe.backbone_only and any(p.fullmatch(name) for p in head):
+            tasks.append(TensorTask(out, "head", (reference,), copy_first, block))
+        elif not info.dtype.is_floating_point:
+            tasks.append(TensorTask(out, "integer", (reference, *inputs.models), _integer_combine(name, warnings),
+                                    block))
+        else:
+            tasks.append(TensorTask(out, "average", tuple(inputs.models), average, block))
+    for pattern in exclude:
+        if not any(pattern.fullmatch(n) for n in reference.tensors):
+            warnings.append(f"exclude pattern {pattern.pattern!r} matches no tensor")
+    if recipe.backbone_only and not any(t.kind == "head" for t in tasks):
+        warnings.append("backbone_only: no tensor matches the head patterns "
+                        "(tied embeddings store no lm_head); everything was averaged")
+    return tasks

@@ -1,0 +1,77 @@
+"""Which layers RegMean merges: every `nn.Linear` / HF `Conv1D` of a model whose weight is stored in
+its checkpoint, with the orientation of that weight (`[out, in]` or `[in, out]`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mergecli.io.safetensors import TensorInfo
+
+Orientation = Literal["out_in", "in_out"]
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """A hooked layer: its module path in the loaded model and its weight's checkpoint name."""
+
+    module: str
+    weight: str
+    orientation: Orientation  # "out_in": nn.Linear `[out, in]`; "in_out": HF Conv1D `[in, out]`
+    in_features: int
+
+
+def _checkpoint_name(module: str, shape: tuple[int, ...], tensors: dict[str, TensorInfo],
+                     prefixes: list[str]) -> str | None:
+    """The checkpoint tensor holding `module`'s weight; the loaded class may add or drop a prefix
+    (`bert.`, `model.`) relative to the class the checkpoint was saved from."""
+    parts = module.split(".")
+    candidates = [f"{module}.weight"]
+    candidates += [".".join(parts[k:]) + ".weight" for k in range(1, len(parts))]
+    candidates += [f"{prefix}.{module}.weight" for prefix in prefixes]
+    for candidate in candidates:
+        info = tensors.get(candidate)
+        if info is not None and info.shape == shape:
+            return candidate
+    return None
+
+
+def find_linear_layers(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -> tuple[list[LinearLayer],
+                                                                                          list[str]]:
+    """Every `nn.Linear` / HF `Conv1D` of `model` whose weight is stored in the checkpoint.
+
+    Returns:
+        The layers, and the module paths of linear layers with no weight of their own in the
+        checkpoint (other than an output layer tied to the input embeddings), whose weights are
+        then averaged.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    prefixes = sorted({name.split(".", 1)[0] for name in tensors if "." in name})
+    try:
+        tied = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):  # a model without token embeddings
+        tied = None
+    layers: list[LinearLayer] = []
+    unmatched: list[str] = []
+    used: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            orientation: Orientation = "out_in"
+        elif isinstance(module, Conv1D):
+            orientation = "in_out"
+        else:
+            continue
+        shape = tuple(module.weight.shape)
+        weight = _checkpoint_name(name, shape, tensors, prefixes)
+        if weight is None or weight in used:
+            if module.weight is not tied:
+                unmatched.append(name)
+            continue
+        used.add(weight)
+        in_features = shape[1] if orientation == "out_in" else shape[0]
+        layers.append(LinearLayer(name, weight, orientation, in_features))
+    return layers, unmatched

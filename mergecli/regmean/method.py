@@ -1,0 +1,54 @@
+"""The `regmean` method: RegMean (Jin et al., ICLR 2023) for every linear layer with statistics,
+the weighted average for everything else; its recipe table is `[regmean]`.
+"""
+
+from __future__ import annotations
+
+from mergecli.errors import UsageError
+from mergecli.merge.plan import Inputs
+from mergecli.merge.tasks import TensorTask
+from mergecli.methods.base import Method, register
+from mergecli.recipe import Recipe
+from mergecli.regmean.tasks import regmean_tasks
+
+REGMEAN_PAPER = "https://arxiv.org/abs/2212.09849"
+
+
+def require_data(recipe: Recipe) -> None:
+    """Every model of a RegMean recipe needs calibration `data`."""
+    missing = [f"models.{i} ({m.name})" for i, m in enumerate(recipe.models) if not m.data]
+    if missing:
+        raise UsageError(f"{', '.join(missing)}: no calibration `data`",
+                         hint="regmean needs `data` for every model (a .jsonl / .txt file or an image folder)")
+
+
+class RegMean(Method):
+    name = "regmean"
+    title = "RegMean merge"
+    command = "regmean merge"
+    table = "regmean"
+    kinds = {"regmean": "RegMean (linear weights)"}
+
+    def check(self, recipe: Recipe) -> None:
+        require_data(recipe)
+
+    def tasks(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[TensorTask]:
+        return regmean_tasks(recipe, inputs, tasks, warnings)
+
+    def describe(self, recipe: Recipe) -> list[str]:
+        settings = recipe.regmean
+        return [
+            f"**RegMean** ([Jin et al., ICLR 2023]({REGMEAN_PAPER}), \"Dataless Knowledge Fusion by "
+            "Merging Weights of Language Models\"). Every linear layer is merged in closed form, "
+            "`W = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢ` with `G̃ᵢ = α·Gᵢ + (1−α)·diag(Gᵢ)`, where Gᵢ is the Gram matrix "
+            "of the layer's inputs in model i on its calibration data; everything else is averaged "
+            "with the weights below.",
+            "",
+            f"- α (`reduce_non_diagonal_ratio`): {settings.reduce_non_diagonal_ratio:g}",
+            f"- calibration: up to {settings.num_examples} examples per model, "
+            f"at most {settings.max_length} tokens each",
+            "- linear layers solved in float64, everything else accumulated in float32",
+        ]
+
+
+register(RegMean())

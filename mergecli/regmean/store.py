@@ -1,0 +1,236 @@
+"""RegMean statistics on disk: `stats_dir/<model name>/` holds `stats.json` and the Gram sums in
+safetensors shards; written atomically, read back one Gram at a time, checked against the model.
+
+`stats.json` records the format version, mergecli version, the checkpoint's fingerprint and a hash
+of its hooked weights, the data settings, and per layer: orientation, input size, Gram key and
+token count. Grams are float64 sums, not means, so that statistics of several processes add up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergecli import __version__
+from mergecli.errors import CheckpointError, StatsError
+from mergecli.io.atomic import atomic_directory
+from mergecli.io.checkpoint import Checkpoint
+from mergecli.io.safetensors import TensorInfo, pread_into, read_header, write_file
+from mergecli.methods.regmean import dead_features
+from mergecli.regmean.grams import GRAM_DTYPE
+from mergecli.regmean.layers import Orientation
+
+STATS_FORMAT = "mergecli-regmean-stats"
+STATS_FORMAT_VERSION = 1
+STATS_FILE = "stats.json"
+DATA_KEYS = ("kind", "sha256", "num_examples", "max_length", "text_field")  # what makes stats stale
+RERUN = "recompute them: mergecli regmean collect-stats RECIPE --force"
+
+
+def save_stats(directory: Path, *, meta: dict[str, Any], sums: dict[str, torch.Tensor], tokens: dict[str, int],
+               shard_size: int) -> int:
+    """Write statistics atomically into `directory` (replacing what is there). Returns the bytes written."""
+    keys = list(dict.fromkeys(entry["gram"] for entry in meta["layers"].values()))
+    groups: list[list[str]] = [[]]
+    used = 0
+    for key in keys:
+        nbytes = sums[key].numel() * GRAM_DTYPE.itemsize
+        if groups[-1] and used + nbytes > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(key)
+        used += nbytes
+    total = 0
+    with atomic_directory(directory, force=True) as temporary:
+        for number, group in enumerate(groups, start=1):
+            filename = ("grams.safetensors" if len(groups) == 1
+                        else f"grams-{number:05d}-of-{len(groups):05d}.safetensors")
+            tensors = {key: sums[key].to("cpu", GRAM_DTYPE) for key in group}
+            metadata = {"format": "pt", "mergecli_stats_format": str(STATS_FORMAT_VERSION),
+                        "mergecli_version": __version__, "fingerprint": meta["fingerprint"], "model": meta["model"],
+                        "tokens": json.dumps({key: tokens[key] for key in group})}
+            total += write_file(temporary / filename, tensors, metadata)
+            for key, tensor in tensors.items():
+                meta["grams"][key] = {"file": filename, "in_features": tensor.shape[0], "tokens": tokens[key],
+                                      "dead_features": dead_features(tensor).tolist()}
+            del tensors
+        text = json.dumps(meta, indent=1) + "\n"
+        (temporary / STATS_FILE).write_text(text)
+        total += len(text)
+    return total
+
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    weight: str
+    gram: str
+    orientation: Orientation
+    in_features: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class GramEntry:
+    key: str
+    file: Path
+    offset: int
+    in_features: int
+    tokens: int
+    dead_features: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Loaded (checked) statistics of one model; Grams are read one at a time by `read_gram`."""
+
+    directory: Path
+    model: str
+    fingerprint: str
+    weights_sha256: str
+    format_version: int
+    mergecli_version: str
+    data: dict[str, Any]
+    examples: int
+    tokens: int
+    layers: dict[str, LayerStats]  # checkpoint weight name → its statistics
+    grams: dict[str, GramEntry]
+
+    def read_gram(self, key: str) -> torch.Tensor:
+        """The Gram sum `(d_in, d_in)` float64 stored under `key` (read with pread, no mmap)."""
+        entry = self.grams[key]
+        out = torch.empty((entry.in_features, entry.in_features), dtype=GRAM_DTYPE)
+        try:
+            fd = os.open(entry.file, os.O_RDONLY)
+        except OSError as exc:
+            raise StatsError(f"{entry.file}: cannot read: {exc.strerror or exc}", hint=RERUN) from None
+        try:
+            pread_into(fd, out, entry.offset, path=entry.file)
+        except CheckpointError as exc:
+            raise StatsError(f"{exc.message} ({key})", hint=RERUN) from None
+        finally:
+            os.close(fd)
+        if not bool(torch.isfinite(out.diagonal()).all()):
+            raise StatsError(f"{entry.file}: Gram matrix {key} holds NaN or inf (corrupt statistics)", hint=RERUN)
+        return out
+
+
+def load_stats(directory: Path, *, label: str = "") -> ModelStats:
+    """Read and check `stats.json` and the headers of the Gram shards of one model.
+
+    Raises:
+        StatsError: missing, corrupt, or of another format version.
+    """
+    prefix = f"{label}: " if label else ""
+    index = directory / STATS_FILE
+    if not index.is_file():
+        raise StatsError(f"{prefix}no RegMean statistics in {directory}",
+                         hint="compute them first: mergecli regmean collect-stats RECIPE")
+    try:
+        meta = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
+            raise ValueError
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise StatsError(f"{prefix}{index} is corrupt (not mergecli statistics)", hint=RERUN) from None
+    version = meta.get("format_version")
+    if version != STATS_FORMAT_VERSION:
+        older = isinstance(version, int) and version < STATS_FORMAT_VERSION
+        raise StatsError(
+            f"{prefix}statistics in {directory} have format version {version} "
+            f"(mergecli {meta.get('mergecli_version', '?')}); this mergecli reads version {STATS_FORMAT_VERSION}",
+            hint=RERUN if older or not isinstance(version, int) else "upgrade mergecli to read them",
+        )
+    try:
+        layers = {
+            weight: LayerStats(weight, str(e["gram"]), e["orientation"], int(e["in_features"]), int(e["tokens"]))
+            for weight, e in meta["layers"].items()
+        }
+        files: dict[str, dict[str, TensorInfo]] = {}
+        grams = {}
+        for key, e in meta["grams"].items():
+            path = directory / str(e["file"])
+            if path.parent != directory or not path.is_file():
+                raise StatsError(f"{prefix}{directory}: Gram shard {e['file']} is missing", hint=RERUN)
+            if e["file"] not in files:
+                infos, _ = read_header(path)
+                files[e["file"]] = {info.name: info for info in infos}
+            info = files[e["file"]].get(key)
+            d = int(e["in_features"])
+            if info is None or info.shape != (d, d) or info.dtype != GRAM_DTYPE:
+                raise StatsError(f"{prefix}{path}: Gram matrix {key} is missing or has the wrong shape", hint=RERUN)
+            grams[key] = GramEntry(key, path, info.offset, d, int(e["tokens"]),
+                                   tuple(int(i) for i in e.get("dead_features", [])))
+        stats = ModelStats(directory, str(meta["model"]), str(meta["fingerprint"]), str(meta["weights_sha256"]),
+                           version, str(meta.get("mergecli_version", "?")), dict(meta.get("data") or {}),
+                           int(meta["examples"]), int(meta["tokens"]), layers, grams)
+    except CheckpointError as exc:
+        raise StatsError(f"{prefix}{exc.message}", hint=RERUN) from None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise StatsError(f"{prefix}{index} is corrupt (missing or malformed entries)", hint=RERUN) from None
+    for layer in layers.values():
+        gram = grams.get(layer.gram)
+        if gram is None or gram.in_features != layer.in_features or layer.orientation not in ("out_in", "in_out"):
+            raise StatsError(f"{prefix}{index} is corrupt (layer {layer.weight})", hint=RERUN)
+        if layer.tokens <= 0:
+            raise StatsError(f"{prefix}{index}: layer {layer.weight} has no tokens", hint=RERUN)
+    return stats
+
+
+def weights_digest(checkpoint: Checkpoint, names: Iterable[str]) -> str:
+    """sha256 of the first row of each named weight: tells apart checkpoints of one architecture
+    (fine-tunes of one model share a fingerprint) at the cost of a few KB read per layer."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        info = checkpoint.tensors.get(name)
+        digest.update(f"{name}|".encode())
+        if info is not None:
+            block = checkpoint.read(name, (0, 1) if info.shape else None)
+            digest.update(block.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def source_problem(stats: ModelStats, checkpoint: Checkpoint) -> str | None:
+    """Why `stats` were not collected from `checkpoint`, or None when they were."""
+    fingerprint = checkpoint.fingerprint()
+    if stats.fingerprint != fingerprint:
+        return (f"collected from another model (fingerprint {stats.fingerprint[:12]}, "
+                f"the model's is {fingerprint[:12]})")
+    if stats.weights_sha256 != weights_digest(checkpoint, stats.layers):
+        return "collected from another model of the same architecture (its weights differ)"
+    return None
+
+
+def check_source(stats: ModelStats, checkpoint: Checkpoint, *, label: str) -> None:
+    """Refuse statistics collected from another model (or another version of it)."""
+    problem = source_problem(stats, checkpoint)
+    if problem:
+        raise StatsError(f"{label}: the statistics in {stats.directory} were {problem}, not from "
+                         f"{checkpoint.source}", hint=RERUN)
+
+
+def data_changes(stats: ModelStats, data: dict[str, Any]) -> list[str]:
+    """The data settings that differ between the statistics and the recipe (`old → new`)."""
+    return [f"{key} {stats.data.get(key)!r} → {data.get(key)!r}" for key in DATA_KEYS
+            if key in data and stats.data.get(key) != data[key]]
+
+
+def stats_problem(directory: Path, *, checkpoint: Checkpoint, data: dict[str, Any]) -> str | None:
+    """Why the statistics in `directory` must be (re)computed, or None when they are up to date."""
+    if not (directory / STATS_FILE).exists():
+        return "no statistics yet"
+    try:
+        stats = load_stats(directory)
+    except StatsError as exc:
+        return exc.message
+    problem = source_problem(stats, checkpoint)
+    if problem:
+        return f"the statistics there were {problem}"
+    changes = data_changes(stats, data)
+    return f"data settings changed: {', '.join(changes)}" if changes else None
