@@ -1,4 +1,5 @@
-"""`python -m mergecli` (also what torchrun runs)."""
+"""`python -m mergecli`: the command line as a module, which is also what torchrun runs for
+scale-out statistics (`torchrun ... -m mergecli regmean collect-stats`)."""
 
 from mergecli.cli.app import main
 

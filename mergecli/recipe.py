@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mergecli.errors import RecipeError
-from mergecli.methods.base import method_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -108,7 +107,7 @@ class PushSettings(_Strict):
 class Recipe(_Strict):
     """A merge recipe, as in the spec's TOML schema."""
 
-    method: str = "average"
+    method: str = Field(default="average", min_length=1)  # a registered method (methods/base.py)
     output: str | None = None
     dtype: Dtype = "auto"
     shard_size: int = 5 * 10**9
@@ -122,18 +121,17 @@ class Recipe(_Strict):
     regmean: RegMeanSettings = RegMeanSettings()
     push_to_hub: bool = False
     push: PushSettings | None = None
+    _source: str = PrivateAttr(default="recipe")
+
+    @property
+    def source(self) -> str:
+        """Where the recipe came from (its file, or "command line"): what errors about it name."""
+        return self._source
 
     @field_validator("shard_size", mode="before")
     @classmethod
     def _parse_shard_size(cls, value: Any) -> int:
         return parse_size(value)
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        if name not in method_names():
-            raise ValueError(f"unknown method {name!r}; methods: {', '.join(method_names())}")
-        return name
 
     @field_validator("head", "exclude")
     @classmethod
@@ -275,9 +273,11 @@ def recipe_from_data(data: dict[str, Any], *, source: str, base_dir: Path,
     data = apply_overrides(data, list(overrides), source=source)
     data = _resolve_paths(data, base_dir)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(source, _validation_problems(exc)) from None
+    recipe._source = source
+    return recipe
 
 
 def load_recipe(path: str | Path, *, overrides: list[str] = ()) -> Recipe:

@@ -55,14 +55,16 @@ def build_llama(path: Path, *, seed: int, dtype: torch.dtype = torch.float32, ti
 # More families, for RegMean: GPT-2 (HF Conv1D), BERT with a classification head, CLIP vision.
 
 
-def _trained_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """LayerNorms as after training (not the identity of a fresh init): a zero bias would make every
-    normalized input orthogonal to the all-ones vector, and every Gram matrix singular."""
+def _save_trained(model_class, config, path: Path, *, seed: int, dtype: torch.dtype) -> None:
+    """Save a random model whose LayerNorms look trained (not the identity of a fresh init): a zero
+    bias would make every normalized input orthogonal to the all-ones vector, and every Gram singular."""
+    torch.manual_seed(seed)
+    model = model_class(config)
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm):
             torch.nn.init.normal_(module.weight, 1.0, 0.2)
             torch.nn.init.normal_(module.bias, 0.0, 0.2)
-    return model
+    model.to(dtype).save_pretrained(path)
 
 
 def build_gpt2(path: Path, *, seed: int, vocab_size: int = 128, positions: int = 64,
@@ -70,10 +72,9 @@ def build_gpt2(path: Path, *, seed: int, vocab_size: int = 128, positions: int =
     """Save a random tiny GPT-2 LM (Conv1D layers, tied head) with a word-level tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=positions,
                         bos_token_id=2, eos_token_id=3, pad_token_id=0)
-    _trained_norms(GPT2LMHeadModel(config)).to(dtype).save_pretrained(path)
+    _save_trained(GPT2LMHeadModel, config, path, seed=seed, dtype=dtype)
     word_tokenizer(vocab_size).save_pretrained(path)
     return path
 
@@ -83,10 +84,9 @@ def build_bert(path: Path, *, seed: int, vocab_size: int = 128, labels: int = 3,
     """Save a random tiny BERT sequence classifier (checkpoint names start with `bert.`)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(seed)
     config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, num_labels=labels, pad_token_id=0)
-    _trained_norms(BertForSequenceClassification(config)).to(dtype).save_pretrained(path)
+    _save_trained(BertForSequenceClassification, config, path, seed=seed, dtype=dtype)
     word_tokenizer(vocab_size).save_pretrained(path)
     return path
 
@@ -96,10 +96,9 @@ def build_clip_vision(path: Path, *, seed: int, image_size: int = 32, patch_size
     """Save a random tiny `CLIPVisionModel` with its image processor (`preprocessor_config.json`)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    torch.manual_seed(seed)
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch_size, projection_dim=16)
-    _trained_norms(CLIPVisionModel(config)).to(dtype).save_pretrained(path)
+    _save_trained(CLIPVisionModel, config, path, seed=seed, dtype=dtype)
     CLIPImageProcessor(size={"shortest_edge": image_size},
                        crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path

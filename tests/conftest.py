@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from builders import build_llama
-from hub_server import point_huggingface_hub
+from fakehub import point_huggingface_hub
 
 # Where a test that forgets to go offline or to start a FakeHub would send requests: nothing listens.
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"

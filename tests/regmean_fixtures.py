@@ -196,24 +196,20 @@ def rm_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("regmean")
 
 
-@pytest.fixture(scope="session")
-def gpt2_models(rm_dir) -> list[Path]:
-    return [build_gpt2(rm_dir / f"gpt2-{i}", seed=50 + i) for i in range(2)]
+def two_models(build, name: str, seed: int):
+    """A session fixture: two tiny models of one family, built with seeds `seed` and `seed + 1`."""
+
+    @pytest.fixture(scope="session")
+    def models(rm_dir) -> list[Path]:
+        return [build(rm_dir / f"{name}-{i}", seed=seed + i) for i in range(2)]
+
+    return models
 
 
-@pytest.fixture(scope="session")
-def bert_models(rm_dir) -> list[Path]:
-    return [build_bert(rm_dir / f"bert-{i}", seed=60 + i) for i in range(2)]
-
-
-@pytest.fixture(scope="session")
-def clip_models(rm_dir) -> list[Path]:
-    return [build_clip_vision(rm_dir / f"clip-{i}", seed=70 + i) for i in range(2)]
-
-
-@pytest.fixture(scope="session")
-def llama_models(rm_dir) -> list[Path]:
-    return [build_llama(rm_dir / f"llama-{i}", seed=80 + i) for i in range(2)]
+gpt2_models = two_models(build_gpt2, "gpt2", 50)
+bert_models = two_models(build_bert, "bert", 60)
+clip_models = two_models(build_clip_vision, "clip", 70)
+llama_models = two_models(build_llama, "llama", 80)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from clirunner import cli
-from mergecli.merge import tasks
+from mergecli.methods import base
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +72,7 @@ def test_mixed_dtypes_and_output_dtype(llama_fp32, llama_bf16_sharded, tmp_path)
 
 def test_small_shards_and_row_blocks(llama_fp32, tmp_path, monkeypatch):
     """Many output shards with an index, and every tensor split into row blocks of 100 elements."""
-    monkeypatch.setattr(tasks, "BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(base, "BLOCK_ELEMENTS", 100)
     out = tmp_path / "out"
     result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", out, "--set", "shard_size=30000")
     assert result.exit_code == 0, result.output

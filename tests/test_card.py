@@ -9,8 +9,8 @@ import yaml
 from huggingface_hub import ModelCard
 
 from clirunner import cli
-from hub_server import FakeHub
-from hub_server import fake_hub as fake_hub  # noqa: F401  (the fixture)
+from fakehub import FakeHub
+from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
 from mergecli.methods.base import get_method
 from mergecli.publish.card import render_card
 from mergecli.recipe import dump_recipe, recipe_from_data

@@ -1,5 +1,5 @@
 """Hub repo ids as merge inputs: huggingface_hub's real download code against the FakeHub in
-tests/hub_server.py (HF_ENDPOINT on 127.0.0.1) and against a pre-populated offline cache."""
+tests/fakehub (HF_ENDPOINT on 127.0.0.1) and against a pre-populated offline cache."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from builders import build_llama
 from clirunner import cli
-from hub_server import FakeHub, fast_retries, use_fake_hub
-from hub_server import fake_hub as fake_hub  # noqa: F401  (the fixture)
+from fakehub import FakeHub, fast_retries, use_fake_hub
+from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
 from mergecli.io.checkpoint import open_checkpoint
 
 if sys.version_info >= (3, 11):

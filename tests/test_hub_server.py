@@ -1,4 +1,4 @@
-"""The fake Hub in tests/hub_server.py, exercised with the real huggingface_hub client code."""
+"""The fake Hub in tests/fakehub, exercised with the real huggingface_hub client code."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hub_server import FakeHub, fast_retries, running_hub, use_fake_hub
-from hub_server import fake_hub as fake_hub  # noqa: F401  (re-exported so pytest finds the fixture)
+from fakehub import FakeHub, fast_retries
+from fakehub import fake_hub as fake_hub  # noqa: F401  (re-exported so pytest finds the fixture)
 
 # huggingface_hub's own LFS PUT (data=<file>) triggers this httpx2 deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -103,11 +103,9 @@ def test_snapshot_download_then_offline_from_cache(
     fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     weights = os.urandom(200_000)
-    sha = fake_hub.add_repo(
-        REPO,
-        {"model.safetensors": weights, "config.json": "{}", "notes/big.bin": b"\0" * 10},
-        branch="release",
-    )
+    fake_hub.add_repo(REPO)
+    sha = fake_hub.add_commit(REPO, {"model.safetensors": weights, "config.json": "{}", "notes/big.bin": b"\0" * 10},
+                              branch="release")
 
     folder = snapshot_download(REPO, revision="release", allow_patterns=["*.safetensors", "*.json"])
     assert Path(folder).name == sha
@@ -127,14 +125,13 @@ def test_snapshot_download_then_offline_from_cache(
 
 def test_download_by_branch_and_by_commit_sha(fake_hub: FakeHub) -> None:
     first = fake_hub.add_repo(REPO, {"config.json": "v1"})
-    second = fake_hub.add_commit(REPO, {"config.json": "v2"}, message="bump")
+    second = fake_hub.add_commit(REPO, {"config.json": "v2"})
     assert first != second and len(second) == 40
 
     assert Path(hf_hub_download(REPO, "config.json")).read_text() == "v2"
     assert Path(hf_hub_download(REPO, "config.json", revision=first)).read_text() == "v1"
     assert Path(hf_hub_download(REPO, "config.json", revision=second)).read_text() == "v2"
     assert HfApi().model_info(REPO, revision=first).sha == first
-    assert [c.title for c in HfApi().list_repo_commits(REPO)] == ["bump", "Add files", "initial commit"]
 
 
 def test_missing_repo_revision_and_file_raise_hub_errors(fake_hub: FakeHub) -> None:
@@ -231,14 +228,6 @@ def test_commit_500_is_not_retried_and_lands_nothing(fake_hub: FakeHub, api: HfA
     assert len(fake_hub.requests_matching("POST", "/commit/")) == 1
     assert fake_hub.commits(REPO)[-1].message == "initial commit"
 
-    # apply_first: the commit lands but the answer is lost; a rerun then finds nothing to commit.
-    fake_hub.interrupt_commit(drop=True, apply_first=True)
-    with pytest.raises(httpx2.RemoteProtocolError):
-        api.upload_folder(repo_id=REPO, folder_path=upload_dir, commit_message="y")
-    assert fake_hub.last_commit(REPO).message == "y"
-    info = api.upload_folder(repo_id=REPO, folder_path=upload_dir, commit_message="z")
-    assert info.oid == fake_hub.head(REPO) and fake_hub.last_commit(REPO).message == "y"
-
 
 def test_fail_all_switch(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_hub.add_repo(REPO, {"config.json": "{}"})
@@ -260,48 +249,6 @@ def test_fail_all_switch(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> 
 
     fake_hub.clear_failures()
     assert ".gitattributes" in HfApi().list_repo_files(REPO)
-
-
-def test_multipart_lfs_upload(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, upload_dir: Path) -> None:
-    with running_hub(TOKEN, multipart_chunk_size=1024 * 1024) as hub:
-        use_fake_hub(monkeypatch, hub, tmp_path / "home", token=TOKEN)  # token via HF_TOKEN
-        api = HfApi()
-        api.create_repo(REPO)
-        api.upload_folder(repo_id=REPO, folder_path=upload_dir, commit_message="multipart")
-
-        assert hub.file(REPO, "model.safetensors") == (upload_dir / "model.safetensors").read_bytes()
-        assert len(hub.requests_matching("PUT", r"/part/\d+$")) == 3
-        assert len(hub.requests_matching("POST", r"/complete$")) == 1
-
-
-def test_create_pr_refs_and_settings(fake_hub: FakeHub, api: HfApi, upload_dir: Path) -> None:
-    api.create_repo(REPO)
-    info = api.upload_folder(repo_id=REPO, folder_path=upload_dir, commit_message="as PR", create_pr=True)
-
-    assert info.pr_revision == "refs/pr/1" and info.pr_num == 1
-    assert fake_hub.pull_requests(REPO) == {"refs/pr/1": info.oid}
-    assert "model.safetensors" not in fake_hub.files(REPO, "main")
-    assert fake_hub.files(REPO, "refs/pr/1")["config.json"] == (upload_dir / "config.json").read_bytes()
-    refs = api.list_repo_refs(REPO, include_pull_requests=True)
-    assert [b.name for b in refs.branches] == ["main"]
-    assert [p.ref for p in refs.pull_requests] == ["refs/pr/1"]
-
-    api.update_repo_settings(REPO, private=True)
-    assert fake_hub.is_private(REPO)
-    api.delete_repo(REPO)
-    assert not fake_hub.repo_exists(REPO)
-
-
-def test_xet_must_be_disabled_and_upload_large_folder_is_gone(
-    fake_hub: FakeHub, api: HfApi, monkeypatch: pytest.MonkeyPatch, upload_dir: Path
-) -> None:
-    # huggingface_hub 2.4 has no upload_large_folder; upload_folder is the resumable path (Xet only).
-    assert not hasattr(HfApi, "upload_large_folder")
-    api.create_repo(REPO)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # what happens without use_fake_hub's patch
-    with pytest.raises(Exception, match="xet-write-token"):
-        api.upload_folder(repo_id=REPO, folder_path=upload_dir, commit_message="xet")
-    assert fake_hub.requests_matching("GET", "/xet-write-token/")
 
 
 def test_subprocess_uses_the_fake_hub_through_env(fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -330,4 +277,4 @@ def test_dropped_lfs_put_is_retried_by_the_client(
 
     puts = fake_hub.requests_matching("PUT", r"^/__fakehub__/lfs/")
     assert [r.status for r in puts] == [None, 200]  # first PUT dropped, the retry went through
-    assert fake_hub.file(REPO, "model.safetensors") == (upload_dir / "model.safetensors").read_bytes()
+    assert fake_hub.files(REPO)["model.safetensors"] == (upload_dir / "model.safetensors").read_bytes()

@@ -1,4 +1,4 @@
-"""`mergecli push` and `push_to_hub = true`, against the FakeHub in tests/hub_server.py with the real
+"""`mergecli push` and `push_to_hub = true`, against the FakeHub in tests/fakehub with the real
 huggingface_hub upload code (create_repo, create_branch, preupload, git-LFS, NDJSON commit)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from clirunner import cli, cli_process
 from conftest import tree_digest
-from hub_server import FakeHub, fast_retries, running_hub, use_fake_hub
+from fakehub import FakeHub, fast_retries, running_hub, use_fake_hub
 from mergecli import __version__
 
 # huggingface_hub's own LFS PUT (data=<file>) triggers this httpx2 deprecation warning.

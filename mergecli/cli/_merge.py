@@ -19,9 +19,9 @@ if TYPE_CHECKING:
 
 def require_command(recipe: Recipe, command: str) -> None:
     """Refuse a recipe whose method another command runs, naming that command."""
-    from mergecli.methods.base import get_method
+    from mergecli.methods.base import method_of
 
-    method = get_method(recipe.method)
+    method = method_of(recipe)
     if method.command != command:
         raise UsageError(f"this recipe's method is {recipe.method!r}, which `mergecli {method.command}` runs",
                          hint=f"run `mergecli {method.command} RECIPE`")

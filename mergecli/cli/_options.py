@@ -1,4 +1,5 @@
-"""Options shared by several commands, defined once."""
+"""Options and arguments shared by several commands, defined once as `Annotated` aliases so that
+every command spells and documents them the same way."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`mergecli regmean collect-stats` and `mergecli regmean merge`."""
+"""`mergecli regmean collect-stats` (statistics of each model, with progress) and `mergecli regmean
+merge` (the merge itself, planned and run like every method's)."""
 
 from __future__ import annotations
 

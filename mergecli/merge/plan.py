@@ -13,30 +13,9 @@ from mergecli.io.atomic import check_output_path
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.writer import ShardPlan, plan_shards
 from mergecli.merge.stream import peak_memory
-from mergecli.merge.tasks import TensorTask, default_tasks
-from mergecli.methods.base import Method, get_method
+from mergecli.merge.tasks import default_tasks
+from mergecli.methods.base import Inputs, Method, TensorTask, method_of
 from mergecli.recipe import Recipe
-
-
-@dataclass
-class Inputs:
-    """The opened checkpoints of a recipe: `models` in recipe order, and the optional `base`."""
-
-    models: list[Checkpoint]
-    base: Checkpoint | None = None
-
-    @property
-    def reference(self) -> Checkpoint:
-        """Where head, excluded and integer tensors, config and tokenizer come from."""
-        return self.base or self.models[0]
-
-    @property
-    def all(self) -> list[Checkpoint]:
-        return ([self.base] if self.base else []) + self.models
-
-    def close(self) -> None:
-        for checkpoint in self.all:
-            checkpoint.close()
 
 
 @dataclass
@@ -142,7 +121,7 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
         >>> plan = plan_merge(load_recipe("recipes/demo-average.toml"))
         >>> report = run_merge(plan)
     """
-    method = get_method(recipe.method)
+    method = method_of(recipe)
     method.check(recipe)
     target = resolve_output(recipe, output)
     inputs = open_inputs(recipe)

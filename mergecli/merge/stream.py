@@ -19,7 +19,7 @@ from mergecli.io.buffers import BufferRing
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.io.safetensors import TensorInfo
 from mergecli.io.writer import ShardWriter
-from mergecli.merge.tasks import TensorTask
+from mergecli.methods.base import TensorTask
 
 PREFETCH_DEPTH = 2  # block sets read ahead of the one being combined
 WRITE_DEPTH = 2  # merged blocks handed to the writer thread and not yet written

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from mergecli.io.files import TOKENIZER_FILES
-from mergecli.merge.plan import Inputs, MergePlan
+from mergecli.merge.plan import MergePlan
+from mergecli.methods.base import Inputs
 from mergecli.publish.card import render_card
 from mergecli.recipe import Recipe, dump_recipe
 

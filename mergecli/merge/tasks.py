@@ -1,44 +1,23 @@
-"""Tensor tasks: how each output tensor is made (which inputs are read, how their blocks combine),
-and the default tasks every method starts from.
+"""The default tasks every method starts from: each floating tensor of the reference model is
+averaged; head, excluded and integer tensors are copied from the reference.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from mergecli.io.buffers import ScratchBuffers
-from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.safetensors import TensorInfo, TensorSpec
+from mergecli.methods import base
 from mergecli.methods.average import accumulation_dtype, weighted_sum
+from mergecli.methods.base import Inputs, TensorTask
 from mergecli.recipe import Recipe
 
-if TYPE_CHECKING:
-    from mergecli.merge.plan import Inputs
-
-BLOCK_ELEMENTS = 4 * 2**20  # elements per row block: bounds memory for any tensor size
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Combine = Callable[[list[torch.Tensor]], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TensorTask:
-    """How one output tensor is made: read `out.name` from `sources`, `combine` the blocks."""
-
-    out: TensorSpec
-    kind: str  # "average" | "head" | "exclude" | "integer" | a method's own kind
-    sources: tuple[Checkpoint, ...]
-    combine: Combine
-    block_elements: int = BLOCK_ELEMENTS
-    work_bytes: int = 0  # memory `combine` itself allocates beyond the blocks (e.g. statistics it loads)
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(source.tensors[self.out.name].nbytes for source in self.sources)
 
 
 def output_dtype(recipe: Recipe, info: TensorInfo) -> torch.dtype:
@@ -77,7 +56,7 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> list[T
         dtype = accumulation_dtype([b.dtype for b in blocks])
         return weighted_sum(blocks, weights, out=accumulators.tensor(dtype, blocks[0].shape, dtype))
 
-    block = BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
+    block = base.BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
     tasks = []
     for name, info in reference.tensors.items():
         out = TensorSpec(name, output_dtype(recipe, info), info.shape)

@@ -1,25 +1,71 @@
-"""Merge methods: the `Method` interface every method implements, and the registry of methods by name.
+"""Merge methods: the `Method` interface (with the `TensorTask`s it works on) and the registry of
+methods by name. A method is one file: a `Method` subclass, registered with `register`.
 
-A method is one file: a `Method` subclass, registered with `register`. This module imports nothing
-heavy, so that recipes can be validated against the registry without loading torch.
+This module imports nothing heavy at run time, so that a recipe's method can be looked up, and a
+wrong one refused, before torch is loaded.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from mergecli.errors import UsageError
+from mergecli.errors import RecipeError, UsageError
 
 if TYPE_CHECKING:
-    from mergecli.merge.plan import Inputs
-    from mergecli.merge.tasks import TensorTask
+    import torch
+
+    from mergecli.io.checkpoint import Checkpoint
+    from mergecli.io.safetensors import TensorSpec
     from mergecli.recipe import Recipe
 
-# Methods that ship with mergecli, found by module the first time they are asked for (the module
-# registers its method when imported), like plugins: nothing below the registry imports them.
+    Combine = Callable[[list[torch.Tensor]], torch.Tensor]
+
+# Methods that ship with mergecli, as module names, imported the first time one is asked for (the
+# module registers its method), like pytest's built-in plugins: the registry imports no method, and
+# looking up a method never loads the others.
 BUILTIN_METHODS = {"average": "mergecli.methods.average", "regmean": "mergecli.regmean.method"}
+BLOCK_ELEMENTS = 4 * 2**20  # elements per row block a task reads: bounds memory for any tensor size
 _methods: dict[str, Method] = {}
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How one output tensor is made: read `out.name` from `sources`, `combine` the blocks."""
+
+    out: TensorSpec
+    kind: str  # "average" | "head" | "exclude" | "integer" | a method's own kind
+    sources: tuple[Checkpoint, ...]
+    combine: Combine
+    block_elements: int = BLOCK_ELEMENTS
+    work_bytes: int = 0  # memory `combine` itself allocates beyond the blocks (e.g. statistics it loads)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(source.tensors[self.out.name].nbytes for source in self.sources)
+
+
+@dataclass
+class Inputs:
+    """The opened checkpoints of a recipe: `models` in recipe order, and the optional `base`."""
+
+    models: list[Checkpoint]
+    base: Checkpoint | None = None
+
+    @property
+    def reference(self) -> Checkpoint:
+        """Where head, excluded and integer tensors, config and tokenizer come from."""
+        return self.base or self.models[0]
+
+    @property
+    def all(self) -> list[Checkpoint]:
+        return ([self.base] if self.base else []) + self.models
+
+    def close(self) -> None:
+        for checkpoint in self.all:
+            checkpoint.close()
 
 
 class Method:
@@ -73,3 +119,16 @@ def get_method(name: str) -> Method:
     if name not in _methods:
         raise UsageError(f"unknown method {name!r}", hint=f"methods: {', '.join(method_names())}")
     return _methods[name]
+
+
+def method_of(recipe: Recipe) -> Method:
+    """The method a recipe names; an unknown one is a recipe error naming the recipe file.
+
+    Raises:
+        RecipeError: no method has that name.
+    """
+    try:
+        return get_method(recipe.method)
+    except UsageError:
+        raise RecipeError(recipe.source, [f"method: unknown method {recipe.method!r}; methods: "
+                                          f"{', '.join(method_names())}"]) from None

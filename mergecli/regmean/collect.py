@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from mergecli import __version__
 from mergecli.errors import StatsError, UsageError
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.recipe import ModelSpec, Recipe, RegMeanSettings
@@ -34,8 +33,8 @@ from mergecli.regmean.calibration import (
     tokenize_examples,
 )
 from mergecli.regmean.grams import GramCollector
-from mergecli.regmean.layers import LinearLayer, find_linear_layers
-from mergecli.regmean.store import STATS_FORMAT, STATS_FORMAT_VERSION, save_stats, stats_problem, weights_digest
+from mergecli.regmean.layers import find_linear_layers
+from mergecli.regmean.store import save_stats, stats_meta, stats_problem, weights_digest
 
 StatsProgress = Callable[[int, int], None]  # (examples done, real tokens done)
 
@@ -283,7 +282,13 @@ class StatsSession:
                             f"and are averaged: {_some(missed)}")
         size = 0
         if self.rank == 0:
-            meta = _stats_meta(job, reached, collector, examples, tokens, max_length)
+            settings = job.data_settings()
+            settings["examples_used"] = examples
+            if max_length:
+                settings["max_length_used"] = max_length
+            meta = stats_meta(model=job.name, source=job.spec.path, revision=job.checkpoint.commit,
+                              fingerprint=job.fingerprint, data=settings, examples=examples, tokens=tokens,
+                              layers=reached, gram_of=collector.gram_of, gram_tokens=collector.tokens)
             if len(reached) < len(layers):
                 with open_checkpoint(job.spec.path, revision=job.spec.revision) as checkpoint:
                     digest = weights_digest(checkpoint, [layer.weight for layer in reached])
@@ -377,36 +382,3 @@ def _load_processor(directory: Path, label: str) -> Any:
 def _some(names: list[str], shown: int = 5) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
-
-
-
-def _stats_meta(job: StatsJob, layers: list[LinearLayer], collector: GramCollector, examples: int,
-                tokens: int, max_length: int) -> dict[str, Any]:
-    settings = job.data_settings()
-    settings["examples_used"] = examples
-    if max_length:
-        settings["max_length_used"] = max_length
-    return {
-        "format": STATS_FORMAT,
-        "format_version": STATS_FORMAT_VERSION,
-        "mergecli_version": __version__,
-        "model": job.name,
-        "source": job.spec.path,
-        "revision": job.checkpoint.commit,
-        "fingerprint": job.fingerprint,
-        "data": settings,
-        "examples": examples,
-        "tokens": tokens,
-        "dtype": "float64",
-        "layers": {
-            layer.weight: {
-                "module": layer.module,
-                "gram": collector.gram_of[layer.module],
-                "orientation": layer.orientation,
-                "in_features": layer.in_features,
-                "tokens": collector.tokens[collector.gram_of[layer.module]],
-            }
-            for layer in layers
-        },
-        "grams": {},
-    }

@@ -5,9 +5,7 @@ the weighted average for everything else; its recipe table is `[regmean]`.
 from __future__ import annotations
 
 from mergecli.errors import UsageError
-from mergecli.merge.plan import Inputs
-from mergecli.merge.tasks import TensorTask
-from mergecli.methods.base import Method, register
+from mergecli.methods.base import Inputs, Method, TensorTask, register
 from mergecli.recipe import Recipe
 from mergecli.regmean.tasks import regmean_tasks
 

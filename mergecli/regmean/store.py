@@ -25,13 +25,34 @@ from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.safetensors import TensorInfo, pread_into, read_header, write_file
 from mergecli.methods.regmean import dead_features
 from mergecli.regmean.grams import GRAM_DTYPE
-from mergecli.regmean.layers import Orientation
+from mergecli.regmean.layers import LinearLayer, Orientation
 
 STATS_FORMAT = "mergecli-regmean-stats"
 STATS_FORMAT_VERSION = 1
 STATS_FILE = "stats.json"
 DATA_KEYS = ("kind", "sha256", "num_examples", "max_length", "text_field")  # what makes stats stale
 RERUN = "recompute them: mergecli regmean collect-stats RECIPE --force"
+
+
+def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: str, data: dict[str, Any],
+               examples: int, tokens: int, layers: list[LinearLayer], gram_of: dict[str, str],
+               gram_tokens: dict[str, int]) -> dict[str, Any]:
+    """The `stats.json` of one model's statistics, before its Grams are written (`save_stats`).
+
+    Args:
+        layers: the hooked layers; `gram_of` maps a layer's module to its Gram's key, and
+            `gram_tokens` a Gram key to the real tokens summed into it.
+    """
+    return {
+        "format": STATS_FORMAT, "format_version": STATS_FORMAT_VERSION, "mergecli_version": __version__,
+        "model": model, "source": source, "revision": revision, "fingerprint": fingerprint, "data": data,
+        "examples": examples, "tokens": tokens, "dtype": "float64",
+        "layers": {layer.weight: {"module": layer.module, "gram": gram_of[layer.module],
+                                  "orientation": layer.orientation, "in_features": layer.in_features,
+                                  "tokens": gram_tokens[gram_of[layer.module]]}
+                   for layer in layers},
+        "grams": {},
+    }
 
 
 def save_stats(directory: Path, *, meta: dict[str, Any], sums: dict[str, torch.Tensor], tokens: dict[str, int],

@@ -17,8 +17,8 @@ import torch
 
 from mergecli.errors import MergecliError, StatsError
 from mergecli.io.checkpoint import Checkpoint
-from mergecli.merge.plan import Inputs
-from mergecli.merge.tasks import Combine, TensorTask
+from mergecli.merge.tasks import Combine
+from mergecli.methods.base import Inputs, TensorTask
 from mergecli.methods.regmean import RegMeanAccumulator
 from mergecli.recipe import Recipe
 from mergecli.regmean.calibration import read_examples
