@@ -95,6 +95,13 @@ class RegMeanSettings(_Strict):
     max_length: int = Field(default=512, gt=0)
     text_field: str = "text"
     reduce_non_diagonal_ratio: float = Field(default=0.6, ge=0.0, le=1.0)
+    sequential: bool = False  # RegMean++: block l's Grams from inputs through the merged blocks 0..l-1
+    memory_budget: int = 2 * 10**9  # hidden states kept in RAM between blocks; beyond, spilled to disk
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value: Any) -> int:
+        return parse_size(value)
 
 
 class PushSettings(_Strict):

@@ -146,12 +146,24 @@ def layer_inputs(path: Path, inputs: list[dict[str, torch.Tensor]]) -> dict[str,
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
+def unpack_upper(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle, row by row, is `packed` (written out here with
+    triu_indices, independently of mergecli)."""
+    d = int(((8 * packed.numel() + 1) ** 0.5 - 1) / 2)
+    assert d * (d + 1) // 2 == packed.numel()
+    full = torch.zeros((d, d), dtype=packed.dtype)
+    rows, cols = torch.triu_indices(d, d)
+    full[rows, cols] = packed
+    full[cols, rows] = packed
+    return full
+
+
 def read_stats(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """stats.json and every Gram tensor, read with safetensors itself."""
+    """stats.json and every Gram matrix, read with safetensors itself and made whole."""
     meta = json.loads((directory / "stats.json").read_text())
     grams = {}
     for file in sorted(directory.glob("*.safetensors")):
-        grams.update(load_file(file))
+        grams.update({key: unpack_upper(packed) for key, packed in load_file(file).items()})
     return meta, grams
 
 

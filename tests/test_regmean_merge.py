@@ -250,13 +250,15 @@ def test_stats_of_another_model_are_refused(tmp_path, llama_recipe, llama_models
     assert_fails(tmp_path, recipe, 1, "models.0 (m0)", "models.1 (m1)", "another model")
 
 
-def test_stats_of_an_older_format_version_are_refused(tmp_path, llama_recipe):
+@pytest.mark.parametrize("version", [0, 1])
+def test_stats_of_an_older_format_version_are_refused(tmp_path, llama_recipe, version):
     recipe = copy_recipe(tmp_path, llama_recipe)
     index = tmp_path / "stats" / "m1" / "stats.json"
     meta = json.loads(index.read_text())
-    meta["format_version"] = 0
+    meta["format_version"] = version
     index.write_text(json.dumps(meta))
-    assert_fails(tmp_path, recipe, 1, "format version 0", "--force")
+    assert_fails(tmp_path, recipe, 1, f"format version {version}", "this mergecli reads version 2",
+                 "collect them again", "mergecli regmean collect-stats RECIPE", "--force")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "json", "missing"])
@@ -264,7 +266,7 @@ def test_corrupt_or_missing_stats_are_refused(tmp_path, llama_recipe, damage):
     recipe = copy_recipe(tmp_path, llama_recipe)
     directory = tmp_path / "stats" / "m0"
     if damage == "truncate":
-        grams = directory / "grams.safetensors"
+        grams = directory / "grams-00001.safetensors"
         grams.write_bytes(grams.read_bytes()[:-100])
         words = ["truncated"]
     elif damage == "json":

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from clirunner import cli
 from mergecli.io.checkpoint import open_checkpoint
+from mergecli.regmean import grams
 from mergecli.regmean.grams import GramCollector
-from mergecli.regmean.layers import LinearLayer
 from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
 from regmean_fixtures import (
     first_examples,
@@ -21,6 +21,7 @@ from regmean_fixtures import (
     read_stats,
     shard_metadata,
     text_inputs,
+    unpack_upper,
     write_recipe,
 )
 
@@ -94,25 +95,28 @@ def test_clip_vision_stats_from_image_folder(tmp_path, clip_models, image_data):
     assert meta["data"]["kind"] == "image"
 
 
-def test_stats_metadata_and_sharding(tmp_path, llama_models, text_data):
+def test_stats_metadata_and_one_file_per_stage(tmp_path, llama_models, text_data):
     recipe = write_recipe(tmp_path / "recipe.toml", list(zip(llama_models, text_data)),
-                          settings={"num_examples": 5, "max_length": 8}, extra='shard_size = "20KB"')
+                          settings={"num_examples": 5, "max_length": 8})
     result = cli("regmean", "collect-stats", recipe, "--model", "m1")
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "stats" / "m0").exists()  # --model picks models
     directory = tmp_path / "stats" / "m1"
-    shards = sorted(p.name for p in directory.glob("*.safetensors"))
-    assert len(shards) > 1 and shards[0] == f"grams-00001-of-{len(shards):05d}.safetensors"
+    # block 0, block 1, and lm_head after the last block (the embeddings have no linear layer)
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    assert files == ["grams-00001.safetensors", "grams-00002.safetensors", "grams-00003.safetensors"]
+    assert set(load_file(directory / files[2])) == {"lm_head"}
     meta = json.loads((directory / "stats.json").read_text())
     with open_checkpoint(str(llama_models[1])) as checkpoint:
         fingerprint = checkpoint.fingerprint()
     assert meta["fingerprint"] == fingerprint
-    assert meta["format_version"] == 1 and meta["mergecli_version"]
+    assert meta["format_version"] == 2 and meta["packing"] == "upper" and meta["mergecli_version"]
     assert meta["data"]["num_examples"] == 5 and meta["data"]["max_length"] == 8
-    for file in directory.glob("*.safetensors"):
-        assert all(t.dtype == torch.float64 for t in load_file(file).values())
+    for file in directory.glob("*.safetensors"):  # upper triangles: d(d+1)/2 float64 values each
+        assert all(t.dtype == torch.float64 and t.shape in ((32 * 33 // 2,), (64 * 65 // 2,))
+                   for t in load_file(file).values())
     header = shard_metadata(directory)
-    assert header["fingerprint"] == fingerprint and header["mergecli_stats_format"] == "1"
+    assert header["fingerprint"] == fingerprint and header["mergecli_stats_format"] == "2"
     assert [p.name for p in (tmp_path / "stats").iterdir()] == ["m1"]  # no temporary directory left
 
 
@@ -121,7 +125,7 @@ def test_up_to_date_stats_are_skipped_unless_forced(tmp_path, llama_models, text
     recipe = write_recipe(tmp_path / "recipe.toml", list(zip(llama_models, text_data)),
                           settings={"num_examples": 4, "max_length": 8})
     assert cli("regmean", "collect-stats", recipe).exit_code == 0
-    gram_file = tmp_path / "stats" / "m0" / "grams.safetensors"
+    gram_file = tmp_path / "stats" / "m0" / "grams-00001.safetensors"
     before = gram_file.stat().st_mtime_ns
     result = cli("regmean", "collect-stats", recipe, *flag)
     assert result.exit_code == 0, result.output
@@ -154,25 +158,28 @@ class TwoBranches(torch.nn.Module):
         return self.c(self.a(x)) + self.b(x)[..., :5]
 
 
-@pytest.mark.parametrize("block", [8, 256])  # 8: the blocked upper-triangle path, mirrored by finish()
-def test_gram_collector_blocks_masks_and_shares(block):
+@pytest.mark.parametrize("block", [8, 256])  # 8: several block rows of the upper triangle
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: staged, then added in float64
+def test_gram_collector_blocks_masks_and_shares(block, dtype, monkeypatch):
+    monkeypatch.setattr(grams, "GRAM_BLOCK", block)
     torch.manual_seed(0)
-    model = TwoBranches().double()
-    layers = [LinearLayer(name, f"{name}.weight", "out_in", m.in_features)
-              for name, m in [("a", model.a), ("b", model.b), ("c", model.c)]]
-    xs = [torch.randn(3, 7, 40, dtype=torch.float64) for _ in range(2)]
-    masks = [torch.arange(7)[None, :] < torch.tensor([[7], [2], [5]]), torch.ones(3, 7, dtype=torch.bool)]
-    with GramCollector(model, layers, block=block) as collector, torch.inference_mode():
+    model = TwoBranches().to(dtype)
+    modules = {"a": model.a, "b": model.b, "c": model.c}
+    xs = [torch.randn(3, 7, 40, dtype=dtype) for _ in range(5)]  # 5 × 21 rows: flushed at 40 and 20 rows
+    masks = [torch.arange(7)[None, :] < torch.tensor([[7], [2], [5]])] + [torch.ones(3, 7, dtype=torch.bool)] * 4
+    with GramCollector(modules) as collector, torch.inference_mode():
         for x, mask in zip(xs, masks):
             collector.begin_batch(mask)
             model(x)
-    sums = collector.finish()
     assert collector.gram_of == {"a": "a", "b": "a", "c": "c"}
-    real = torch.cat([x[m] for x, m in zip(xs, masks)])  # (14 + 21, 40)
-    hidden = model.a(real).detach()
-    torch.testing.assert_close(sums["a"], real.T @ real, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sums["c"], hidden.T @ hidden, rtol=1e-12, atol=1e-12)
-    assert collector.tokens == {"a": 35, "c": 35}
+    real = torch.cat([x[m] for x, m in zip(xs, masks)]).double()  # (14 + 4 × 21, 40)
+    hidden = model.double().a(real).detach()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for key, rows in (("a", real), ("c", hidden)):
+        expected = rows.T @ rows
+        torch.testing.assert_close(unpack_upper(collector.sums[key].packed()), expected, rtol=tol,
+                                   atol=tol * float(expected.abs().max()))
+    assert {key: s.tokens for key, s in collector.sums.items()} == {"a": 98, "c": 98}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -31,7 +31,7 @@ KIND_LABELS = {
     "exclude": "excluded, copied from {ref}",
     "integer": "integer, copied from {ref}",
 }
-Update = Callable[[int, str], None]  # (units done, a few words on the rest)
+Update = Callable[..., None]  # (units done, a few words on the rest[, units in all when it changes])
 
 
 def human_bytes(count: float) -> str:
@@ -96,8 +96,8 @@ def progress(description: str, *, total: int, quiet: bool, unit: str = "bytes", 
     least every 10 s), or nothing with --quiet.
 
     Args:
-        total: how many units make the whole job.
-        unit: "bytes" (sizes and a transfer rate) or a counted noun ("examples").
+        total: how many units make the whole job (0: not known yet; `update` can tell it later).
+        unit: "bytes" (sizes and a transfer rate) or a counted noun ("blocks").
         what: a few words on the whole job, for the first plain line ("8 tensors").
     """
     if interactive(quiet):
@@ -108,25 +108,35 @@ def progress(description: str, *, total: int, quiet: bool, unit: str = "bytes", 
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), *counter,
                    TextColumn("{task.fields[detail]}"), TimeRemainingColumn())
         with Progress(*columns, console=err_console, transient=False) as bar:
-            task = bar.add_task(description, total=total, detail="")
+            task = bar.add_task(description, total=total or None, detail="")
 
-            def draw(done: int, detail: str) -> None:
-                bar.update(task, completed=done, detail=detail)
+            def draw(done: int, detail: str, total: int | None = None) -> None:
+                bar.update(task, completed=done, detail=detail, **({"total": total} if total else {}))
 
             yield draw
         return
 
     started = time.monotonic()
-    last = {"time": started, "tenth": -1}
-    size = human_bytes(total) if unit == "bytes" else f"{total} {unit}"
-    info(f"{description}: {what + ', ' if what else ''}{size}")
+    state = {"time": started, "tenth": -1, "total": total}
 
-    def log(done: int, detail: str) -> None:
+    def opening() -> None:
+        size = human_bytes(state["total"]) if unit == "bytes" else f"{state['total']} {unit}"
+        info(f"{description}: {what + ', ' if what else ''}{size}")
+
+    if total:
+        opening()
+
+    def log(done: int, detail: str, total: int | None = None) -> None:
+        if total and not state["total"]:
+            state["total"] = total
+            opening()
+        total = state["total"]
         tenth = int(10 * done / total) if total else 10
         now = time.monotonic()
-        if done >= total or (tenth > last["tenth"] and now - last["time"] >= 1) or now - last["time"] >= 10:
-            last.update(time=now, tenth=tenth)
+        if done >= total or (tenth > state["tenth"] and now - state["time"] >= 1) or now - state["time"] >= 10:
+            state.update(time=now, tenth=tenth)
             amount = human_bytes(done) if unit == "bytes" else f"{done}/{total} {unit}"
-            info(f"{description}: {100 * done / max(total, 1):3.0f}% ({amount}, {detail}, {now - started:.0f} s)")
+            words = f", {detail}" if detail else ""
+            info(f"{description}: {100 * done / max(total, 1):3.0f}% ({amount}{words}, {now - started:.0f} s)")
 
     yield log

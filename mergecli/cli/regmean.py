@@ -3,8 +3,6 @@ merge` (the merge itself, planned and run like every method's)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -13,7 +11,7 @@ from mergecli.cli._console import info, out_console, warn
 from mergecli.cli._errors import report_errors
 from mergecli.cli._merge import plan_and_run, require_command
 from mergecli.cli._options import DryRunOpt, ForceOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
-from mergecli.cli._render import Update, human_bytes, progress
+from mergecli.cli._render import human_bytes, progress
 
 regmean_app = typer.Typer(
     name="regmean",
@@ -27,19 +25,6 @@ regmean_app = typer.Typer(
 ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NAME",
                                                     help="Only this model of the recipe (repeat).")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="cpu|cuda", help="Where to run the models.")]
-
-
-def with_token_rate(update: Update) -> Callable[[int, int], None]:
-    """A `(examples, tokens)` progress callback that shows the tokens and their rate."""
-    started = [time.monotonic()]
-
-    def on_progress(examples: int, tokens: int) -> None:
-        if examples == 0:  # (0, 0) comes when the model is loaded and the batches start
-            started[0] = time.monotonic()
-        rate = tokens / max(time.monotonic() - started[0], 1e-9)
-        update(examples, f"{tokens:,} tokens, {rate:,.0f} tokens/s")
-
-    return on_progress
 
 
 @regmean_app.command("collect-stats")
@@ -75,9 +60,8 @@ def collect_stats(
                 continue
             for message in job.warnings if session.rank == 0 else []:
                 warn(message)
-            total = len(job.data.examples[session.rank::session.world])
-            with progress(job.name, total=total, quiet=quiet, unit="examples") as update:
-                result = session.collect(job, on_progress=with_token_rate(update))
+            with progress(job.name, total=0, quiet=quiet, unit="blocks") as update:
+                result = session.collect(job, on_progress=lambda done, total: update(done, "", total))
             if session.rank == 0:
                 out_console.print(f"{result.name}: {result.examples} examples, {result.tokens} tokens, "
                                   f"{result.layers} linear layers in {result.grams} Gram matrices "

@@ -51,6 +51,17 @@ def remove_stale_partials(output: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def remove_dead_siblings(path: Path) -> None:
+    """Delete the siblings of `path` named like it, `NAME-PID`, whose process is gone (scratch
+    directories of killed runs)."""
+    prefix = path.name.rsplit("-", 1)[0] + "-"
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f"{prefix}*"):
+            pid = stale.name[len(prefix):]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(output: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `output`; rename it into place only if the block succeeds.

@@ -49,7 +49,11 @@ def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def dead_features(gram: torch.Tensor) -> torch.Tensor:
     """Indices of input features whose Gram diagonal is (numerically) zero: never activated."""
-    diagonal = gram.diagonal()
+    return never_fired(gram.diagonal())
+
+
+def never_fired(diagonal: torch.Tensor) -> torch.Tensor:
+    """Indices of the (numerically) zero entries of a Gram's diagonal `(d_in,)`."""
     largest = float(diagonal.abs().max()) if diagonal.numel() else 0.0
     return torch.nonzero(diagonal.abs() <= DEAD_FEATURE_TOLERANCE * largest).flatten()
 

@@ -217,3 +217,65 @@ def image_batches(images: list[Path], processor: Any, *, batch_size: int,
                 raise StatsError(f"{path}: not a readable image") from None
         pixels = processor(images=loaded, return_tensors="pt")["pixel_values"]
         yield Batch({"pixel_values": pixels}, None, len(loaded))
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's batches
+
+
+def _load_tokenizer(directory: Path, label: str) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StatsError(f"{label}: cannot load the tokenizer of {directory}: {_first_line(exc)}",
+                         hint="text calibration data needs the checkpoint's tokenizer files") from None
+
+
+def _load_processor(directory: Path, label: str) -> Any:
+    import transformers
+
+    if not (directory / "preprocessor_config.json").is_file():
+        raise StatsError(f"{label}: {directory} has no preprocessor_config.json",
+                         hint="image calibration data needs the checkpoint's image processor")
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StatsError(f"{label}: cannot load the image processor of {directory}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def model_batches(data: CalibrationData, directory: Path, *, batch_size: int, max_length: int,
+                  max_positions: int | None, shard: tuple[int, int] = (0, 1), label: str = "data",
+                  warnings: list[str] | None = None) -> tuple[list[Batch], int]:
+    """This process's batches of a model's calibration data, tokenized (or image-processed) with the
+    checkpoint's own tokenizer (or processor) in `directory`.
+
+    Returns:
+        The batches (on the CPU), and the token limit used (0 for images).
+
+    Raises:
+        UsageError: fewer examples than processes.
+        StatsError: no tokenizer / processor, or examples that tokenize to nothing.
+    """
+    if len(data.examples) < shard[1]:
+        raise UsageError(f"{label}: {len(data.examples)} examples cannot be split across "
+                         f"{shard[1]} processes", hint="use fewer processes or more examples")
+    if data.kind == "image":
+        processor = _load_processor(directory, label)
+        return list(image_batches(data.examples, processor, batch_size=batch_size, shard=shard)), 0
+    if max_positions is not None and max_length > max_positions:
+        if warnings is not None:
+            warnings.append(f"{label}: max_length {max_length} is more than the model's {max_positions} positions; "
+                            f"examples are truncated to {max_positions} tokens")
+        max_length = max_positions
+    tokenizer = _load_tokenizer(directory, label)
+    token_ids = tokenize_examples(data.examples, tokenizer, max_length=max_length, label=f"{label}.data")
+    if not count_text_examples(token_ids, shard):
+        raise StatsError(f"{label}: the calibration examples tokenize to nothing")
+    return list(text_batches(token_ids, batch_size=batch_size, pad_token_id=pad_id(tokenizer), shard=shard)), max_length

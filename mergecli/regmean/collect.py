@@ -1,19 +1,21 @@
-"""`collect-stats`: run each model's calibration data through it and save the Gram sums of its
-linear layers (regmean/store.py), on one device or as one rank of a torchrun process group.
+"""`collect-stats`: run each model's calibration data through it one block at a time and save the
+Gram sums of its linear layers (regmean/store.py), on one device or as one rank of a torchrun group.
 
 `plan_stats` decides, for each model of a recipe, whether its statistics are up to date (and reads
 its calibration data, so that bad data fails before any model is loaded). `StatsSession.collect`
-loads the model, runs the batches under `torch.inference_mode()` with Gram hooks (regmean/grams.py)
-and writes the sums. Under `torchrun`, each rank takes every WORLD_SIZE-th example, and the sums are
-all-reduced (gloo on CPU, nccl on GPU) before rank 0 writes them.
+builds the model without weights and runs the batches through the modules before the first block,
+each block, and the modules after the last (regmean/engine.py), with Gram hooks on that stage's
+layers; each stage's sums are written as soon as it is done, so memory holds one block's weights
+and Grams, whatever the depth. Under `torchrun`, each rank takes every WORLD_SIZE-th example, and
+every stage's sums are all-reduced (gloo on CPU, nccl on GPU) before rank 0 writes them.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,22 +23,18 @@ from typing import Any
 import torch
 
 from mergecli.errors import StatsError, UsageError
+from mergecli.io.atomic import atomic_directory
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.recipe import ModelSpec, Recipe, RegMeanSettings
-from mergecli.regmean.calibration import (
-    CalibrationData,
-    count_text_examples,
-    image_batches,
-    pad_id,
-    read_examples,
-    text_batches,
-    tokenize_examples,
-)
+from mergecli.regmean.calibration import Batch, CalibrationData, model_batches, read_examples
+from mergecli.regmean.engine import Forward, advance, run_block, run_prefix, run_tail
 from mergecli.regmean.grams import GramCollector
-from mergecli.regmean.layers import find_linear_layers
-from mergecli.regmean.store import save_stats, stats_meta, stats_problem, weights_digest
+from mergecli.regmean.hidden import MemoryBudget
+from mergecli.regmean.layers import LinearLayer, find_linear_layers
+from mergecli.regmean.skeleton import Skeleton, build_skeleton
+from mergecli.regmean.store import StatsFiles, stats_meta, stats_problem, weights_digest
 
-StatsProgress = Callable[[int, int], None]  # (examples done, real tokens done)
+StatsProgress = Callable[[int, int], None]  # (stages done, stages in all): prefix, each block, tail
 
 
 @dataclass
@@ -50,7 +48,6 @@ class StatsJob:
     fingerprint: str
     data: CalibrationData
     settings: RegMeanSettings
-    shard_size: int
     up_to_date: bool
     reason: str  # why it is (re)computed, or why it is skipped
     warnings: list[str] = field(default_factory=list)
@@ -115,7 +112,7 @@ def plan_stats(recipe: Recipe, *, models: list[str] | tuple[str, ...] = (), forc
             checkpoint = open_checkpoint(spec.path, revision=spec.revision)
             directory = Path(settings.stats_dir) / spec.name
             job = StatsJob(spec, index, directory, checkpoint, checkpoint.fingerprint(), data, settings,
-                           recipe.shard_size, False, "", list(data.warnings))
+                           False, "", list(data.warnings))
             jobs.append(job)
             if checkpoint.directory is None or not (checkpoint.directory / "config.json").is_file():
                 raise StatsError(f"{label}: {spec.path} is not a model directory with config.json",
@@ -132,58 +129,43 @@ def plan_stats(recipe: Recipe, *, models: list[str] | tuple[str, ...] = (), forc
     return jobs
 
 
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
-def compute_dtype(checkpoint: Checkpoint, device: str) -> torch.dtype:
-    """The dtype to run a model in: on CPU float32 (half precision is slow there), or float64 for a
-    float64 checkpoint; on GPU the checkpoint's own dtype."""
-    dtypes = [t.dtype for t in checkpoint.tensors.values() if t.dtype.is_floating_point]
-    stored = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
-    if device.startswith("cpu"):
-        return torch.float64 if stored == torch.float64 else torch.float32
-    return stored
-
-
-def load_model(directory: Path, *, dtype: torch.dtype, device: str, label: str) -> torch.nn.Module:
-    """Load a checkpoint directory with the class named in its config (so that module paths match
-    the checkpoint's tensor names), else `AutoModel`."""
-    import transformers
-
-    _quiet_transformers()
-    try:
-        config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as exc:
-        raise StatsError(f"{label}: transformers cannot read {directory / 'config.json'}: {_first_line(exc)}",
-                         hint="RegMean statistics need a model that transformers can load") from None
-    model_class = next((getattr(transformers, name) for name in config.architectures or []
-                        if hasattr(transformers, name)), transformers.AutoModel)
-    try:
-        model = model_class.from_pretrained(directory, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise StatsError(f"{label}: transformers cannot load {directory}: {_first_line(exc)}") from None
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    return model.eval().to(device)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
-def _max_positions(model: torch.nn.Module) -> int | None:
-    config = model.config
+def max_positions(model: torch.nn.Module) -> int | None:
+    """How many tokens the model's position embeddings allow (None: no limit)."""
     for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
+        value = getattr(model.config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def forward_of(model: torch.nn.Module, kind: str) -> Forward:
+    """What runs the model on a batch: a dual encoder (CLIP) given images runs its image tower only."""
+    if kind == "image" and hasattr(model, "get_image_features"):
+        return model.get_image_features
+    return model
+
+
+def stage_layers(skeleton: Skeleton, layers: list[LinearLayer]) -> tuple[list[LinearLayer], list[list[LinearLayer]]]:
+    """The layers outside the blocks, and those of each block."""
+    prefix = skeleton.blocks_path + "."
+    blocks: list[list[LinearLayer]] = [[] for _ in skeleton.blocks]
+    outside = []
+    for layer in layers:
+        if layer.module.startswith(prefix):
+            blocks[int(layer.module[len(prefix):].split(".", 1)[0])].append(layer)
+        else:
+            outside.append(layer)
+    return outside, blocks
+
+
+def hooked(skeleton: Skeleton, layers: list[LinearLayer]) -> dict[str, torch.nn.Module]:
+    modules = dict(skeleton.model.named_modules())
+    return {layer.module: modules[layer.module] for layer in layers}
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 class StatsSession:
@@ -196,7 +178,7 @@ class StatsSession:
         ...             session.collect(job)
     """
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", *, memory_budget: int | None = None):
         if device not in ("cpu", "cuda"):
             raise UsageError(f"--device {device}: expected cpu or cuda")
         if device == "cuda" and not torch.cuda.is_available():
@@ -204,6 +186,7 @@ class StatsSession:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
         self.device = device
+        self.memory_budget = memory_budget
         self._group = False
         if device == "cuda":
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -226,114 +209,106 @@ class StatsSession:
         if self._group:
             import torch.distributed as dist
 
+            dist.barrier()  # no rank tears the group down while another still talks to it
             dist.destroy_process_group()
             self._group = False
 
     def collect(self, job: StatsJob, *, on_progress: StatsProgress | None = None,
                 share_inputs: bool = True) -> StatsResult:
-        """Run the job's calibration data through its model and write its statistics (rank 0).
+        """Run the job's calibration data through its model, block by block, and write its statistics
+        (rank 0).
 
         Raises:
-            StatsError: the model cannot be loaded or run, or has no linear layers.
+            StatsError: the model cannot be built or run, or has no linear layers.
         """
         started = time.perf_counter()
         warnings = list(job.warnings)
+        budget_bytes = self.memory_budget or job.settings.memory_budget
+        budget = MemoryBudget(budget_bytes, job.directory.parent / f".spill-{os.getpid()}")
         with open_checkpoint(job.spec.path, revision=job.spec.revision) as checkpoint:
-            model = load_model(job.checkpoint.directory, dtype=compute_dtype(checkpoint, self.device),
-                               device=self.device, label=job.label)
-            layers, unmatched = find_linear_layers(model, checkpoint.tensors)
-            digest = weights_digest(checkpoint, [layer.weight for layer in layers])
-        if not layers:
-            raise StatsError(f"{job.label}: the model has no linear layers (nn.Linear / Conv1D) with "
-                             "weights in the checkpoint, so RegMean has nothing to merge",
-                             hint="merge it with `mergecli average`")
-        if unmatched:
-            warnings.append(f"{job.label}: {len(unmatched)} linear layer(s) have no weight of their own in "
-                            f"the checkpoint and are averaged: {_some(unmatched)}")
-        batches, max_length = self._batches(job, model, warnings)
-        collector = GramCollector(model, layers, share_inputs=share_inputs)
-        examples = tokens = 0
-        forward = self._forward(model, job)
-        if on_progress:
-            on_progress(0, 0)  # the model is loaded: the calibration starts now
-        with collector, torch.inference_mode():
-            for batch in batches:
-                real = int(batch.mask.sum()) if batch.mask is not None else None  # on the CPU, no sync
-                batch = batch.to(self.device, _float_dtype(model))
-                collector.begin_batch(batch.mask, real_tokens=real)
-                try:
-                    forward(**batch.inputs)
-                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                    memory = "out of memory" in str(exc).lower()
-                    raise StatsError(f"{job.label}: the forward pass failed: {_first_line(exc)}",
-                                     hint="lower regmean.batch_size or max_length" if memory else None) from None
-                examples += batch.examples
-                tokens += real if real is not None else collector.batch_rows
-                if on_progress:
-                    on_progress(examples, tokens)
-        del model, forward
-        collector.finish()
-        if self.world > 1:
-            examples, tokens = self._all_reduce(collector, examples, tokens)
-        reached = [layer for layer in layers if layer.module in collector.gram_of]
-        if len(reached) < len(layers):
-            missed = [layer.module for layer in layers if layer.module not in collector.gram_of]
-            warnings.append(f"{job.label}: {len(missed)} linear layer(s) were not run by the calibration data "
-                            f"and are averaged: {_some(missed)}")
-        size = 0
-        if self.rank == 0:
-            settings = job.data_settings()
-            settings["examples_used"] = examples
-            if max_length:
-                settings["max_length_used"] = max_length
-            meta = stats_meta(model=job.name, source=job.spec.path, revision=job.checkpoint.commit,
-                              fingerprint=job.fingerprint, data=settings, examples=examples, tokens=tokens,
-                              layers=reached, gram_of=collector.gram_of, gram_tokens=collector.tokens)
-            if len(reached) < len(layers):
-                with open_checkpoint(job.spec.path, revision=job.spec.revision) as checkpoint:
-                    digest = weights_digest(checkpoint, [layer.weight for layer in reached])
-            meta["weights_sha256"] = digest
-            size = save_stats(job.directory, meta=meta, sums=collector.sums, tokens=collector.tokens,
-                              shard_size=job.shard_size)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return StatsResult(job.name, job.directory, examples, tokens, len(reached), len(collector.sums), size,
+            skeleton = build_skeleton(job.checkpoint.directory, checkpoint, device=self.device, label=job.label,
+                                      images=job.data.kind == "image")
+            layers, unmatched = find_linear_layers(skeleton.model, checkpoint.tensors)
+            if not layers:
+                raise StatsError(f"{job.label}: the model has no linear layers (nn.Linear / Conv1D) with "
+                                 "weights in the checkpoint, so RegMean has nothing to merge",
+                                 hint="merge it with `mergecli average`")
+            if unmatched:
+                warnings.append(f"{job.label}: {len(unmatched)} linear layer(s) have no weight of their own in "
+                                f"the checkpoint and are averaged: {_some(unmatched)}")
+            batches, max_length = model_batches(
+                job.data, job.checkpoint.directory, batch_size=job.settings.batch_size,
+                max_length=job.settings.max_length, max_positions=max_positions(skeleton.model),
+                shard=(self.rank, self.world), label=job.label, warnings=warnings)
+            examples = sum(batch.examples for batch in batches)
+            batches = [batch.to(self.device, skeleton.dtype) for batch in batches]
+            writing = atomic_directory(job.directory, force=True) if self.rank == 0 else contextlib.nullcontext()
+            try:
+                with writing as temporary:
+                    files = StatsFiles(temporary, fingerprint=job.fingerprint, model=job.name) if temporary else None
+                    reached = self._run_stages(skeleton, layers, batches, forward_of(skeleton.model, job.data.kind),
+                                               budget, job.name, files, on_progress, share_inputs)
+                    examples, tokens = self._sum_counts(examples, reached.tokens)
+                    missed = [layer.module for layer in layers if layer.module not in reached.gram_of]
+                    if missed:
+                        warnings.append(f"{job.label}: {len(missed)} linear layer(s) were not run by the calibration "
+                                        f"data and are averaged: {_some(missed)}")
+                    ran = [layer for layer in layers if layer.module in reached.gram_of]
+                    settings = {**job.data_settings(), "examples_used": examples}
+                    if max_length:
+                        settings["max_length_used"] = max_length
+                    meta = stats_meta(model=job.name, source=job.spec.path, revision=job.checkpoint.commit,
+                                      fingerprint=job.fingerprint,
+                                      weights_sha256=weights_digest(checkpoint, [layer.weight for layer in ran]),
+                                      data=settings, examples=examples, tokens=tokens, layers=ran,
+                                      gram_of=reached.gram_of, gram_tokens=reached.gram_tokens)
+                    size = files.finish(meta) if files else 0
+            finally:
+                budget.close()
+        return StatsResult(job.name, job.directory, examples, tokens, len(ran), len(reached.gram_tokens), size,
                            time.perf_counter() - started, warnings)
 
-    def _batches(self, job: StatsJob, model: torch.nn.Module, warnings: list[str]) -> tuple[Iterator, int]:
-        shard = (self.rank, self.world)
-        settings = job.settings
-        if len(job.data.examples) < self.world:
-            raise UsageError(f"{job.label}: {len(job.data.examples)} examples cannot be split across "
-                             f"{self.world} processes", hint="use fewer processes or more examples")
-        directory = job.checkpoint.directory
-        if job.data.kind == "image":
-            processor = _load_processor(directory, job.label)
-            return image_batches(job.data.examples, processor, batch_size=settings.batch_size, shard=shard), 0
-        max_length = settings.max_length
-        limit = _max_positions(model)
-        if limit is not None and max_length > limit:
-            warnings.append(f"{job.label}: max_length {max_length} is more than the model's {limit} positions; "
-                            f"examples are truncated to {limit} tokens")
-            max_length = limit
-        tokenizer = _load_tokenizer(directory, job.label)
-        token_ids = tokenize_examples(job.data.examples, tokenizer, max_length=max_length,
-                                      label=f"{job.label}.data")
-        if not count_text_examples(token_ids, shard):
-            raise StatsError(f"{job.label}: the calibration examples tokenize to nothing")
-        return text_batches(token_ids, batch_size=settings.batch_size, pad_token_id=pad_id(tokenizer),
-                            shard=shard), max_length
+    def _run_stages(self, skeleton: Skeleton, layers: list[LinearLayer], batches: list[Batch], forward: Forward,
+                    budget: MemoryBudget, name: str, files: StatsFiles | None, on_progress: StatsProgress | None,
+                    share_inputs: bool) -> _Reached:
+        """The prefix, every block and the tail, each with Gram hooks on its layers and written when done."""
+        outside, per_block = stage_layers(skeleton, layers)
+        reached = _Reached()
+        total = len(per_block) + 2
+        with GramCollector(hooked(skeleton, outside), share_inputs=share_inputs) as collector:
+            acts = run_prefix(skeleton, batches, forward, budget, name, collector=collector)
+        reached.tokens = acts.tokens
+        self._finish_stage(collector, files, reached, on_progress, total)
+        try:
+            for index, block_layers in enumerate(per_block):
+                with GramCollector(hooked(skeleton, block_layers), share_inputs=share_inputs) as collector:
+                    advance(acts, run_block(skeleton, index, acts, collector=collector, name=name))
+                self._finish_stage(collector, files, reached, on_progress, total)
+            tail = [layer for layer in outside if layer.module not in reached.gram_of]
+            with GramCollector(hooked(skeleton, tail), share_inputs=share_inputs) as collector:
+                if tail:
+                    run_tail(skeleton, acts, forward, collector=collector, stop_after={t.module for t in tail})
+            self._finish_stage(collector, files, reached, on_progress, total)
+        finally:
+            acts.close()
+        return reached
 
-    @staticmethod
-    def _forward(model: torch.nn.Module, job: StatsJob) -> Callable:
-        # A dual encoder (CLIP) given images runs its image tower only.
-        if job.data.kind == "image" and hasattr(model, "get_image_features"):
-            return model.get_image_features
-        return model
+    def _finish_stage(self, collector: GramCollector, files: StatsFiles | None, reached: _Reached,
+                      on_progress: StatsProgress | None, total: int) -> None:
+        for gram in collector.sums.values():
+            gram.flush()
+        if self.world > 1:
+            self._all_reduce(collector)
+        reached.gram_of.update(collector.gram_of)
+        reached.gram_tokens.update({key: gram.tokens for key, gram in collector.sums.items()})
+        if files is not None:
+            files.add({key: gram.packed() for key, gram in collector.sums.items()},
+                      {key: gram.tokens for key, gram in collector.sums.items()})
+        reached.stages += 1
+        if on_progress:
+            on_progress(reached.stages, total)
 
-    def _all_reduce(self, collector: GramCollector, examples: int, tokens: int) -> tuple[int, int]:
+    def _all_reduce(self, collector: GramCollector) -> None:
         import torch.distributed as dist
 
         layout = (sorted(collector.sums), sorted(collector.gram_of.items()))
@@ -343,42 +318,31 @@ class StatsSession:
             raise StatsError("the processes saw different layers; cannot add their statistics")
         with torch.inference_mode():
             for key in layout[0]:
-                dist.all_reduce(collector.sums[key])
-        counts = torch.tensor([collector.tokens[k] for k in layout[0]] + [examples, tokens], dtype=torch.int64,
-                              device=next(iter(collector.sums.values())).device)
+                for part in collector.sums[key].total:
+                    dist.all_reduce(part)
+        if layout[0]:
+            counts = torch.tensor([collector.sums[k].tokens for k in layout[0]], dtype=torch.int64,
+                                  device=collector.sums[layout[0][0]].total[0].device)
+            dist.all_reduce(counts)
+            for key, value in zip(layout[0], counts.tolist()):
+                collector.sums[key].tokens = value
+
+    def _sum_counts(self, examples: int, tokens: int) -> tuple[int, int]:
+        if self.world == 1:
+            return examples, tokens
+        import torch.distributed as dist
+
+        counts = torch.tensor([examples, tokens], dtype=torch.int64,
+                              device=self.device if self.device.startswith("cuda") else "cpu")
         dist.all_reduce(counts)
-        values = counts.tolist()
-        for key, value in zip(layout[0], values):
-            collector.tokens[key] = value
-        return values[-2], values[-1]
+        return tuple(counts.tolist())
 
 
-def _float_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+@dataclass
+class _Reached:
+    """What the stages collected: each hooked module's Gram key, each Gram's token count."""
 
-
-def _load_tokenizer(directory: Path, label: str) -> Any:
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StatsError(f"{label}: cannot load the tokenizer of {directory}: {_first_line(exc)}",
-                         hint="text calibration data needs the checkpoint's tokenizer files") from None
-
-
-def _load_processor(directory: Path, label: str) -> Any:
-    import transformers
-
-    if not (directory / "preprocessor_config.json").is_file():
-        raise StatsError(f"{label}: {directory} has no preprocessor_config.json",
-                         hint="image calibration data needs the checkpoint's image processor")
-    try:
-        return transformers.AutoImageProcessor.from_pretrained(directory)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StatsError(f"{label}: cannot load the image processor of {directory}: {_first_line(exc)}") from None
-
-
-def _some(names: list[str], shown: int = 5) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+    gram_of: dict[str, str] = field(default_factory=dict)
+    gram_tokens: dict[str, int] = field(default_factory=dict)
+    stages: int = 0
+    tokens: int = 0  # real tokens entering the blocks

@@ -1,5 +1,10 @@
-"""Gram matrices of linear layers' inputs: forward hooks that add xᵀx over the real (unpadded)
-tokens of every batch into float64 sums, one matrix per distinct input tensor.
+"""Gram matrices of linear layers' inputs: forward pre-hooks that add xᵀx over the real (unpadded)
+tokens of every batch, one sum per distinct input tensor, kept as the upper triangle only.
+
+A sum is held by block rows (rows s..s+b against columns s..d: about half the work and memory of
+the square). Products are taken in float32 and staged over about d tokens before they are added
+into the float64 sum: adding a d×d float64 matrix after every short batch would cost more than the
+product itself. float64 inputs (float64 checkpoints) are summed in float64 directly, exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +19,19 @@ from mergecli.errors import StatsError
 from mergecli.regmean.layers import LinearLayer
 
 GRAM_DTYPE = torch.float64
-GRAM_BLOCK = 256  # features per block row of a large Gram matrix (measured best on CPU)
+GRAM_BLOCK = 256  # rows per block row of a sum on CPU (measured best there)
+GRAM_BLOCK_CUDA = 2048  # on a GPU, larger products beat more of them
+
+
+def packed_size(d: int) -> int:
+    """Elements of the upper triangle (diagonal included) of a d×d matrix."""
+    return d * (d + 1) // 2
+
+
+def row_offsets(d: int) -> torch.Tensor:
+    """Where each row of the upper triangle starts in the packed (row-major) vector: the diagonal."""
+    i = torch.arange(d, dtype=torch.int64)
+    return i * d - i * (i - 1) // 2
 
 
 def row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -42,55 +59,89 @@ def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x[rows]
 
 
-_MIXED_MM = True  # torch.mm(..., out_dtype=float32) works for half inputs on this device
-
-
 def gram_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """leftᵀ right in float32 (float64 for float64 inputs), for one batch's rows `(n, a)`, `(n, b)`.
+    """leftᵀ right in float32 for half-precision rows `(n, a)`, `(n, b)`: products of bf16 / fp16
+    numbers are exact in float32, and on a GPU the mixed product runs on the tensor cores."""
+    if left.is_cuda:
+        try:
+            return torch.mm(left.T, right, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    return left.float().T @ right.float()
 
-    Half-precision rows on a GPU go through a half-precision matrix product with float32 output:
-    products of bf16 / fp16 numbers are exact in float32, so this loses nothing against upcasting
-    first, and runs on the tensor cores at the speed of the forward pass.
-    """
-    global _MIXED_MM
-    if left.dtype in (torch.bfloat16, torch.float16):
-        if _MIXED_MM and left.is_cuda:
-            try:
-                return torch.mm(left.T, right, out_dtype=torch.float32)
-            except (RuntimeError, TypeError, NotImplementedError):
-                _MIXED_MM = False
-        left, right = left.float(), right.float()
-    return left.T @ right
+
+class GramSum:
+    """Σ xᵀx of one input over the tokens added, upper triangle by block rows, float64."""
+
+    def __init__(self, d: int, *, device: torch.device | str, block: int, staged: bool):
+        self.d = d
+        self.rows = [(s, min(d, s + block)) for s in range(0, d, block)]
+        self.total = [torch.zeros((e - s, d - s), dtype=GRAM_DTYPE, device=device) for s, e in self.rows]
+        self.staging = [torch.zeros((e - s, d - s), dtype=torch.float32, device=device)
+                        for s, e in self.rows] if staged else None
+        self.staged_rows = 0
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, tokens: int) -> None:
+        """Add the rows `x` `(n, d)`, of which `tokens` are real."""
+        target = self.staging if self.staging is not None else self.total
+        if x.dtype not in (torch.float32, torch.float64):
+            for (s, e), part in zip(self.rows, target):
+                part.add_(gram_product(x[:, s:e], x[:, s:]))
+        else:
+            x = x.to(target[0].dtype)
+            for (s, e), part in zip(self.rows, target):
+                part.addmm_(x[:, s:e].T, x[:, s:])
+        self.tokens += tokens
+        self.staged_rows += x.shape[0]
+        if self.staging is not None and self.staged_rows >= self.d:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the float32 staging into the float64 sum."""
+        if self.staging is not None and self.staged_rows:
+            with torch.inference_mode():  # the sums were made in the hooks, as inference tensors
+                for part, staged in zip(self.total, self.staging):
+                    part.add_(staged)
+                    staged.zero_()
+        self.staged_rows = 0
+
+    def packed(self) -> torch.Tensor:
+        """The upper triangle, row by row, as one float64 CPU vector of d(d+1)/2 elements."""
+        self.flush()
+        out = torch.empty(packed_size(self.d), dtype=GRAM_DTYPE)
+        offset = 0
+        for (s, e), part in zip(self.rows, self.total):
+            part = part.cpu()
+            for i in range(s, e):
+                out[offset:offset + self.d - i] = part[i - s, i - s:]
+                offset += self.d - i
+        return out
 
 
 class GramCollector:
-    """Forward hooks that add xᵀx of each hooked layer's real-token inputs into float64 sums.
+    """Forward pre-hooks adding each hooked layer's real-token inputs into a `GramSum`.
 
     Args:
-        model: the loaded model.
-        layers: the layers to hook.
-        share_inputs: layers reading the same input tensor share one Gram matrix (keyed by the
-            first layer that reads it); False stores one per layer (for comparisons).
-        block: Grams of more than `2 * block` features are computed a block row at a time, upper
-            triangle only (about half the work), and mirrored by `finish()`.
+        modules: module path → the `nn.Linear` / `Conv1D` to hook (they may be added and removed
+            while the collector lives: `hook` / `unhook`).
+        share_inputs: layers reading the same input tensor in a forward pass share one sum (keyed
+            by the first layer that reads it); False keeps one per layer.
 
     Example:
-        >>> with GramCollector(model, layers) as collector, torch.inference_mode():
+        >>> with GramCollector(block_modules) as collector, torch.inference_mode():
         ...     for batch in batches:
         ...         collector.begin_batch(batch.mask)
-        ...         model(**batch.inputs)
-        >>> sums = collector.finish()
+        ...         block(hidden)
+        >>> packed = {key: s.packed() for key, s in collector.sums.items()}
     """
 
-    def __init__(self, model: torch.nn.Module, layers: list[LinearLayer], *, share_inputs: bool = True,
-                 block: int = GRAM_BLOCK):
-        self.model = model
-        self.layers = {layer.module: layer for layer in layers}
+    def __init__(self, modules: dict[str, torch.nn.Module], *, share_inputs: bool = True):
+        self.modules = modules
         self.share_inputs = share_inputs
-        self.block = block
-        self.sums: dict[str, torch.Tensor] = {}  # Gram key → (d_in, d_in) float64
-        self.tokens: dict[str, int] = {}  # Gram key → real tokens summed over
-        self.gram_of: dict[str, str] = {}  # module → Gram key
+        self.sums: dict[str, GramSum] = {}  # Gram key → its sum
+        self.gram_of: dict[str, str] = {}  # module path → Gram key
+        self.fired: set[str] = set()  # modules that ran in the current batch
         self.batch_rows = 0
         self._mask: torch.Tensor | None = None
         self._real: int | None = None
@@ -98,9 +149,8 @@ class GramCollector:
         self._handles: list[Any] = []
 
     def __enter__(self) -> GramCollector:
-        modules = dict(self.model.named_modules())
-        for name in self.layers:
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -115,10 +165,11 @@ class GramCollector:
         self._mask = mask
         self._real = real_tokens if real_tokens is not None or mask is None else int(mask.sum())
         self._seen.clear()
+        self.fired.clear()
         self.batch_rows = 0
 
     def _hook(self, name: str) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
             x = args[0]
@@ -131,6 +182,7 @@ class GramCollector:
             if self.gram_of.setdefault(name, key) != key:
                 raise StatsError(f"layer {name} shared its input with {key} in one batch but not in "
                                  "another; cannot store its statistics consistently")
+            self.fired.add(name)
 
         return hook
 
@@ -145,28 +197,14 @@ class GramCollector:
         return None
 
     def _add(self, key: str, rows: torch.Tensor, tokens: int) -> None:
-        d = rows.shape[1]  # rows: (n, d_in), of which `tokens` real
         total = self.sums.get(key)
         if total is None:
-            total = self.sums[key] = torch.zeros((d, d), dtype=GRAM_DTYPE, device=rows.device)
-            self.tokens[key] = 0
-        if d < 2 * self.block or rows.is_cuda:  # on a GPU, one large product beats many blocks
-            total.add_(gram_product(rows, rows))  # float32 for one batch, added into float64
-        else:
-            for start in range(0, d, self.block):  # block row: its diagonal block and rightwards
-                stop = min(d, start + self.block)
-                total[start:stop, start:].add_(gram_product(rows[:, start:stop], rows[:, start:]))
-        self.tokens[key] += tokens
+            block = GRAM_BLOCK_CUDA if rows.is_cuda else GRAM_BLOCK
+            total = self.sums[key] = GramSum(rows.shape[1], device=rows.device, block=block,
+                                             staged=rows.dtype != torch.float64)
+        total.add(rows, tokens)
         self.batch_rows = max(self.batch_rows, tokens)
 
-    def finish(self) -> dict[str, torch.Tensor]:
-        """The Gram sums, made whole: blocks below the diagonal are mirrored from above it."""
-        with torch.inference_mode():  # the sums were created as inference tensors, in the hooks
-            for total in self.sums.values():
-                d = total.shape[0]
-                if d < 2 * self.block:
-                    continue
-                for start in range(self.block, d, self.block):
-                    stop = min(d, start + self.block)
-                    total[start:stop, :start].copy_(total[:start, start:stop].T)
-        return self.sums
+    def layers(self, layers: list[LinearLayer]) -> list[LinearLayer]:
+        """The layers among `layers` that ran (and so have statistics)."""
+        return [layer for layer in layers if layer.module in self.gram_of]

@@ -1,9 +1,12 @@
 """RegMean statistics on disk: `stats_dir/<model name>/` holds `stats.json` and the Gram sums in
-safetensors shards; written atomically, read back one Gram at a time, checked against the model.
+safetensors files, one per stage of the model (prefix, each block, tail); written atomically, read
+back one Gram at a time, checked against the model.
 
-`stats.json` records the format version, mergecli version, the checkpoint's fingerprint and a hash
-of its hooked weights, the data settings, and per layer: orientation, input size, Gram key and
-token count. Grams are float64 sums, not means, so that statistics of several processes add up.
+Each Gram is symmetric, so only its upper triangle is stored (float64, row by row: row i holds
+columns i..d-1), which is lossless and half the bytes. `stats.json` records the format version,
+mergecli version, the checkpoint's fingerprint and a hash of its hooked weights, the data
+settings, and per layer: orientation, input size, Gram key and token count. Grams are sums, not
+means, so that statistics of several processes or machines add up (regmean/combine.py).
 """
 
 from __future__ import annotations
@@ -20,24 +23,23 @@ import torch
 
 from mergecli import __version__
 from mergecli.errors import CheckpointError, StatsError
-from mergecli.io.atomic import atomic_directory
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.safetensors import TensorInfo, pread_into, read_header, write_file
-from mergecli.methods.regmean import dead_features
-from mergecli.regmean.grams import GRAM_DTYPE
+from mergecli.methods.regmean import never_fired
+from mergecli.regmean.grams import GRAM_DTYPE, packed_size, row_offsets
 from mergecli.regmean.layers import LinearLayer, Orientation
 
 STATS_FORMAT = "mergecli-regmean-stats"
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2  # 2: upper triangles, one file per stage; 1: full matrices
 STATS_FILE = "stats.json"
 DATA_KEYS = ("kind", "sha256", "num_examples", "max_length", "text_field")  # what makes stats stale
 RERUN = "recompute them: mergecli regmean collect-stats RECIPE --force"
 
 
-def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: str, data: dict[str, Any],
-               examples: int, tokens: int, layers: list[LinearLayer], gram_of: dict[str, str],
-               gram_tokens: dict[str, int]) -> dict[str, Any]:
-    """The `stats.json` of one model's statistics, before its Grams are written (`save_stats`).
+def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: str, weights_sha256: str,
+               data: dict[str, Any], examples: int, tokens: int, layers: list[LinearLayer],
+               gram_of: dict[str, str], gram_tokens: dict[str, int]) -> dict[str, Any]:
+    """The `stats.json` of one model's statistics, its Grams' entries to be filled by `StatsFiles`.
 
     Args:
         layers: the hooked layers; `gram_of` maps a layer's module to its Gram's key, and
@@ -45,8 +47,9 @@ def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: st
     """
     return {
         "format": STATS_FORMAT, "format_version": STATS_FORMAT_VERSION, "mergecli_version": __version__,
-        "model": model, "source": source, "revision": revision, "fingerprint": fingerprint, "data": data,
-        "examples": examples, "tokens": tokens, "dtype": "float64",
+        "model": model, "source": source, "revision": revision, "fingerprint": fingerprint,
+        "weights_sha256": weights_sha256, "data": data, "examples": examples, "tokens": tokens,
+        "dtype": "float64", "packing": "upper",
         "layers": {layer.weight: {"module": layer.module, "gram": gram_of[layer.module],
                                   "orientation": layer.orientation, "in_features": layer.in_features,
                                   "tokens": gram_tokens[gram_of[layer.module]]}
@@ -55,38 +58,44 @@ def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: st
     }
 
 
-def save_stats(directory: Path, *, meta: dict[str, Any], sums: dict[str, torch.Tensor], tokens: dict[str, int],
-               shard_size: int) -> int:
-    """Write statistics atomically into `directory` (replacing what is there). Returns the bytes written."""
-    keys = list(dict.fromkeys(entry["gram"] for entry in meta["layers"].values()))
-    groups: list[list[str]] = [[]]
-    used = 0
-    for key in keys:
-        nbytes = sums[key].numel() * GRAM_DTYPE.itemsize
-        if groups[-1] and used + nbytes > shard_size:
-            groups.append([])
-            used = 0
-        groups[-1].append(key)
-        used += nbytes
-    total = 0
-    with atomic_directory(directory, force=True) as temporary:
-        for number, group in enumerate(groups, start=1):
-            filename = ("grams.safetensors" if len(groups) == 1
-                        else f"grams-{number:05d}-of-{len(groups):05d}.safetensors")
-            tensors = {key: sums[key].to("cpu", GRAM_DTYPE) for key in group}
-            metadata = {"format": "pt", "mergecli_stats_format": str(STATS_FORMAT_VERSION),
-                        "mergecli_version": __version__, "fingerprint": meta["fingerprint"], "model": meta["model"],
-                        "tokens": json.dumps({key: tokens[key] for key in group})}
-            total += write_file(temporary / filename, tensors, metadata)
-            for key, tensor in tensors.items():
-                meta["grams"][key] = {"file": filename, "in_features": tensor.shape[0], "tokens": tokens[key],
-                                      "dead_features": dead_features(tensor).tolist()}
-            del tensors
-        text = json.dumps(meta, indent=1) + "\n"
-        (temporary / STATS_FILE).write_text(text)
-        total += len(text)
-    return total
+class StatsFiles:
+    """Writes a model's packed Grams into `directory` (a temporary one, renamed into place by the
+    caller), one safetensors file per call of `add`, then `stats.json` by `finish`."""
 
+    def __init__(self, directory: Path, *, fingerprint: str, model: str):
+        self.directory = directory
+        self.metadata = {"format": "pt", "mergecli_stats_format": str(STATS_FORMAT_VERSION),
+                         "mergecli_version": __version__, "fingerprint": fingerprint, "model": model}
+        self.grams: dict[str, dict[str, Any]] = {}
+        self.bytes = 0
+
+    def add(self, packed: dict[str, torch.Tensor], tokens: dict[str, int]) -> None:
+        """Write one stage's Grams: key → upper triangle `(d(d+1)/2,)` float64 on the CPU."""
+        if not packed:
+            return
+        filename = f"grams-{len({e['file'] for e in self.grams.values()}) + 1:05d}.safetensors"
+        metadata = {**self.metadata, "tokens": json.dumps({key: tokens[key] for key in packed})}
+        self.bytes += write_file(self.directory / filename, packed, metadata)
+        for key, vector in packed.items():
+            d = in_features(vector.numel())
+            self.grams[key] = {"file": filename, "in_features": d, "tokens": tokens[key],
+                               "dead_features": never_fired(vector[row_offsets(d)]).tolist()}
+
+    def finish(self, meta: dict[str, Any]) -> int:
+        """Write `stats.json`; returns the bytes of the whole directory."""
+        text = json.dumps({**meta, "grams": self.grams}, indent=1) + "\n"
+        (self.directory / STATS_FILE).write_text(text)
+        return self.bytes + len(text)
+
+
+def in_features(packed: int) -> int:
+    """d, for an upper triangle of `packed` = d(d+1)/2 elements."""
+    d = int(((8 * packed + 1) ** 0.5 - 1) / 2)
+    while packed_size(d) < packed:
+        d += 1
+    if packed_size(d) != packed:
+        raise ValueError(f"{packed} elements are not the upper triangle of a square matrix")
+    return d
 
 
 @dataclass(frozen=True)
@@ -124,23 +133,55 @@ class ModelStats:
     layers: dict[str, LayerStats]  # checkpoint weight name → its statistics
     grams: dict[str, GramEntry]
 
-    def read_gram(self, key: str) -> torch.Tensor:
-        """The Gram sum `(d_in, d_in)` float64 stored under `key` (read with pread, no mmap)."""
+    def read_packed(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The upper triangle `(d(d+1)/2,)` float64 stored under `key` (read with pread, no mmap)."""
         entry = self.grams[key]
-        out = torch.empty((entry.in_features, entry.in_features), dtype=GRAM_DTYPE)
-        try:
-            fd = os.open(entry.file, os.O_RDONLY)
-        except OSError as exc:
-            raise StatsError(f"{entry.file}: cannot read: {exc.strerror or exc}", hint=RERUN) from None
-        try:
-            pread_into(fd, out, entry.offset, path=entry.file)
-        except CheckpointError as exc:
-            raise StatsError(f"{exc.message} ({key})", hint=RERUN) from None
-        finally:
-            os.close(fd)
+        out = out if out is not None else torch.empty(packed_size(entry.in_features), dtype=GRAM_DTYPE)
+        with _opened(entry.file) as fd:
+            try:
+                pread_into(fd, out, entry.offset, path=entry.file)
+            except CheckpointError as exc:
+                raise StatsError(f"{exc.message} ({key})", hint=RERUN) from None
+        return out
+
+    def read_gram(self, key: str) -> torch.Tensor:
+        """The Gram sum `(d_in, d_in)` float64 stored under `key`, made whole from its upper triangle."""
+        entry = self.grams[key]
+        d = entry.in_features
+        out = torch.empty((d, d), dtype=GRAM_DTYPE)
+        offset = entry.offset
+        with _opened(entry.file) as fd:
+            try:
+                for i in range(d):  # row i of the triangle is out[i, i:], contiguous: read in place
+                    pread_into(fd, out[i, i:], offset, path=entry.file)
+                    offset += (d - i) * GRAM_DTYPE.itemsize
+            except CheckpointError as exc:
+                raise StatsError(f"{exc.message} ({key})", hint=RERUN) from None
+        for start in range(0, d, 256):  # the lower triangle mirrors the upper, a block at a time
+            stop = min(d, start + 256)
+            out[start:stop, :start].copy_(out[:start, start:stop].T)
+            block = out[start:stop, start:stop]
+            block.copy_(torch.triu(block) + torch.triu(block, diagonal=1).T)
         if not bool(torch.isfinite(out.diagonal()).all()):
             raise StatsError(f"{entry.file}: Gram matrix {key} holds NaN or inf (corrupt statistics)", hint=RERUN)
         return out
+
+
+class _opened:
+    """An fd for reading `path`, closed on exit; a failure to open is a StatsError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> int:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise StatsError(f"{self.path}: cannot read: {exc.strerror or exc}", hint=RERUN) from None
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
 def load_stats(directory: Path, *, label: str = "") -> ModelStats:
@@ -165,7 +206,8 @@ def load_stats(directory: Path, *, label: str = "") -> ModelStats:
         older = isinstance(version, int) and version < STATS_FORMAT_VERSION
         raise StatsError(
             f"{prefix}statistics in {directory} have format version {version} "
-            f"(mergecli {meta.get('mergecli_version', '?')}); this mergecli reads version {STATS_FORMAT_VERSION}",
+            f"(mergecli {meta.get('mergecli_version', '?')}); this mergecli reads version {STATS_FORMAT_VERSION}"
+            + (": collect them again, they are stored in half the space now" if older else ""),
             hint=RERUN if older or not isinstance(version, int) else "upgrade mergecli to read them",
         )
     try:
@@ -184,7 +226,7 @@ def load_stats(directory: Path, *, label: str = "") -> ModelStats:
                 files[e["file"]] = {info.name: info for info in infos}
             info = files[e["file"]].get(key)
             d = int(e["in_features"])
-            if info is None or info.shape != (d, d) or info.dtype != GRAM_DTYPE:
+            if info is None or info.shape != (packed_size(d),) or info.dtype != GRAM_DTYPE:
                 raise StatsError(f"{prefix}{path}: Gram matrix {key} is missing or has the wrong shape", hint=RERUN)
             grams[key] = GramEntry(key, path, info.offset, d, int(e["tokens"]),
                                    tuple(int(i) for i in e.get("dead_features", [])))

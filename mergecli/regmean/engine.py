@@ -1,0 +1,213 @@
+"""Running calibration data through a model one block at a time (the loop GPTQ-style quantizers use).
+
+- `run_prefix`: the model's forward, with every block replaced by a catcher, runs the modules before
+  the first block (their weights loaded as they are called) and records what each block receives.
+- `run_block`: one block, its weights loaded, over every batch's hidden states.
+- `run_tail`: the forward again, every block replaced by a replay of the last block's outputs, runs
+  the modules after the last block, and stops once the layers it was asked for have run.
+Gram hooks (regmean/grams.py) can be attached to any of the three.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergecli.errors import StatsError
+from mergecli.regmean.calibration import Batch
+from mergecli.regmean.grams import GramCollector
+from mergecli.regmean.hidden import HiddenStates, MemoryBudget
+from mergecli.regmean.skeleton import Skeleton, first_line
+
+Forward = Callable[..., Any]  # the model's forward (or e.g. CLIP's get_image_features)
+
+
+class _Stop(Exception):
+    """Raised inside a forward pass once everything needed from it has been seen."""
+
+
+@dataclass
+class Activations:
+    """One model's calibration data on its way through the blocks.
+
+    `hidden` holds, per batch, what enters block `block` next; `calls[b][i]` the other arguments
+    block i is called with for batch b (attention mask, rotary embeddings, ...), recorded once.
+    """
+
+    batches: list[Batch]
+    hidden: HiddenStates
+    calls: list[list[tuple[tuple, dict]]]
+    prefix_modules: set[str]
+    tokens: int  # real tokens entering the blocks (padding excluded)
+    block: int = 0
+
+    def close(self) -> None:
+        self.hidden.close()
+
+
+def _returns_tensor(block: torch.nn.Module) -> bool:
+    return inspect.signature(type(block).forward).return_annotation in (torch.Tensor, "torch.Tensor")
+
+
+class _Catcher(torch.nn.Module):
+    def __init__(self, index: int, last: bool, record: Callable[[int, tuple, dict], None], tensor: bool):
+        super().__init__()
+        self.index, self.last, self.record, self.tensor = index, last, record, tensor
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.record(self.index, args, kwargs)
+        if self.last:
+            raise _Stop
+        return args[0] if self.tensor else (args[0],)
+
+
+class _Replay(torch.nn.Module):
+    def __init__(self, tensor: bool):
+        super().__init__()
+        self.tensor = tensor
+        self.output: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output if self.tensor else (self.output,)
+
+
+@contextmanager
+def _blocks_replaced(skeleton: Skeleton, make: Callable[[int], torch.nn.Module]) -> Iterator[None]:
+    original = list(skeleton.blocks)
+    for index in range(len(original)):
+        skeleton.blocks[index] = make(index)
+    try:
+        yield
+    finally:
+        for index, block in enumerate(original):
+            skeleton.blocks[index] = block
+
+
+@contextmanager
+def _loaded_on_call(skeleton: Skeleton, ran: set[str]) -> Iterator[None]:
+    """Load each module outside the blocks when it is first called (recording its name), and free
+    them all afterwards: only what the pass really runs is ever read."""
+    inside = {id(m) for m in skeleton.blocks.modules()}
+    outside = [(name, m) for name, m in skeleton.model.named_modules() if id(m) not in inside]
+    loaded: list[torch.nn.Module] = []
+
+    def hook_for(name: str) -> Callable:
+        def load(module: torch.nn.Module, args: tuple) -> None:
+            if name not in ran:
+                ran.add(name)
+                skeleton.load([module], recurse=False)
+                loaded.append(module)
+        return load
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in outside]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        skeleton.release(loaded, recurse=False)
+
+
+def _forward_error(label: str, exc: BaseException) -> StatsError:
+    memory = "out of memory" in str(exc).lower()
+    return StatsError(f"{label}: the forward pass failed: {first_line(exc)}",
+                      hint="lower regmean.batch_size or max_length" if memory else None)
+
+
+def run_prefix(skeleton: Skeleton, batches: list[Batch], forward: Forward, budget: MemoryBudget, name: str, *,
+               collector: GramCollector | None = None) -> Activations:
+    """Run the modules before the first block on every batch and capture the first block's inputs."""
+    count = len(skeleton.blocks)
+    tensor = _returns_tensor(skeleton.blocks[0])
+    hidden = HiddenStates(budget, f"{name}-prefix")
+    calls: list[list[tuple[tuple, dict]]] = []
+    ran: set[str] = set()
+    tokens = 0
+
+    def record(index: int, args: tuple, kwargs: dict) -> None:
+        nonlocal tokens
+        if index == 0:
+            batch = batches[len(calls) - 1]
+            hidden.put(len(calls) - 1, args[0])
+            tokens += int(batch.mask.sum()) if batch.mask is not None else args[0].shape[:-1].numel()
+        calls[-1].append((args[1:], kwargs))
+
+    with _blocks_replaced(skeleton, lambda i: _Catcher(i, i == count - 1, record, tensor)), \
+            _loaded_on_call(skeleton, ran), torch.inference_mode():
+        for batch in batches:
+            calls.append([])
+            if collector is not None:
+                collector.begin_batch(batch.mask)
+            try:
+                forward(**batch.inputs)
+            except _Stop:
+                pass
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise _forward_error(skeleton.label, exc) from None
+            if len(calls[-1]) != count:
+                raise StatsError(f"{skeleton.label}: the model did not run its {count} blocks in order")
+    return Activations(batches, hidden, calls, ran, tokens)
+
+
+def run_block(skeleton: Skeleton, index: int, acts: Activations, *, collector: GramCollector | None = None,
+              keep: bool = True, name: str = "") -> HiddenStates | None:
+    """Run block `index` of `skeleton` (its weights loaded for the call, then freed) over `acts`'
+    hidden states; return its outputs (`keep`) in a store drawing on the same budget."""
+    block = skeleton.blocks[index]
+    outputs = HiddenStates(acts.hidden.budget, f"{name or skeleton.label}-{index}") if keep else None
+    skeleton.load([block])
+    try:
+        with torch.inference_mode():
+            for number, batch in enumerate(acts.batches):
+                args, kwargs = acts.calls[number][index]
+                if collector is not None:
+                    collector.begin_batch(batch.mask)
+                try:
+                    out = block(acts.hidden.get(number), *args, **kwargs)
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    raise _forward_error(skeleton.label, exc) from None
+                if outputs is not None:
+                    outputs.put(number, out[0] if isinstance(out, tuple) else out)
+    finally:
+        skeleton.release([block])
+    return outputs
+
+
+def advance(acts: Activations, outputs: HiddenStates) -> None:
+    """Make `outputs` (of block `acts.block`) the hidden states entering the next block."""
+    acts.hidden.close()
+    acts.hidden = outputs
+    acts.block += 1
+
+
+def run_tail(skeleton: Skeleton, acts: Activations, forward: Forward, *, collector: GramCollector,
+             stop_after: set[str]) -> None:
+    """Run the modules after the last block on `acts`' final hidden states (the forward pass, its
+    blocks replaying those states); each batch stops once every layer of `stop_after` has run."""
+    replay = _Replay(_returns_tensor(skeleton.blocks[0]))
+
+    def stop(module: torch.nn.Module, args: tuple) -> None:
+        if stop_after <= collector.fired:
+            raise _Stop
+
+    modules = dict(skeleton.model.named_modules())
+    handles = [modules[name].register_forward_pre_hook(stop) for name in stop_after]
+    try:
+        with _blocks_replaced(skeleton, lambda i: replay), _loaded_on_call(skeleton, set()), torch.inference_mode():
+            for number, batch in enumerate(acts.batches):
+                replay.output = acts.hidden.get(number)
+                collector.begin_batch(batch.mask)
+                try:
+                    forward(**batch.inputs)
+                except _Stop:
+                    pass
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    raise _forward_error(skeleton.label, exc) from None
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,207 @@
+"""A transformers model built without weights: its parameters live on the meta device, its buffers
+are real, and the weights of one module at a time are read from a checkpoint and freed again.
+
+This is how RegMean runs a model larger than memory: the blocks (the model's list of repeated
+layers) are found generically, and only one of them holds weights at any time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergecli.errors import StatsError
+from mergecli.io.checkpoint import Checkpoint
+
+
+@contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create modules with their parameters on the meta device (buffers stay real): a model of any
+    size is built in milliseconds, and its weights' random initialization costs nothing."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def find_blocks(model: torch.nn.Module, *, images: bool = False) -> tuple[str, torch.nn.ModuleList]:
+    """The model's list of repeated layers (`model.layers`, `transformer.h`, `encoder.layer`, ...):
+    the longest `ModuleList` whose members are all of one class; in a dual encoder (CLIP), the
+    image tower's for image data and the other one's for text."""
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module)
+             and len({type(m) for m in module}) == 1]
+    if not found:
+        raise StatsError(f"{type(model).__name__} has no list of repeated layers (transformer blocks)")
+    return max(found, key=lambda item: (("vision" in item[0]) == images, len(item[1])))
+
+
+def _checkpoint_name(name: str, shape: tuple[int, ...], tensors: dict[str, Any], prefixes: list[str]) -> str | None:
+    """The checkpoint tensor stored for the model's parameter or buffer `name`: the loaded class may
+    add or drop a prefix (`bert.`, `model.`) relative to the class the checkpoint was saved from."""
+    parts = name.split(".")
+    candidates = [name, *(".".join(parts[k:]) for k in range(1, len(parts))),
+                  *(f"{prefix}.{name}" for prefix in prefixes)]
+    for candidate in candidates:
+        info = tensors.get(candidate)
+        if info is not None and tuple(info.shape) == tuple(shape):
+            return candidate
+    return None
+
+
+@dataclass
+class Skeleton:
+    """A weightless model and where each of its parameters is stored in `checkpoint`.
+
+    A parameter shared by several modules (tied embeddings) is loaded once and set everywhere.
+    """
+
+    model: torch.nn.Module
+    checkpoint: Checkpoint
+    dtype: torch.dtype
+    device: str
+    label: str
+    images: bool = False  # calibrated on images: a dual encoder's image tower holds the blocks
+    blocks_path: str = ""
+    blocks: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
+    # parameter name → where it is set: (module, attribute, is a buffer)
+    _places: dict[str, list[tuple[torch.nn.Module, str, bool]]] = field(default_factory=dict)
+    _stored: dict[str, str] = field(default_factory=dict)  # parameter name → checkpoint tensor
+
+    def __post_init__(self) -> None:
+        try:
+            self.blocks_path, self.blocks = find_blocks(self.model, images=self.images)
+        except StatsError as exc:
+            raise StatsError(f"{self.label}: {exc.message}") from None
+        tensors = self.checkpoint.tensors
+        prefixes = sorted({name.split(".", 1)[0] for name in tensors if "." in name})
+        canonical: dict[int, str] = {}
+        for module_name, module in self.model.named_modules(remove_duplicate=False):
+            owned = [(attr, p, False) for attr, p in module._parameters.items() if p is not None]
+            owned += [(attr, b, True) for attr, b in module._buffers.items()
+                      if b is not None and attr not in module._non_persistent_buffers_set]
+            for attr, tensor, is_buffer in owned:
+                full = f"{module_name}.{attr}" if module_name else attr
+                key = canonical.setdefault(id(tensor), full)
+                self._places.setdefault(key, []).append((module, attr, is_buffer))
+                stored = _checkpoint_name(full, tuple(tensor.shape), tensors, prefixes)
+                if stored and key not in self._stored:
+                    self._stored[key] = stored
+        missing = [key for key, places in self._places.items() if key not in self._stored and not places[0][2]]
+        if missing:
+            raise StatsError(f"{self.label}: the checkpoint has no weight for {missing[0]}"
+                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}",
+                             hint="the checkpoint does not match its config.json")
+
+    def _keys(self, modules: Iterable[torch.nn.Module], *, recurse: bool) -> list[str]:
+        wanted = {id(m) for root in modules for m in (root.modules() if recurse else [root])}
+        return [key for key, places in self._places.items() if any(id(m) in wanted for m, _, _ in places)]
+
+    def load(self, modules: Iterable[torch.nn.Module], *, recurse: bool = True) -> None:
+        """Read the weights of `modules` (and their submodules) into them, in the compute dtype."""
+        for key in self._keys(modules, recurse=recurse):
+            places = self._places[key]
+            module, attr, is_buffer = places[0]
+            current = module._buffers[attr] if is_buffer else module._parameters[attr]
+            if current is not None and current.device.type != "meta" and not is_buffer:
+                continue  # already loaded
+            stored = self._stored.get(key)
+            if stored is None:
+                continue  # a buffer the checkpoint does not store: keep the built one
+            tensor = self.checkpoint.read(stored)
+            if tensor.is_floating_point():
+                tensor = tensor.to(device=self.device, dtype=self.dtype)
+            else:
+                tensor = tensor.to(self.device)
+            value = tensor if is_buffer else torch.nn.Parameter(tensor, requires_grad=False)
+            for module, attr, _ in places:
+                (module._buffers if is_buffer else module._parameters)[attr] = value
+
+    def release(self, modules: Iterable[torch.nn.Module], *, recurse: bool = True) -> None:
+        """Drop the weights of `modules` (back to the meta device)."""
+        for key in self._keys(modules, recurse=recurse):
+            places = self._places[key]
+            module, attr, is_buffer = places[0]
+            if is_buffer:
+                continue
+            current = module._parameters[attr]
+            if current is None or current.device.type == "meta":
+                continue
+            empty = torch.nn.Parameter(torch.empty_like(current, device="meta"), requires_grad=False)
+            for module, attr, _ in places:
+                module._parameters[attr] = empty
+
+
+def compute_dtype(checkpoint: Checkpoint, device: str) -> torch.dtype:
+    """The dtype to run a model in: on CPU float32 (half precision is slow there), or float64 for a
+    float64 checkpoint; on GPU the checkpoint's own dtype."""
+    dtypes = [t.dtype for t in checkpoint.tensors.values() if t.dtype.is_floating_point]
+    stored = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+    if device.startswith("cpu"):
+        return torch.float64 if stored == torch.float64 else torch.float32
+    return stored
+
+
+def build_skeleton(directory: Path, checkpoint: Checkpoint, *, device: str, label: str,
+                   dtype: torch.dtype | None = None, images: bool = False) -> Skeleton:
+    """The model of `directory/config.json` (the class its `architectures` names, else AutoModel),
+    without weights, set up to read them from `checkpoint` block by block.
+
+    Raises:
+        StatsError: transformers cannot read the config or build the model, or the checkpoint
+            does not hold the model's weights, or it has no list of repeated layers.
+    """
+    import transformers
+
+    quiet_transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, RecursionError) as exc:
+        raise StatsError(f"{label}: transformers cannot read {directory / 'config.json'}: {first_line(exc)}",
+                         hint="RegMean statistics need a model that transformers can load") from None
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    model_class = next((getattr(transformers, name) for name in config.architectures or []
+                        if hasattr(transformers, name)), transformers.AutoModel)
+    dtype = dtype or compute_dtype(checkpoint, device)
+    try:
+        with params_on_meta():
+            if model_class is transformers.AutoModel:
+                model = transformers.AutoModel.from_config(config, dtype=dtype)
+            else:
+                model = model_class._from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+        raise StatsError(f"{label}: transformers cannot build the model of {directory}: {first_line(exc)}") from None
+    model.eval()
+    for module in model.modules():  # buffers (rotary frequencies, position ids) where the model runs
+        for attr, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[attr] = buffer.to(device)
+    return Skeleton(model, checkpoint, dtype, device, label, images)
