@@ -17,7 +17,7 @@ from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.merge.plan import plan_merge
 from mergecli.merge.run import run_merge
 from mergecli.recipe import load_recipe
-from mergecli.regmean import tasks as regmean_tasks
+from mergecli.regmean import solve
 from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
 from regmean_fixtures import (
     first_examples,
@@ -112,7 +112,7 @@ def test_llama_linear_layers_are_least_squares_fits(tmp_path, llama64, text_data
 
     # the same merge with nn.Linear weights streamed a few rows at a time (Grams factored once)
     spec = load_recipe(recipe, overrides=["regmean.reduce_non_diagonal_ratio=1.0", "models.1.weight=3"])
-    monkeypatch.setattr(regmean_tasks, "BLOCK_ROWS", 3)  # 96 elements of 32 inputs
+    monkeypatch.setattr(solve, "BLOCK_ROWS", 3)  # 96 elements of 32 inputs
     plan = plan_merge(spec, output=tmp_path / "blocks")
     tasks = [t for t in plan.tasks if t.kind == "regmean"]
     assert all(len(list(iter_row_blocks(t.sources[0].tensors[t.out.name], t.block_elements))) > 3 for t in tasks)

@@ -18,6 +18,10 @@ SetOpt = Annotated[
                  help="Override a recipe key, e.g. --set normalize=false --set models.1.weight=0.7."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+MemoryBudgetOpt = Annotated[
+    str | None, typer.Option("--memory-budget", metavar="SIZE",
+                             help="RAM for calibration hidden states (e.g. 4GB); beyond it they spill to disk. "
+                                  "Sets regmean.memory_budget.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of progress bars.")]
 OptionalRecipeArg = Annotated[Path | None, typer.Argument(help="TOML recipe (or use -m).", show_default=False)]

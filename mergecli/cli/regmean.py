@@ -10,7 +10,7 @@ import typer
 from mergecli.cli._console import info, out_console, warn
 from mergecli.cli._errors import report_errors
 from mergecli.cli._merge import plan_and_run, require_command
-from mergecli.cli._options import DryRunOpt, ForceOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
+from mergecli.cli._options import DryRunOpt, ForceOpt, MemoryBudgetOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
 from mergecli.cli._render import human_bytes, progress
 
 regmean_app = typer.Typer(
@@ -27,6 +27,11 @@ ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NA
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="cpu|cuda", help="Where to run the models.")]
 
 
+def with_budget(overrides: list[str] | None, memory_budget: str | None) -> list[str]:
+    """The --set overrides, with --memory-budget as the override of regmean.memory_budget."""
+    return [*(overrides or []), *([f'regmean.memory_budget="{memory_budget}"'] if memory_budget else [])]
+
+
 @regmean_app.command("collect-stats")
 @report_errors
 def collect_stats(
@@ -35,6 +40,7 @@ def collect_stats(
     device: DeviceOpt = "cpu",
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute statistics that are up to date.")] = False,
+    memory_budget: MemoryBudgetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run each model's calibration data through it and save the Gram matrices of its linear layers.
@@ -49,8 +55,12 @@ def collect_stats(
     from mergecli.recipe import load_recipe
     from mergecli.regmean.collect import StatsSession, plan_stats
 
-    spec = load_recipe(recipe, overrides=set_ or [])
+    spec = load_recipe(recipe, overrides=with_budget(set_, memory_budget))
     require_command(spec, "regmean merge")
+    if spec.regmean.sequential:
+        info("nothing to do: this recipe sets regmean.sequential = true (RegMean++), whose statistics are "
+             "collected during `mergecli regmean merge`, block by block; collect-stats is not needed")
+        return
     with StatsSession(device) as session:
         quiet = quiet or session.rank != 0
         for job in plan_stats(spec, models=model or [], force=force):
@@ -63,9 +73,11 @@ def collect_stats(
             with progress(job.name, total=0, quiet=quiet, unit="blocks") as update:
                 result = session.collect(job, on_progress=lambda done, total: update(done, "", total))
             if session.rank == 0:
+                spilled = f", {human_bytes(result.spilled)} of hidden states spilled to disk" if result.spilled else ""
                 out_console.print(f"{result.name}: {result.examples} examples, {result.tokens} tokens, "
                                   f"{result.layers} linear layers in {result.grams} Gram matrices "
-                                  f"({human_bytes(result.bytes)}) → {result.directory} ({result.seconds:.1f} s)")
+                                  f"({human_bytes(result.bytes)}) → {result.directory} "
+                                  f"({result.seconds:.1f} s{spilled})")
                 for message in result.warnings[len(job.warnings):]:
                     warn(message)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from mergecli.errors import MergecliError
+from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import SAFETENSORS_INDEX, SINGLE_SAFETENSORS
-from mergecli.io.safetensors import TensorSpec, encode_header, pwrite_all, tensor_bytes
+from mergecli.io.safetensors import TensorInfo, TensorSpec, encode_header, pwrite_all, tensor_bytes
 
 OUTPUT_METADATA = {"format": "pt"}
 
@@ -76,6 +77,16 @@ class ShardWriter:
         data = tensor_bytes(block)
         pwrite_all(self._fds[filename], data, offset + row_start * spec.row_bytes)
         self._written[name] = self._written.get(name, 0) + len(data)
+
+    def checkpoint(self) -> Checkpoint:
+        """The output as a checkpoint, to read back tensors already written (read nothing else)."""
+        tensors = {}
+        for shard in self.shards:
+            for name, offset in shard.offsets.items():
+                spec = self.tensors[name]
+                tensors[name] = TensorInfo(name, spec.dtype, spec.shape, self.directory / shard.filename, offset)
+        files = [self.directory / shard.filename for shard in self.shards]
+        return Checkpoint("the merged output", files, tensors, self.directory)
 
     def close(self) -> None:
         for fd in self._fds.values():

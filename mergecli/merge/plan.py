@@ -14,7 +14,7 @@ from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.writer import ShardPlan, plan_shards
 from mergecli.merge.stream import peak_memory
 from mergecli.merge.tasks import default_tasks
-from mergecli.methods.base import Inputs, Method, TensorTask, method_of
+from mergecli.methods.base import Inputs, Method, Stage, TensorTask, method_of
 from mergecli.recipe import Recipe
 
 
@@ -27,9 +27,13 @@ class MergePlan:
     output: Path
     force: bool
     inputs: Inputs
-    tasks: list[TensorTask]
+    stages: list[Stage]
     shards: list[ShardPlan]
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> list[TensorTask]:
+        return [task for stage in self.stages for task in stage.tasks]
 
     @property
     def reference_name(self) -> str:
@@ -47,7 +51,7 @@ class MergePlan:
     @property
     def peak_memory(self) -> int:
         """Estimated peak bytes above the interpreter while streaming."""
-        return peak_memory(self.tasks)
+        return max(peak_memory(self.tasks), *(stage.work_bytes for stage in self.stages))
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -108,6 +112,13 @@ def resolve_output(recipe: Recipe, output: Path | str | None) -> Path:
     return Path(target).expanduser().resolve()
 
 
+def inputs_order(stages: list[Stage], inputs: Inputs) -> list[TensorTask]:
+    """The tasks in the reference checkpoint's tensor order, whatever order they run in: the output
+    is laid out like the input."""
+    position = {name: i for i, name in enumerate(inputs.reference.tensors)}
+    return sorted((task for stage in stages for task in stage.tasks), key=lambda t: position.get(t.out.name, 0))
+
+
 def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool = False) -> MergePlan:
     """Open and check the inputs of a recipe, let its method plan every tensor, and lay out the
     output; read no tensor.
@@ -128,10 +139,10 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
     try:
         check_compatible(recipe, inputs)
         warnings: list[str] = []
-        tasks = method.tasks(recipe, inputs, default_tasks(recipe, inputs, warnings), warnings)
+        stages = method.stages(recipe, inputs, default_tasks(recipe, inputs, warnings), warnings)
         check_output_path(target, input_paths(inputs), force=force)
-        shards = plan_shards([task.out for task in tasks], recipe.shard_size)
-        return MergePlan(recipe, method, target, force, inputs, tasks, shards, warnings)
+        shards = plan_shards([task.out for task in inputs_order(stages, inputs)], recipe.shard_size)
+        return MergePlan(recipe, method, target, force, inputs, stages, shards, warnings)
     except BaseException:
         inputs.close()
         raise

@@ -17,6 +17,25 @@ from mergecli.merge.stream import ProgressCallback, stream_tasks
 from mergecli.merge.support import write_support_files
 
 
+class Progress:
+    """Adds up the stages' progress: (tensors done, bytes read) since the merge started."""
+
+    def __init__(self, callback: ProgressCallback | None):
+        self.callback = callback
+        self.tensors = self.bytes = 0
+        self.stage = (0, 0)
+
+    def update(self, tensors: int, read: int) -> None:
+        self.stage = (tensors, read)
+        if self.callback:
+            self.callback(self.tensors + tensors, self.bytes + read)
+
+    def stage_done(self) -> None:
+        self.tensors += self.stage[0]
+        self.bytes += self.stage[1]
+        self.stage = (0, 0)
+
+
 @dataclass(frozen=True)
 class MergeReport:
     output: Path
@@ -56,12 +75,22 @@ def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -
         with atomic_directory(plan.output, force=plan.force) as directory:
             writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks})
             try:
-                stream_tasks(plan.tasks, writer, on_progress)
+                done = Progress(on_progress)
+                for stage in plan.stages:
+                    if stage.before:
+                        stage.before()
+                    stream_tasks(stage.tasks, writer, done.update)
+                    done.stage_done()
+                    if stage.after:
+                        stage.after(writer.checkpoint())
                 writer.finish()
             finally:
                 writer.close()
             write_support_files(plan, directory)
     finally:
+        for stage in plan.stages:
+            if stage.cleanup:
+                stage.cleanup()
         plan.inputs.close()
     return MergeReport(plan.output, len(plan.tasks), len(plan.shards), plan.bytes_read,
                        plan.bytes_written, time.perf_counter() - started, plan.counts(), plan.warnings)

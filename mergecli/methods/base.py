@@ -48,6 +48,19 @@ class TensorTask:
 
 
 @dataclass
+class Stage:
+    """Tasks that run together, in order: `before` runs first (e.g. computes what their combines
+    need), `after` gets the output written so far, as a checkpoint (e.g. to run the merged block);
+    `work_bytes` is the memory the hooks themselves use."""
+
+    tasks: list[TensorTask]
+    before: Callable[[], None] | None = None
+    after: Callable[[Checkpoint], None] | None = None
+    cleanup: Callable[[], None] | None = None  # run when the merge ends, whether it succeeded or not
+    work_bytes: int = 0
+
+
+@dataclass
 class Inputs:
     """The opened checkpoints of a recipe: `models` in recipe order, and the optional `base`."""
 
@@ -89,6 +102,15 @@ class Method:
     def tasks(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[TensorTask]:
         """This method's tasks, from the default ones (which average every floating tensor)."""
         return tasks
+
+    def stages(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[Stage]:
+        """The tasks in the order they run: one stage, unless later tensors are computed from earlier
+        results (RegMean++ runs the merged blocks)."""
+        return [Stage(self.tasks(recipe, inputs, tasks, warnings))]
+
+    def label(self, recipe: Recipe) -> str:
+        """What this recipe's merge is called ("RegMean++ merge"); `title` unless settings change it."""
+        return self.title
 
     def describe(self, recipe: Recipe) -> list[str]:
         """The method's part of the model card's "Method" section (Markdown lines)."""

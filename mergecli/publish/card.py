@@ -128,7 +128,7 @@ def render_card(recipe: Recipe, method: Method, *, config: dict | None) -> str:
     title = recipe.output.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] if recipe.output else "merged-model"
     count = len(recipe.models)
     lines = [front_matter(recipe, config), "", f"# {title}", "",
-             f"A {method.title} of {count} model{'s' * (count != 1)}, made with [mergecli]({MERGECLI_URL}) "
+             f"A {method.label(recipe)} of {count} model{'s' * (count != 1)}, made with [mergecli]({MERGECLI_URL}) "
              f"{__version__}.", "", "## Models", "",
              "| model | weight | source |", "|---|---:|---|"]
     for spec, weight in zip(recipe.models, recipe.weights):

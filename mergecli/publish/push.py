@@ -171,7 +171,7 @@ def push(directory: Path | str, *, repo_id: str | None = None, private: bool | N
 
 
 def _default_message(recipe: Recipe) -> str:
-    method = get_method(recipe.method).title
+    method = get_method(recipe.method).label(recipe)
     count = len(recipe.models)
     return f"Upload {method} of {count} model{'s' * (count != 1)} (mergecli {__version__})"
 

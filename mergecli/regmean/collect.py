@@ -78,6 +78,7 @@ class StatsResult:
     bytes: int
     seconds: float
     warnings: list[str]
+    spilled: int = 0  # bytes of hidden states that went to disk (over the memory budget)
 
 
 def plan_stats(recipe: Recipe, *, models: list[str] | tuple[str, ...] = (), force: bool = False) -> list[StatsJob]:
@@ -178,7 +179,7 @@ class StatsSession:
         ...             session.collect(job)
     """
 
-    def __init__(self, device: str = "cpu", *, memory_budget: int | None = None):
+    def __init__(self, device: str = "cpu"):
         if device not in ("cpu", "cuda"):
             raise UsageError(f"--device {device}: expected cpu or cuda")
         if device == "cuda" and not torch.cuda.is_available():
@@ -186,7 +187,6 @@ class StatsSession:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
         self.device = device
-        self.memory_budget = memory_budget
         self._group = False
         if device == "cuda":
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -223,8 +223,7 @@ class StatsSession:
         """
         started = time.perf_counter()
         warnings = list(job.warnings)
-        budget_bytes = self.memory_budget or job.settings.memory_budget
-        budget = MemoryBudget(budget_bytes, job.directory.parent / f".spill-{os.getpid()}")
+        budget = MemoryBudget(job.settings.memory_budget, job.directory.parent / f".spill-{os.getpid()}")
         with open_checkpoint(job.spec.path, revision=job.spec.revision) as checkpoint:
             skeleton = build_skeleton(job.checkpoint.directory, checkpoint, device=self.device, label=job.label,
                                       images=job.data.kind == "image")
@@ -266,7 +265,7 @@ class StatsSession:
             finally:
                 budget.close()
         return StatsResult(job.name, job.directory, examples, tokens, len(ran), len(reached.gram_tokens), size,
-                           time.perf_counter() - started, warnings)
+                           time.perf_counter() - started, warnings, budget.spilled)
 
     def _run_stages(self, skeleton: Skeleton, layers: list[LinearLayer], batches: list[Batch], forward: Forward,
                     budget: MemoryBudget, name: str, files: StatsFiles | None, on_progress: StatsProgress | None,

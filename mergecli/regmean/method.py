@@ -1,15 +1,17 @@
 """The `regmean` method: RegMean (Jin et al., ICLR 2023) for every linear layer with statistics,
-the weighted average for everything else; its recipe table is `[regmean]`.
+the weighted average for everything else; with `[regmean] sequential = true`, RegMean++.
 """
 
 from __future__ import annotations
 
 from mergecli.errors import UsageError
-from mergecli.methods.base import Inputs, Method, TensorTask, register
+from mergecli.methods.base import Inputs, Method, Stage, TensorTask, register
 from mergecli.recipe import Recipe
+from mergecli.regmean.plusplus import plusplus_stages
 from mergecli.regmean.tasks import regmean_tasks
 
 REGMEAN_PAPER = "https://arxiv.org/abs/2212.09849"
+REGMEAN_PLUSPLUS_PAPER = "https://arxiv.org/abs/2508.03121"
 
 
 def require_data(recipe: Recipe) -> None:
@@ -25,7 +27,7 @@ class RegMean(Method):
     title = "RegMean merge"
     command = "regmean merge"
     table = "regmean"
-    kinds = {"regmean": "RegMean (linear weights)"}
+    kinds = {"regmean": "RegMean (linear weights)", "regmean++": "RegMean++ (linear weights)"}
 
     def check(self, recipe: Recipe) -> None:
         require_data(recipe)
@@ -33,11 +35,25 @@ class RegMean(Method):
     def tasks(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[TensorTask]:
         return regmean_tasks(recipe, inputs, tasks, warnings)
 
+    def stages(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[Stage]:
+        if recipe.regmean.sequential:
+            return plusplus_stages(recipe, inputs, tasks, warnings)
+        return super().stages(recipe, inputs, tasks, warnings)
+
+    def label(self, recipe: Recipe) -> str:
+        return "RegMean++ merge" if recipe.regmean.sequential else self.title
+
     def describe(self, recipe: Recipe) -> list[str]:
         settings = recipe.regmean
+        if settings.sequential:
+            lead = [f"**RegMean++** ([Nguyen et al., TMLR 2026]({REGMEAN_PLUSPLUS_PAPER})), RegMean "
+                    f"([Jin et al., ICLR 2023]({REGMEAN_PAPER})) block by block: block l's Gram matrices come "
+                    "from each model's own block l run on inputs that went through the merged blocks 0..l-1."]
+        else:
+            lead = [f"**RegMean** ([Jin et al., ICLR 2023]({REGMEAN_PAPER}), \"Dataless Knowledge Fusion by "
+                    "Merging Weights of Language Models\")."]
         return [
-            f"**RegMean** ([Jin et al., ICLR 2023]({REGMEAN_PAPER}), \"Dataless Knowledge Fusion by "
-            "Merging Weights of Language Models\"). Every linear layer is merged in closed form, "
+            lead[0] + " Every linear layer is merged in closed form, "
             "`W = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢ` with `G̃ᵢ = α·Gᵢ + (1−α)·diag(Gᵢ)`, where Gᵢ is the Gram matrix "
             "of the layer's inputs in model i on its calibration data; everything else is averaged "
             "with the weights below.",

@@ -93,7 +93,7 @@ class Skeleton:
     blocks: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
     # parameter name → where it is set: (module, attribute, is a buffer)
     _places: dict[str, list[tuple[torch.nn.Module, str, bool]]] = field(default_factory=dict)
-    _stored: dict[str, str] = field(default_factory=dict)  # parameter name → checkpoint tensor
+    stored: dict[str, str] = field(default_factory=dict)  # parameter name → checkpoint tensor
 
     def __post_init__(self) -> None:
         try:
@@ -112,9 +112,9 @@ class Skeleton:
                 key = canonical.setdefault(id(tensor), full)
                 self._places.setdefault(key, []).append((module, attr, is_buffer))
                 stored = _checkpoint_name(full, tuple(tensor.shape), tensors, prefixes)
-                if stored and key not in self._stored:
-                    self._stored[key] = stored
-        missing = [key for key, places in self._places.items() if key not in self._stored and not places[0][2]]
+                if stored and key not in self.stored:
+                    self.stored[key] = stored
+        missing = [key for key, places in self._places.items() if key not in self.stored and not places[0][2]]
         if missing:
             raise StatsError(f"{self.label}: the checkpoint has no weight for {missing[0]}"
                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}",
@@ -132,7 +132,7 @@ class Skeleton:
             current = module._buffers[attr] if is_buffer else module._parameters[attr]
             if current is not None and current.device.type != "meta" and not is_buffer:
                 continue  # already loaded
-            stored = self._stored.get(key)
+            stored = self.stored.get(key)
             if stored is None:
                 continue  # a buffer the checkpoint does not store: keep the built one
             tensor = self.checkpoint.read(stored)
