@@ -1,26 +1,28 @@
-"""RegMean benchmark: the cost of collecting statistics, their size, and the memory of the merge.
+"""`make bench-regmean`: memory, time and disk of RegMean statistics and of a RegMean++ merge.
 
-Builds two LLaMA-shaped fp32 checkpoints on the fly (default: hidden 768, 6 layers, intermediate
-2048, 12 heads / 3 KV heads, vocab 8000: about 50M parameters) and calibration data of 64
-examples of up to 256 tokens, then prints:
+Builds LLaMA-shaped bf16 checkpoints (hidden 2048, intermediate 5632, vocab 32000: the shape the
+issue measured) at 2 and at 12 layers, with a word tokenizer, and calibration data of 32 examples,
+then measures in child processes, one run after another:
 
-  - collect-stats throughput (real tokens/s) of the forward pass with the Gram hooks, against a
-    plain forward pass over the same padded batches (target: at most 1.6× its time);
-  - the statistics' size on disk, with shared-input deduplication (q/k/v and gate/up read one
-    Gram matrix) and without;
-  - `mergecli regmean merge` wall time and peak RSS (a child process, VmHWM / getrusage) above a
-    process that only imports mergecli and torch, against the size of one layer's n Gram matrices
-    and against `mergecli average` of the same models (the streaming loop's own buffers).
+  - `regmean collect-stats` of one model: peak RSS (`/usr/bin/time -v`) and wall time, against a
+    plain forward pass of the same model over the same batches (transformers `from_pretrained`,
+    the whole model in memory, the same batches; both end to end, process start included);
+  - the statistics' bytes on disk, against what format version 1 (full float64 matrices) stored;
+  - `regmean merge` with `sequential = true` (RegMean++) of two models: peak RSS and wall time,
+    against plain forwards of both models.
 
-Usage: python benchmarks/bench_regmean.py [WORKDIR] [--hidden 768] [--layers 6] [--intermediate 2048]
-       [--vocab 8000] [--examples 64] [--length 256] [--batch 8] [--repeats 3]
-       (default WORKDIR: bench-out/regmean; about 300 MB of disk, a few minutes on 2 cores)
+Usage: python benchmarks/bench_regmean.py [WORKDIR] [--layers 2,12] [--examples 32] [--length 256]
+       (default WORKDIR: bench-out/regmean; about 6 GB of disk, 10-15 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -28,206 +30,170 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from builders import word_tokenizer  # noqa: E402  (the tests' tiny tokenizer, any vocabulary size)
-from mergecli.recipe import load_recipe  # noqa: E402
-from mergecli.regmean.calibration import pad_id, read_examples, text_batches, tokenize_examples  # noqa: E402
-from mergecli.regmean.collect import StatsSession, compute_dtype, load_model, plan_stats  # noqa: E402
-from mergecli.regmean.grams import GramCollector  # noqa: E402
-from mergecli.regmean.layers import find_linear_layers  # noqa: E402
+from builders import word_tokenizer  # noqa: E402  (the tests' word tokenizer, any vocabulary size)
 
 MB = 10**6
-# A child's getrusage(RUSAGE_SELF).ru_maxrss starts at its parent's peak on Linux (kept across fork
-# and exec), so the child reports its own high-water mark (VmHWM) where /proc has it.
-MEASURE = """
-import re, resource, runpy, sys
-sys.argv = ["mergecli", *sys.argv[1:]]
-if len(sys.argv) > 1:
-    try:
-        runpy.run_module("mergecli", run_name="__main__")
-    except SystemExit as exit:
-        if exit.code:
-            raise
-else:
-    import torch, mergecli.cli.app  # the baseline: what every mergecli process imports
-try:
-    kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-except OSError:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("maxrss_kb", kb)
+HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 16, 4
+
+# A plain forward pass over exactly the batches collect-stats runs (its own batching code), timed
+# from process start like the CLI: load the whole model with transformers, run every batch.
+FORWARD = """
+import sys, time
+from pathlib import Path
+import torch, transformers
+from mergecli.recipe import load_recipe
+from mergecli.regmean.calibration import model_batches, read_examples
+recipe = load_recipe(sys.argv[1])
+settings = recipe.regmean
+for spec in recipe.models:
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32).eval()
+    data = read_examples(spec.data, num_examples=settings.num_examples)
+    batches, _ = model_batches(data, Path(spec.path), batch_size=settings.batch_size,
+                               max_length=settings.max_length, max_positions=None)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            model(**batch.inputs)
+    print("forward_seconds", time.perf_counter() - started)
+    del model
 """
 
 
-def build_models(work: Path, args: argparse.Namespace) -> list[Path]:
-    dtype = getattr(torch, args.dtype)
-    heads = args.hidden // 64  # head size 64, 4 query heads per key/value head
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_llama(path: Path, layers: int, seed: int) -> Path:
+    """A LLaMA checkpoint of random bf16 weights (norms at 1), written directly with safetensors."""
+    if (path / "config.json").exists():
+        return path
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 4,
-                         max_position_embeddings=2 * args.length, tie_word_embeddings=False, pad_token_id=0,
-                         bos_token_id=2, eos_token_id=3)
-    paths = []
-    for seed in range(2):
-        path = work / f"llama-{args.dtype}-{seed}"
-        if not (path / "config.json").exists():
-            torch.manual_seed(seed)
-            LlamaForCausalLM(config).to(dtype).save_pretrained(path)
-            word_tokenizer(args.vocab).save_pretrained(path)
-        paths.append(path)
-    return paths
+    path.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
 
+    def weight(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
 
-def write_data(work: Path, args: argparse.Namespace) -> list[Path]:
-    paths = []
-    for seed in range(2):
-        rng = random.Random(seed)
-        lengths = [rng.randint(args.length // 2, args.length) for _ in range(args.examples)]
-        lines = [" ".join(f"w{rng.randrange(40, args.vocab)}" for _ in range(n)) for n in lengths]
-        path = work / f"data-{seed}.txt"
-        path.write_text("\n".join(lines) + "\n")
-        paths.append(path)
-    return paths
-
-
-def write_recipe(work: Path, models: list[Path], data: list[Path], args: argparse.Namespace) -> Path:
-    recipe = work / "recipe.toml"
-    text = ['method = "regmean"', f'output = "{work / "merged"}"', "", "[regmean]",
-            f'stats_dir = "{work / "stats"}"', f"num_examples = {args.examples}", f"batch_size = {args.batch}",
-            f"max_length = {args.length}"]
-    for i, (model, path) in enumerate(zip(models, data)):
-        text += ["", "[[models]]", f'path = "{model}"', f'name = "m{i}"', f'data = "{path}"']
-    recipe.write_text("\n".join(text) + "\n")
-    return recipe
+    tensors = {"model.embed_tokens.weight": weight(VOCAB, HIDDEN), "model.norm.weight": torch.ones(HIDDEN).bfloat16(),
+               "lm_head.weight": weight(VOCAB, HIDDEN)}
+    kv = HIDDEN // HEADS * KV_HEADS
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": torch.ones(HIDDEN).bfloat16(),
+            p + "post_attention_layernorm.weight": torch.ones(HIDDEN).bfloat16(),
+            p + "self_attn.q_proj.weight": weight(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": weight(kv, HIDDEN),
+            p + "self_attn.v_proj.weight": weight(kv, HIDDEN), p + "self_attn.o_proj.weight": weight(HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": weight(INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": weight(INTERMEDIATE, HIDDEN),
+            p + "mlp.down_proj.weight": weight(HIDDEN, INTERMEDIATE),
+        })
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=4096,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                         architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    config.save_pretrained(path)
+    word_tokenizer(VOCAB).save_pretrained(path)
+    return path
 
 
-def batches_of(model_dir: Path, data: Path, args: argparse.Namespace) -> list:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = read_examples(data, num_examples=args.examples).examples
-    token_ids = tokenize_examples(examples, tokenizer, max_length=args.length)
-    return list(text_batches(token_ids, batch_size=args.batch, pad_token_id=pad_id(tokenizer)))
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def write_data(path: Path, examples: int, length: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    lines = [" ".join(f"w{rng.randrange(40, VOCAB)}" for _ in range(rng.randint(length // 2, length)))
+             for _ in range(examples)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
-def time_forward(model: torch.nn.Module, batches: list, collector: GramCollector | None = None) -> float:
-    with torch.inference_mode():
-        model(**batches[0].inputs)  # warm-up, not timed
-        synchronize()
-        started = time.perf_counter()
-        for batch in batches:
-            if collector:
-                collector.begin_batch(batch.mask)
-            model(**batch.inputs)
-        if collector:
-            collector.finish()
-        synchronize()
-        return time.perf_counter() - started
+def write_recipe(path: Path, models: list[Path], data: list[Path], args: argparse.Namespace, **regmean) -> Path:
+    lines = ['method = "regmean"', 'output = "merged"', "", "[regmean]", f"num_examples = {args.examples}",
+             f"batch_size = {args.batch}", f"max_length = {args.length}", 'stats_dir = "stats"',
+             *(f"{key} = {json.dumps(value)}" for key, value in regmean.items())]
+    for i, (model, file) in enumerate(zip(models, data)):
+        lines += ["", "[[models]]", f'path = "{model}"', f'name = "m{i}"', f'data = "{file}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def measure(command: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, stdout) of one child process; RSS from `/usr/bin/time -v`."""
+    started = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    kbytes = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return wall, kbytes * 1024 / MB, result.stdout
 
 
 def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def child_maxrss(*args: str) -> tuple[int, float]:
-    started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if run.returncode:
-        raise SystemExit(f"child failed:\n{run.stdout}\n{run.stderr}")
-    kb = int(run.stdout.strip().splitlines()[-1].split()[-1])
-    return kb * 1024, seconds
+def format_v1_bytes(stats: Path) -> int:
+    """What format version 1 stored for the same statistics: every Gram as a full d×d float64 matrix."""
+    meta = json.loads((stats / "stats.json").read_text())
+    return sum(8 * e["in_features"] ** 2 for e in meta["grams"].values()) + (stats / "stats.json").stat().st_size
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", nargs="?", default=str(ROOT / "bench-out" / "regmean"))
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the checkpoints")
-    for name, default in [("hidden", 768), ("layers", 6), ("intermediate", 2048), ("vocab", 8000),
-                          ("examples", 64), ("length", 256), ("batch", 8), ("repeats", 3)]:
-        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--layers", default="2,12")
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--runs", default="collect,merge,plusplus", help="which of collect, merge, plusplus")
     args = parser.parse_args()
+    runs = set(args.runs.split(","))
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"torch {torch.__version__}, {where}; {args.dtype} checkpoints; work dir {work}")
-
-    models = build_models(work, args)
-    data = write_data(work, args)
-    recipe_path = write_recipe(work, models, data, args)
-    recipe = load_recipe(recipe_path)
-
-    # 1. Hooks + Grams against a plain forward pass, same model, same padded batches.
-    from mergecli.io.checkpoint import open_checkpoint
-
-    with open_checkpoint(str(models[0])) as checkpoint:
-        model = load_model(models[0], dtype=compute_dtype(checkpoint, args.device), device=args.device, label="m0")
-        layers, _ = find_linear_layers(model, checkpoint.tensors)
-    dtype = next(model.parameters()).dtype
-    batches = [b.to(next(model.parameters()).device, dtype) for b in batches_of(models[0], data[0], args)]
-    tokens = sum(int(b.mask.sum()) for b in batches)
-    padded = sum(b.mask.numel() for b in batches)
-    # alternate the two, three times each, and keep the best: a shared 2-core machine is noisy
-    plain = hooked = float("inf")
-    for _ in range(args.repeats):
-        plain = min(plain, time_forward(model, batches))
-        with GramCollector(model, layers) as collector:
-            hooked = min(hooked, time_forward(model, batches, collector))
-    params = sum(p.numel() for p in model.parameters())
-    del model
-    print(f"\nmodel: {params / 1e6:.1f}M parameters ({dtype}), {len(layers)} linear layers; "
-          f"data: {len(batches)} batches, {tokens} real tokens ({padded} with padding)")
-    print(f"plain forward      {plain:7.2f} s  {tokens / plain:9.0f} tokens/s   (best of {args.repeats})")
-    print(f"collect (hooks)    {hooked:7.2f} s  {tokens / hooked:9.0f} tokens/s   throughput ratio "
-          f"{(tokens / hooked) / (tokens / plain):.2f}: {hooked / plain:.2f}× the forward time (target ≤ 1.6×)")
-
-    # 2. Statistics on disk, with and without shared-input deduplication (end to end, both models).
-    shutil.rmtree(work / "stats", ignore_errors=True)
-    shutil.rmtree(work / "stats-nodedupe", ignore_errors=True)
-    started = time.perf_counter()
-    with StatsSession(args.device) as session:
-        for job in plan_stats(recipe, force=True):
-            session.collect(job)
-    collect_seconds = time.perf_counter() - started
-    nodedupe = load_recipe(recipe_path, overrides=[f'regmean.stats_dir="{work / "stats-nodedupe"}"'])
-    with StatsSession(args.device) as session:
-        job = plan_stats(nodedupe, models=["m0"], force=True)[0]
-        session.collect(job, share_inputs=False)
-    with_dedupe = directory_bytes(work / "stats" / "m0")
-    without = directory_bytes(work / "stats-nodedupe" / "m0")
-    print(f"\ncollect-stats, 2 models end to end (load, run, save): {collect_seconds:.1f} s")
-    print(f"stats per model on disk: {with_dedupe / MB:8.1f} MB with shared-input dedupe, "
-          f"{without / MB:8.1f} MB without ({without / with_dedupe:.2f}×)")
-
-    # 3. The merge in a child process: wall time and peak RSS above the import baseline.
-    baseline, _ = child_maxrss()
-    rss, seconds = child_maxrss("regmean", "merge", str(recipe_path), "--force", "--quiet")
-    average_rss, average_seconds = child_maxrss("average", "-m", str(models[0]), "-m", str(models[1]),
-                                                "-o", str(work / "averaged"), "--force", "--quiet")
-    largest = max(args.hidden, args.intermediate)
-    one_layer = 2 * largest * largest * 8
-    from mergecli.merge.plan import plan_merge
-
-    plan = plan_merge(recipe, force=True)
-    estimate = plan.peak_memory
-    plan.inputs.close()
-    model_bytes = directory_bytes(models[0]) - sum(p.stat().st_size for p in models[0].glob("*.json"))
-    print(f"\nregmean merge: {seconds:.1f} s wall (process start included)")
-    print(f"peak RSS {rss / MB:.0f} MB, baseline (imports) {baseline / MB:.0f} MB → "
-          f"{(rss - baseline) / MB:.0f} MB for the merge; `mergecli average` of the same models: "
-          f"{(average_rss - baseline) / MB:.0f} MB, {average_seconds:.1f} s")
-    print(f"one layer's Grams (2 models × {largest}² float64) = {one_layer / MB:.0f} MB; "
-          f"plan's peak estimate {estimate / MB:.0f} MB; one model checkpoint {model_bytes / MB:.0f} MB; "
-          f"all Grams of one model {with_dedupe / MB:.0f} MB")
+    mergecli = [sys.executable, "-m", "mergecli"]
+    data = [write_data(work / f"data-{i}.txt", args.examples, args.length, seed=i) for i in range(2)]
+    rows = []
+    for layers in (int(n) for n in args.layers.split(",")):
+        models = [build_llama(work / f"llama-{layers}l-{i}", layers, seed=i) for i in range(2)]
+        case = work / f"{layers}-layers"
+        shutil.rmtree(case, ignore_errors=True)
+        case.mkdir()
+        one = write_recipe(case / "one.toml", models[:1], data[:1], args)
+        if "collect" in runs:
+            wall, rss, _ = measure([*mergecli, "regmean", "collect-stats", str(one), "--quiet"])
+            forward_wall, forward_rss, out = measure([sys.executable, "-c", FORWARD, str(one)])
+            stats = case / "stats" / "m0"
+            rows.append((layers, "collect-stats (1 model)", wall, rss, forward_wall, forward_rss,
+                         directory_bytes(stats), format_v1_bytes(stats)))
+        two = write_recipe(case / "two.toml", models, data, args)
+        if runs & {"merge", "plusplus"}:
+            both_wall, both_rss, _ = measure([sys.executable, "-c", FORWARD, str(two)])
+        if "merge" in runs:
+            subprocess.run([*mergecli, "regmean", "collect-stats", str(two), "--quiet"], check=True,
+                           capture_output=True)
+            rm_wall, rm_rss, _ = measure([*mergecli, "regmean", "merge", str(two), "--quiet", "--force"])
+            rows.append((layers, "RegMean merge (2 models, from stats)", rm_wall, rm_rss, both_wall, both_rss, 0, 0))
+        if "plusplus" in runs:
+            pp = write_recipe(case / "pp.toml", models, data, args, sequential=True)
+            pp_wall, pp_rss, _ = measure([*mergecli, "regmean", "merge", str(pp), "--quiet", "--force"])
+            rows.append((layers, "RegMean++ merge (2 models)", pp_wall, pp_rss, both_wall, both_rss, 0, 0))
+        print(f"{layers} layers done", file=sys.stderr)
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"torch {torch.__version__}; LLaMA bf16, hidden {HIDDEN}, intermediate {INTERMEDIATE}, vocab {VOCAB}; "
+          f"{args.examples} examples of {args.length // 2}-{args.length} tokens, batch {args.batch}\n")
+    print("| layers | run | wall s | peak RSS MB | plain forward wall s | forward peak RSS MB | time ÷ forward "
+          "| stats on disk MB | format v1 MB | disk ÷ v1 |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for layers, run, wall, rss, fwall, frss, disk, v1 in rows:
+        disk_cols = f"{disk / MB:.1f} | {v1 / MB:.1f} | {disk / v1:.3f}" if v1 else "- | - | -"
+        print(f"| {layers} | {run} | {wall:.1f} | {rss:.0f} | {fwall:.1f} | {frss:.0f} | {wall / fwall:.2f} | {disk_cols} |")
+    by_run = {}
+    for layers, run, _, rss, *_ in rows:
+        by_run.setdefault(run, []).append((layers, rss))
+    for run, points in by_run.items():
+        if len(points) > 1:
+            (few, low), (many, high) = points[0], points[-1]
+            print(f"\n{run}: peak RSS at {many} layers ÷ at {few} layers = {high / low:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Scale-out: `torchrun --nproc-per-node 2 -m mergecli regmean collect-stats` (gloo on CPU) splits the
-calibration data across ranks and all-reduces the sums; the result equals a single-process run."""
+calibration data across ranks (unevenly: 8 and 7 examples) and all-reduces every block's sums; the
+result equals a single-process run, and the whole-model reference computed in the test."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from builders import build_llama
 from clirunner import cli
 from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
-from regmean_fixtures import read_stats, write_recipe
+from regmean_fixtures import first_examples, layer_inputs, read_stats, text_inputs, write_recipe
 
 
 def test_two_ranks_equal_one_process(tmp_path, text_data):
@@ -42,3 +43,9 @@ def test_two_ranks_equal_one_process(tmp_path, text_data):
         for key, gram in one_grams.items():
             torch.testing.assert_close(two_grams[key], gram, rtol=1e-12, atol=1e-12 * float(gram.abs().max()))
     assert sorted(p.name for p in (tmp_path / "ranks").iterdir()) == ["m0", "m1"]
+    reference = layer_inputs(models[1], text_inputs(models[1], first_examples(text_data[1], 15), max_length=16))
+    meta, grams = read_stats(tmp_path / "ranks" / "m1")
+    for weight, entry in meta["layers"].items():
+        x = reference[weight.removesuffix(".weight")]
+        assert entry["tokens"] == x.shape[0]
+        torch.testing.assert_close(grams[entry["gram"]], x.T @ x, rtol=1e-12, atol=1e-12 * float((x.T @ x).abs().max()))

@@ -23,6 +23,7 @@ from regmean_fixtures import (
     text_inputs,
     unpack_upper,
     write_recipe,
+    write_txt,
 )
 
 MAX_LENGTH = 16
@@ -195,3 +196,72 @@ def test_cuda_stats_equal_cpu_stats(tmp_path, llama_models, text_data):
     assert gpu_meta["layers"] == cpu_meta["layers"] and gpu_meta["tokens"] == cpu_meta["tokens"]
     for key, gram in cpu_grams.items():
         torch.testing.assert_close(gpu_grams[key], gram, rtol=1e-4, atol=1e-4 * float(gram.abs().max()), msg=key)
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    """A float64 LLaMA: sums are exact enough that batching and summation order do not show."""
+    from builders import build_llama
+
+    return build_llama(tmp_path_factory.mktemp("llama64") / "llama", seed=41, dtype=torch.float64)
+
+
+def collected(tmp_path: Path, model: Path, data: Path, stats_dir: str, *options: str) -> Path:
+    recipe = write_recipe(tmp_path / f"{stats_dir}.toml", [(model, data)], names=["m"],
+                          settings={"num_examples": 16, "batch_size": 3, "max_length": MAX_LENGTH,
+                                    "stats_dir": stats_dir})
+    result = cli("regmean", "collect-stats", recipe, *options)
+    assert result.exit_code == 0, result.output
+    return tmp_path / stats_dir / "m"
+
+
+def test_a_small_memory_budget_spills_hidden_states_and_changes_nothing(tmp_path, llama64, text_data):
+    in_memory = collected(tmp_path, llama64, text_data[0], "ram")
+    spilled = collected(tmp_path, llama64, text_data[0], "disk", "--memory-budget", "1KB")
+    meta, grams = read_stats(in_memory)
+    spilled_meta, spilled_grams = read_stats(spilled)
+    assert spilled_meta["layers"] == meta["layers"] and spilled_meta["tokens"] == meta["tokens"]
+    assert spilled_grams.keys() == grams.keys() and all(torch.equal(spilled_grams[k], g) for k, g in grams.items())
+    recipe = tmp_path / "disk.toml"
+    result = cli("regmean", "collect-stats", recipe, "--memory-budget", "1KB", "--force")
+    assert "of hidden states spilled to disk" in result.stdout
+    assert "of hidden states spilled" not in cli("regmean", "collect-stats", recipe, "--force").stdout
+    assert [p.name for p in (tmp_path / "disk").iterdir()] == ["m"]  # the spill files are gone
+
+
+def test_combined_halves_equal_the_whole(tmp_path, llama64, text_data):
+    texts = first_examples(text_data[1], 16)
+    whole = collected(tmp_path, llama64, write_txt(tmp_path / "all.txt", texts), "whole")
+    parts = [collected(tmp_path, llama64, write_txt(tmp_path / f"half{i}.txt", half), f"part{i}")
+             for i, half in enumerate((texts[:9], texts[9:]))]
+    result = cli("regmean", "combine-stats", tmp_path / "sum" / "m", *parts)
+    assert result.exit_code == 0, result.output
+    assert "2 parts, 16 examples" in result.stdout
+    meta, grams = read_stats(whole)
+    summed_meta, summed = read_stats(tmp_path / "sum" / "m")
+    assert (summed_meta["examples"], summed_meta["tokens"]) == (meta["examples"], meta["tokens"])
+    assert meta["examples"] == 16
+    assert summed_meta["layers"] == meta["layers"] and len(summed_meta["data"]["parts"]) == 2
+    for key, gram in grams.items():
+        torch.testing.assert_close(summed[key], gram, rtol=1e-12, atol=1e-12 * float(gram.abs().max()))
+    # combined statistics are up to date for collect-stats, and merge with them
+    recipe = write_recipe(tmp_path / "merge.toml", [(llama64, tmp_path / "all.txt")], names=["m"],
+                          settings={"num_examples": 16, "max_length": MAX_LENGTH, "stats_dir": "sum"})
+    assert "up to date" in cli("regmean", "collect-stats", recipe).output
+    merged = cli("regmean", "merge", recipe)
+    assert merged.exit_code == 0 and "data settings" not in merged.output, merged.output
+
+
+def test_combine_refuses_other_models_and_an_existing_output(tmp_path, llama64, llama_models, text_data):
+    mine = collected(tmp_path, llama64, text_data[0], "mine")
+    other = collected(tmp_path, llama_models[0], text_data[0], "other")
+    result = cli("regmean", "combine-stats", tmp_path / "sum", mine, other)
+    assert result.exit_code == 1 and "are statistics of another model" in result.stderr, result.output
+    assert not (tmp_path / "sum").exists()
+    result = cli("regmean", "combine-stats", mine, mine, other)
+    assert result.exit_code == 2 and "is one of the inputs" in result.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    result = cli("regmean", "combine-stats", tmp_path / "notes", mine, "--force")
+    assert result.exit_code == 2 and "not a statistics directory" in result.stderr
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"

@@ -3,6 +3,7 @@ merge` (the merge itself, planned and run like every method's)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -105,3 +106,29 @@ def merge(
 
     spec = load_recipe(recipe, overrides=set_ or [])
     plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run, quiet=quiet)
+
+
+@regmean_app.command("combine-stats")
+@report_errors
+def combine_stats(
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="Where the summed statistics go.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(metavar="IN...", help="Statistics of one model, collected in parts.",
+                                                 show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds statistics.")] = False,
+) -> None:
+    """Add up statistics of one model collected in parts (other data, other machines).
+
+    Each IN is a `stats_dir/<model name>` directory written by collect-stats; all must come from
+    the same checkpoint. `regmean merge` then reads OUT like any statistics.
+
+    Examples:
+
+    \b
+      mergecli regmean combine-stats stats/math part1/math part2/math
+      mergecli regmean combine-stats stats/math shard-*/math --force
+    """
+    from mergecli.regmean.combine import combine_stats as combine
+
+    result = combine(output, inputs, force=force)
+    out_console.print(f"{result.directory}: {result.parts} parts, {result.examples} examples, {result.tokens} tokens, "
+                      f"{result.grams} Gram matrices ({human_bytes(result.bytes)})")

@@ -25,6 +25,7 @@ import torch
 from mergecli.errors import StatsError, UsageError
 from mergecli.io.atomic import atomic_directory
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
+from mergecli.io.memory import give_back_memory
 from mergecli.recipe import ModelSpec, Recipe, RegMeanSettings
 from mergecli.regmean.calibration import Batch, CalibrationData, model_batches, read_examples
 from mergecli.regmean.engine import Forward, advance, run_block, run_prefix, run_tail
@@ -223,49 +224,53 @@ class StatsSession:
         """
         started = time.perf_counter()
         warnings = list(job.warnings)
-        budget = MemoryBudget(job.settings.memory_budget, job.directory.parent / f".spill-{os.getpid()}")
-        with open_checkpoint(job.spec.path, revision=job.spec.revision) as checkpoint:
-            skeleton = build_skeleton(job.checkpoint.directory, checkpoint, device=self.device, label=job.label,
-                                      images=job.data.kind == "image")
-            layers, unmatched = find_linear_layers(skeleton.model, checkpoint.tensors)
-            if not layers:
-                raise StatsError(f"{job.label}: the model has no linear layers (nn.Linear / Conv1D) with "
-                                 "weights in the checkpoint, so RegMean has nothing to merge",
-                                 hint="merge it with `mergecli average`")
-            if unmatched:
-                warnings.append(f"{job.label}: {len(unmatched)} linear layer(s) have no weight of their own in "
-                                f"the checkpoint and are averaged: {_some(unmatched)}")
-            batches, max_length = model_batches(
-                job.data, job.checkpoint.directory, batch_size=job.settings.batch_size,
-                max_length=job.settings.max_length, max_positions=max_positions(skeleton.model),
-                shard=(self.rank, self.world), label=job.label, warnings=warnings)
-            examples = sum(batch.examples for batch in batches)
-            batches = [batch.to(self.device, skeleton.dtype) for batch in batches]
-            writing = atomic_directory(job.directory, force=True) if self.rank == 0 else contextlib.nullcontext()
-            try:
-                with writing as temporary:
-                    files = StatsFiles(temporary, fingerprint=job.fingerprint, model=job.name) if temporary else None
-                    reached = self._run_stages(skeleton, layers, batches, forward_of(skeleton.model, job.data.kind),
-                                               budget, job.name, files, on_progress, share_inputs)
-                    examples, tokens = self._sum_counts(examples, reached.tokens)
-                    missed = [layer.module for layer in layers if layer.module not in reached.gram_of]
-                    if missed:
-                        warnings.append(f"{job.label}: {len(missed)} linear layer(s) were not run by the calibration "
-                                        f"data and are averaged: {_some(missed)}")
-                    ran = [layer for layer in layers if layer.module in reached.gram_of]
-                    settings = {**job.data_settings(), "examples_used": examples}
-                    if max_length:
-                        settings["max_length_used"] = max_length
-                    meta = stats_meta(model=job.name, source=job.spec.path, revision=job.checkpoint.commit,
-                                      fingerprint=job.fingerprint,
-                                      weights_sha256=weights_digest(checkpoint, [layer.weight for layer in ran]),
-                                      data=settings, examples=examples, tokens=tokens, layers=ran,
-                                      gram_of=reached.gram_of, gram_tokens=reached.gram_tokens)
-                    size = files.finish(meta) if files else 0
-            finally:
-                budget.close()
+        with contextlib.ExitStack() as stack:
+            checkpoint = stack.enter_context(open_checkpoint(job.spec.path, revision=job.spec.revision))
+            budget = MemoryBudget(job.settings.memory_budget, job.directory.parent / f".spill-{os.getpid()}")
+            stack.callback(budget.close)
+            skeleton, layers, batches, max_length = self._prepare(job, checkpoint, warnings)
+            files = None
+            if self.rank == 0:  # written into a temporary sibling, renamed into place when complete
+                temporary = stack.enter_context(atomic_directory(job.directory, force=True))
+                files = StatsFiles(temporary, fingerprint=job.fingerprint, model=job.name)
+                stack.callback(files.close)
+            reached = self._run_stages(skeleton, layers, batches, forward_of(skeleton.model, job.data.kind),
+                                       budget, job.name, files, on_progress, share_inputs)
+            examples, tokens = self._sum_counts(sum(batch.examples for batch in batches), reached.tokens)
+            missed = [layer.module for layer in layers if layer.module not in reached.gram_of]
+            if missed:
+                warnings.append(f"{job.label}: {len(missed)} linear layer(s) were not run by the calibration "
+                                f"data and are averaged: {_some(missed)}")
+            ran = [layer for layer in layers if layer.module in reached.gram_of]
+            settings = {**job.data_settings(), "examples_used": examples, **({"max_length_used": max_length}
+                                                                              if max_length else {})}
+            meta = stats_meta(model=job.name, source=job.spec.path, revision=job.checkpoint.commit,
+                              fingerprint=job.fingerprint,
+                              weights_sha256=weights_digest(checkpoint, [layer.weight for layer in ran]),
+                              data=settings, examples=examples, tokens=tokens, layers=ran,
+                              gram_of=reached.gram_of, gram_tokens=reached.gram_tokens)
+            size = files.finish(meta) if files else 0
         return StatsResult(job.name, job.directory, examples, tokens, len(ran), len(reached.gram_tokens), size,
                            time.perf_counter() - started, warnings, budget.spilled)
+
+    def _prepare(self, job: StatsJob, checkpoint: Checkpoint,
+                 warnings: list[str]) -> tuple[Skeleton, list[LinearLayer], list[Batch], int]:
+        """The model without weights, its linear layers, and this process's batches on the device."""
+        skeleton = build_skeleton(job.checkpoint.directory, checkpoint, device=self.device, label=job.label,
+                                  images=job.data.kind == "image")
+        layers, unmatched = find_linear_layers(skeleton.model, checkpoint.tensors)
+        if not layers:
+            raise StatsError(f"{job.label}: the model has no linear layers (nn.Linear / Conv1D) with "
+                             "weights in the checkpoint, so RegMean has nothing to merge",
+                             hint="merge it with `mergecli average`")
+        if unmatched:
+            warnings.append(f"{job.label}: {len(unmatched)} linear layer(s) have no weight of their own in "
+                            f"the checkpoint and are averaged: {_some(unmatched)}")
+        batches, max_length = model_batches(
+            job.data, job.checkpoint.directory, batch_size=job.settings.batch_size,
+            max_length=job.settings.max_length, max_positions=max_positions(skeleton.model),
+            shard=(self.rank, self.world), label=job.label, warnings=warnings)
+        return skeleton, layers, [batch.to(self.device, skeleton.dtype) for batch in batches], max_length
 
     def _run_stages(self, skeleton: Skeleton, layers: list[LinearLayer], batches: list[Batch], forward: Forward,
                     budget: MemoryBudget, name: str, files: StatsFiles | None, on_progress: StatsProgress | None,
@@ -301,9 +306,10 @@ class StatsSession:
         reached.gram_of.update(collector.gram_of)
         reached.gram_tokens.update({key: gram.tokens for key, gram in collector.sums.items()})
         if files is not None:
-            files.add({key: gram.packed() for key, gram in collector.sums.items()},
+            files.add({key: gram.done() for key, gram in collector.sums.items()},
                       {key: gram.tokens for key, gram in collector.sums.items()})
         reached.stages += 1
+        give_back_memory()
         if on_progress:
             on_progress(reached.stages, total)
 

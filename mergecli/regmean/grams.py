@@ -10,8 +10,8 @@ product itself. float64 inputs (float64 checkpoints) are summed in float64 direc
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 
@@ -106,17 +106,52 @@ class GramSum:
                     staged.zero_()
         self.staged_rows = 0
 
-    def packed(self) -> torch.Tensor:
-        """The upper triangle, row by row, as one float64 CPU vector of d(d+1)/2 elements."""
+    def done(self) -> GramSum:
+        """Flush the staging and free it: the sum is final."""
         self.flush()
-        out = torch.empty(packed_size(self.d), dtype=GRAM_DTYPE)
-        offset = 0
+        self.staging = None
+        return self
+
+    def chunks(self) -> Iterator[list[torch.Tensor]]:
+        """The upper triangle, row by row (row i: columns i..d-1), as lists of contiguous float64 CPU
+        rows, a block row per list: what the packed vector holds, without building it."""
+        self.done()
         for (s, e), part in zip(self.rows, self.total):
             part = part.cpu()
-            for i in range(s, e):
-                out[offset:offset + self.d - i] = part[i - s, i - s:]
-                offset += self.d - i
-        return out
+            yield [part[i - s, i - s:] for i in range(s, e)]
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.cat([part[:, :e - s].diagonal().cpu() for (s, e), part in zip(self.rows, self.total)])
+
+    def packed(self) -> torch.Tensor:
+        """The upper triangle as one float64 CPU vector of d(d+1)/2 elements."""
+        return torch.cat([row for rows in self.chunks() for row in rows])
+
+
+class UpperTriangle(Protocol):
+    """A Gram matrix's upper triangle as the statistics store writes it (`GramSum`, `Packed`)."""
+
+    d: int
+
+    def chunks(self) -> Iterator[list[torch.Tensor]]: ...
+
+    def diagonal(self) -> torch.Tensor: ...
+
+
+class Packed:
+    """An upper triangle already packed in one vector, seen like a `GramSum`."""
+
+    def __init__(self, vector: torch.Tensor):
+        self.vector = vector
+        self.d = int(((8 * vector.numel() + 1) ** 0.5 - 1) / 2)
+        if packed_size(self.d) != vector.numel():
+            raise ValueError(f"{vector.numel()} elements are not the upper triangle of a square matrix")
+
+    def chunks(self) -> Iterator[list[torch.Tensor]]:
+        yield [self.vector]
+
+    def diagonal(self) -> torch.Tensor:
+        return self.vector[row_offsets(self.d)]
 
 
 class GramCollector:

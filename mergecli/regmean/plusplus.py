@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mergecli.io.checkpoint import Checkpoint
+from mergecli.io.memory import give_back_memory
 from mergecli.methods.base import Inputs, Stage, TensorTask
 from mergecli.recipe import Recipe
 from mergecli.regmean.calibration import Batch, model_batches, read_examples
@@ -96,11 +97,12 @@ class SequentialMerge:
             directory.mkdir(parents=True, exist_ok=True)
             tokens = {key: gram.tokens for key, gram in collector.sums.items()}
             files = StatsFiles(directory, fingerprint="", model=f"m{index}")
-            files.add({key: gram.packed() for key, gram in collector.sums.items()}, tokens)
+            files.add({key: gram.done() for key, gram in collector.sums.items()}, tokens)
             files.finish(stats_meta(model=f"m{index}", source="", revision=None, fingerprint="", weights_sha256="",
                                     data={}, examples=0, tokens=0, layers=collector.layers(layers),
                                     gram_of=collector.gram_of, gram_tokens=tokens))
             self.grams.append(load_stats(directory))
+            give_back_memory()
 
     def gram(self, index: int, weight: str) -> tuple[torch.Tensor, int]:
         """Model `index`'s Gram of the layer whose weight is `weight`, and its token count."""
@@ -203,6 +205,7 @@ def _block_hooks(state: SequentialMerge, index: int,
         merged = state.merged_model(output)
         for number, candidate in enumerate(state.candidates):
             advance(candidate.acts, run_block(merged, index, candidate.acts, name=f"m{number}"))
+        give_back_memory()
 
     return before, after
 

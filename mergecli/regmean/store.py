@@ -15,7 +15,8 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,18 @@ import torch
 from mergecli import __version__
 from mergecli.errors import CheckpointError, StatsError
 from mergecli.io.checkpoint import Checkpoint
-from mergecli.io.safetensors import TensorInfo, pread_into, read_header, write_file
+from mergecli.io.safetensors import (
+    TensorInfo,
+    TensorSpec,
+    encode_header,
+    pread_into,
+    pwrite_all,
+    read_header,
+    sync_file,
+    tensor_bytes,
+)
 from mergecli.methods.regmean import never_fired
-from mergecli.regmean.grams import GRAM_DTYPE, packed_size, row_offsets
+from mergecli.regmean.grams import GRAM_DTYPE, UpperTriangle, packed_size
 from mergecli.regmean.layers import LinearLayer, Orientation
 
 STATS_FORMAT = "mergecli-regmean-stats"
@@ -59,8 +69,12 @@ def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: st
 
 
 class StatsFiles:
-    """Writes a model's packed Grams into `directory` (a temporary one, renamed into place by the
-    caller), one safetensors file per call of `add`, then `stats.json` by `finish`."""
+    """Writes a model's Grams into `directory` (a temporary one, renamed into place by the caller),
+    one safetensors file per call of `add`, then `stats.json` by `finish`.
+
+    A stage's file is written by a background thread while the next stage computes (one at a time);
+    the Grams go to disk row by row from where they were summed, with no packed copy.
+    """
 
     def __init__(self, directory: Path, *, fingerprint: str, model: str):
         self.directory = directory
@@ -68,34 +82,63 @@ class StatsFiles:
                          "mergecli_version": __version__, "fingerprint": fingerprint, "model": model}
         self.grams: dict[str, dict[str, Any]] = {}
         self.bytes = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-stats-writer")
+        self._writing: Future | None = None
 
-    def add(self, packed: dict[str, torch.Tensor], tokens: dict[str, int]) -> None:
-        """Write one stage's Grams: key → upper triangle `(d(d+1)/2,)` float64 on the CPU."""
-        if not packed:
+    def add(self, grams: dict[str, UpperTriangle], tokens: dict[str, int]) -> None:
+        """Write one stage's Grams (key → its upper triangle) in the background."""
+        self.wait()
+        if not grams:
             return
         filename = f"grams-{len({e['file'] for e in self.grams.values()}) + 1:05d}.safetensors"
-        metadata = {**self.metadata, "tokens": json.dumps({key: tokens[key] for key in packed})}
-        self.bytes += write_file(self.directory / filename, packed, metadata)
-        for key, vector in packed.items():
-            d = in_features(vector.numel())
-            self.grams[key] = {"file": filename, "in_features": d, "tokens": tokens[key],
-                               "dead_features": never_fired(vector[row_offsets(d)]).tolist()}
+        metadata = {**self.metadata, "tokens": json.dumps({key: tokens[key] for key in grams})}
+        specs = [TensorSpec(key, GRAM_DTYPE, (packed_size(g.d),)) for key, g in grams.items()]
+        header, offsets, size = encode_header(specs, metadata)
+        for key, gram in grams.items():
+            self.grams[key] = {"file": filename, "in_features": gram.d, "tokens": tokens[key],
+                               "dead_features": never_fired(gram.diagonal()).tolist()}
+        self.bytes += size
+        self._writing = self._pool.submit(_write_grams, self.directory / filename, header, offsets, grams)
+
+    def wait(self) -> None:
+        """Until the file being written is complete (its errors are raised here)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
 
     def finish(self, meta: dict[str, Any]) -> int:
-        """Write `stats.json`; returns the bytes of the whole directory."""
+        """Write `stats.json` (once every file is complete and synced); returns the directory's bytes."""
+        self.close()
+        for path in self.directory.iterdir():  # written long ago, most of it is on disk already
+            sync_file(path)
         text = json.dumps({**meta, "grams": self.grams}, indent=1) + "\n"
         (self.directory / STATS_FILE).write_text(text)
         return self.bytes + len(text)
 
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
-def in_features(packed: int) -> int:
-    """d, for an upper triangle of `packed` = d(d+1)/2 elements."""
-    d = int(((8 * packed + 1) ** 0.5 - 1) / 2)
-    while packed_size(d) < packed:
-        d += 1
-    if packed_size(d) != packed:
-        raise ValueError(f"{packed} elements are not the upper triangle of a square matrix")
-    return d
+
+def _write_grams(path: Path, header: bytes, offsets: dict[str, int], grams: dict[str, UpperTriangle]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pwrite_all(fd, header, 0)
+        for key, gram in grams.items():
+            offset = offsets[key]
+            for rows in gram.chunks():  # one pwritev per block row
+                views = [tensor_bytes(row) for row in rows]
+                for start in range(0, len(views), 512):  # at most IOV_MAX buffers per call
+                    batch = views[start:start + 512]
+                    written = os.pwritev(fd, batch, offset)
+                    total = sum(len(v) for v in batch)
+                    if written != total:  # a short write: finish it buffer by buffer
+                        pwrite_all(fd, b"".join(bytes(v) for v in batch)[written:], offset + written)
+                    offset += total
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -132,6 +175,12 @@ class ModelStats:
     tokens: int
     layers: dict[str, LayerStats]  # checkpoint weight name → its statistics
     grams: dict[str, GramEntry]
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)  # stats.json as read
+
+    @property
+    def parts(self) -> int:
+        """How many collections were added into these statistics (combine-stats)."""
+        return len(self.data.get("parts", [])) or 1
 
     def read_packed(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The upper triangle `(d(d+1)/2,)` float64 stored under `key` (read with pread, no mmap)."""
@@ -232,7 +281,7 @@ def load_stats(directory: Path, *, label: str = "") -> ModelStats:
                                    tuple(int(i) for i in e.get("dead_features", [])))
         stats = ModelStats(directory, str(meta["model"]), str(meta["fingerprint"]), str(meta["weights_sha256"]),
                            version, str(meta.get("mergecli_version", "?")), dict(meta.get("data") or {}),
-                           int(meta["examples"]), int(meta["tokens"]), layers, grams)
+                           int(meta["examples"]), int(meta["tokens"]), layers, grams, meta)
     except CheckpointError as exc:
         raise StatsError(f"{prefix}{exc.message}", hint=RERUN) from None
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -279,7 +328,10 @@ def check_source(stats: ModelStats, checkpoint: Checkpoint, *, label: str) -> No
 
 
 def data_changes(stats: ModelStats, data: dict[str, Any]) -> list[str]:
-    """The data settings that differ between the statistics and the recipe (`old → new`)."""
+    """The data settings that differ between the statistics and the recipe (`old → new`); none for
+    statistics combined from parts, whose data differs from the recipe's on purpose."""
+    if stats.parts > 1:
+        return []
     return [f"{key} {stats.data.get(key)!r} → {data.get(key)!r}" for key in DATA_KEYS
             if key in data and stats.data.get(key) != data[key]]
 
