@@ -86,7 +86,8 @@ def build_llama(path: Path, layers: int, seed: int) -> Path:
             p + "post_attention_layernorm.weight": torch.ones(HIDDEN).bfloat16(),
             p + "self_attn.q_proj.weight": weight(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": weight(kv, HIDDEN),
             p + "self_attn.v_proj.weight": weight(kv, HIDDEN), p + "self_attn.o_proj.weight": weight(HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": weight(INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": weight(INTERMEDIATE, HIDDEN),
+            p + "mlp.gate_proj.weight": weight(INTERMEDIATE, HIDDEN),
+            p + "mlp.up_proj.weight": weight(INTERMEDIATE, HIDDEN),
             p + "mlp.down_proj.weight": weight(HIDDEN, INTERMEDIATE),
         })
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
@@ -186,7 +187,8 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for layers, run, wall, rss, fwall, frss, disk, v1 in rows:
         disk_cols = f"{disk / MB:.1f} | {v1 / MB:.1f} | {disk / v1:.3f}" if v1 else "- | - | -"
-        print(f"| {layers} | {run} | {wall:.1f} | {rss:.0f} | {fwall:.1f} | {frss:.0f} | {wall / fwall:.2f} | {disk_cols} |")
+        print(f"| {layers} | {run} | {wall:.1f} | {rss:.0f} | {fwall:.1f} | {frss:.0f} | {wall / fwall:.2f} "
+              f"| {disk_cols} |")
     by_run = {}
     for layers, run, _, rss, *_ in rows:
         by_run.setdefault(run, []).append((layers, rss))
