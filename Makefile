@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test examples demo demo-average demo-regmean bench bench-average bench-regmean lint clean
+.PHONY: install test examples demo demo-average demo-regmean bench bench-average bench-regmean bench-quality lint clean
 
 $(BIN)/mergecli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-average: install
 
 bench-regmean: install
 	$(BIN)/python benchmarks/bench_regmean.py
+
+bench-quality: install
+	$(BIN)/python benchmarks/bench_quality.py
 
 lint: install
 	$(BIN)/ruff check mergecli tests benchmarks recipes
