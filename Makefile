@@ -27,6 +27,7 @@ demo-average: examples
 demo-regmean: examples
 	$(BIN)/mergecli regmean collect-stats recipes/regmean-llama.toml
 	$(BIN)/mergecli regmean merge recipes/regmean-llama.toml --force
+	$(BIN)/mergecli regmean merge recipes/regmean-plusplus.toml --force
 
 bench: bench-average bench-regmean
 

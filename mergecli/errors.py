@@ -20,6 +20,25 @@ class MergecliError(Exception):
         self.hint = hint
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interruption that cleans up like Ctrl-C (exit 143 instead of 130)."""
+
+
+class OutputInPlace(KeyboardInterrupt):
+    """An interruption that came once the output was complete and in place: the run succeeded."""
+
+    def __init__(self, output: Path | str):
+        super().__init__(str(output))
+        self.output = Path(output)
+
+
+def interrupted_exit_code(interruption: KeyboardInterrupt) -> int:
+    """0 once the output was in place; else 143 for SIGTERM, 130 for Ctrl-C."""
+    if isinstance(interruption, OutputInPlace):
+        return 0
+    return 143 if isinstance(interruption, Terminated) else 130
+
+
 class UsageError(MergecliError):
     """Bad flags or arguments, or an output that would be clobbered."""
 
@@ -53,17 +72,29 @@ class CheckpointError(MergecliError):
 
 
 class ShapeMismatchError(MergecliError):
-    """Inputs disagree on tensor names or shapes; `problems` lists every mismatch."""
+    """Inputs disagree on tensor names or shapes; `problems` lists every mismatch, `architectures`
+    says so first when the inputs are different models altogether."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], *, architectures: str | None = None):
         self.problems = problems
-        shown = problems[:20]
-        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(
-            f"the inputs do not have the same tensors ({len(problems)} mismatch"
-            f"{'es' if len(problems) != 1 else ''}):\n" + "\n".join(f"  {p}" for p in shown) + more,
-            hint="merge only checkpoints of the same architecture and vocabulary size",
-        )
+        count = f"{len(problems)} mismatch{'es' if len(problems) != 1 else ''}"
+        if architectures:
+            message = f"the inputs are different architectures: {architectures} ({count} in their tensors)"
+        else:
+            shown = problems[:20]
+            more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            message = (f"the inputs do not have the same tensors ({count}):\n"
+                       + "\n".join(f"  {p}" for p in shown) + more)
+        super().__init__(message, hint="merge only checkpoints of the same architecture and vocabulary size")
+
+
+class NonFiniteError(MergecliError):
+    """NaN or inf in an input tensor, or in a merged one (an overflow)."""
+
+    def __init__(self, message: str, *, tensor: str):
+        self.tensor = tensor
+        super().__init__(message, hint="fix or exclude that tensor; `allow_non_finite = true` in the recipe "
+                                       "merges it anyway")
 
 
 class StatsError(MergecliError):

@@ -201,7 +201,7 @@ def test_resolved_recipe_reproduces_bit_for_bit(llama_fp32, tmp_path):
 
 def test_force_replaces_output(llama_fp32, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", out).exit_code == 0
     (out / "old.txt").write_text("old")
     result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", out, "--force")
     assert result.exit_code == 0, result.output

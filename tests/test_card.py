@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import yaml
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 
 from clirunner import cli
 from fakehub import FakeHub
@@ -28,8 +30,8 @@ def recipe(data: dict, tmp_path: Path):
     return recipe_from_data(data, source="test", base_dir=tmp_path)
 
 
-def card_of(spec, *, config: dict | None) -> str:
-    return render_card(spec, get_method(spec.method), config=config)
+def card_of(spec, *, config: dict | None, title: str = "merged-model") -> str:
+    return render_card(spec, get_method(spec.method), config=config, title=title)
 
 
 def split(card: str) -> tuple[dict, str]:
@@ -48,7 +50,7 @@ def test_hub_merge_front_matter_and_page(tmp_path, fake_hub: FakeHub):
         "push": {"repo_id": "me/llama-math-code"},
     }, tmp_path)
 
-    card = card_of(spec, config=LLAMA_CONFIG)
+    card = card_of(spec, config=LLAMA_CONFIG, title="llama-math-code")
     meta, body = split(card)
 
     assert meta == {
@@ -122,4 +124,7 @@ def test_card_of_a_real_merge_passes_validation(llama_fp32, tmp_path, fake_hub: 
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     assert "base_model" not in meta  # local inputs have no hub id
     assert "written as float32" in body
-    assert "| llama32-0 | 0.5 | `llama32-0` (local) |" in body
+    size = sum(t.nbytes for t in load_file(llama_fp32[0] / "model.safetensors").values())
+    assert re.search(rf"\| llama32-0 \| 0.5 \| `llama32-0` \(local, `sha256:[0-9a-f]{{12}}…`, "
+                     rf"{size / 1e3:.1f} KB\) \|", body), body
+    assert str(tmp_path) not in card and str(llama_fp32[0]) not in card

@@ -210,8 +210,8 @@ def test_safetensors_preferred_and_nothing_else_fetched(fake_hub, llama_fp32):
         assert checkpoint.commit == fake_hub.head("org/both")
         fetched = {p.name for p in checkpoint.directory.rglob("*") if p.is_file()}
     assert fetched == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                       "tokenizer_config.json", "chat_template.jinja"}
-    assert not fake_hub.requests_matching(path=r"\.bin$|\.pth$|README|onnx")
+                       "tokenizer_config.json", "chat_template.jinja", "README.md"}  # the card: its license
+    assert not fake_hub.requests_matching(path=r"\.bin$|\.pth$|onnx")
 
 
 def test_sharded_repo_fetches_only_the_shards_of_its_index(fake_hub, llama_bf16_sharded):

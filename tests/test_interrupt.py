@@ -30,9 +30,9 @@ def big_pair(tmp_path_factory) -> list[Path]:
     return paths
 
 
-def start_merge(pair: list[Path], out: Path, *extra: str) -> subprocess.Popen:
+def start_merge(pair: list[Path], out: Path, *extra: str, quiet: bool = True) -> subprocess.Popen:
     command = [sys.executable, "-m", "mergecli", "average", "-m", str(pair[0]), "-m", str(pair[1]),
-               "-o", str(out), "--quiet", *extra]
+               "-o", str(out), *(["--quiet"] if quiet else []), *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -48,16 +48,31 @@ def test_sigterm_cleans_up_and_keeps_existing_output(big_pair, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous merge")
+    (out / "mergecli.toml").write_text('output = "."\n')  # what a merge writes: --force may replace it
     before = {str(p): p.stat().st_mtime_ns for p in big_pair}
     process = start_merge(big_pair, out, "--force")
     wait_for_partial(out, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 143, stderr  # 128 + SIGTERM
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "mergecli.toml"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert {str(p): p.stat().st_mtime_ns for p in big_pair} == before
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.5], ids=["while-python-starts", "while-torch-loads"])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_starting_up_is_one_line_and_its_exit_code(big_pair, tmp_path, sig, code, delay):
+    command = [sys.executable, "-m", "mergecli", "average", "-m", str(big_pair[0]), "-m", str(big_pair[1]),
+               "-o", str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert "interrupted" in stderr and not (tmp_path / "out").exists()
 
 
 def test_sigkill_leaves_no_complete_looking_output_and_rerun_cleans(big_pair, tmp_path):
@@ -89,7 +104,7 @@ def test_failure_inside_atomic_directory_keeps_the_old_output(tmp_path):
 
 def test_plain_progress_lines_when_not_a_terminal(big_pair, tmp_path):
     """Non-terminal stderr: one plain line per step, no bar animation; the summary on stdout."""
-    process = start_merge(big_pair, tmp_path / "out")
+    process = start_merge(big_pair, tmp_path / "out", quiet=False)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     lines = stderr.strip().splitlines()

@@ -13,8 +13,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mergecli"
 # From the bottom up: a module may import its own package or a lower layer, never a higher one.
 LAYERS = ["mergecli.errors", "mergecli.recipe", "mergecli.io", "mergecli.methods", "mergecli.publish",
           "mergecli.merge", "mergecli.regmean", "mergecli.cli", "mergecli.__main__"]
-# Where an import may sit inside a function: only in the command line, to keep --help fast.
-LAZY_IMPORTS_ALLOWED = ("mergecli.cli",)
+# Where an import may sit inside a function: only in the command line, to keep --help fast, and
+# in the entry point, which installs its signal handlers before importing anything.
+LAZY_IMPORTS_ALLOWED = ("mergecli.cli", "mergecli.__main__")
 MAX_LINES = 400
 
 

@@ -19,9 +19,11 @@ def write(tmp_path, text: str):
 
 
 def test_defaults_and_relative_paths(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     recipe = load_recipe(write(tmp_path, 'output = "out"\n[[models]]\npath = "a"\n[[models]]\npath = "b"\n'))
     assert recipe.output == str(tmp_path / "out")
-    assert [m.path for m in recipe.models] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert [m.path for m in recipe.models] == [str(tmp_path / "a"), str(tmp_path / "b")]  # relative to the recipe
     assert [m.name for m in recipe.models] == ["a", "b"]
     assert recipe.weights == [0.5, 0.5]
     assert recipe.shard_size == 5 * 10**9 and recipe.dtype == "auto"
@@ -60,8 +62,10 @@ def test_zero_sum_weights_with_normalize(tmp_path):
 
 
 def test_duplicate_names_and_bad_regex(tmp_path):
+    defaults = load_recipe(write(tmp_path, '[[models]]\npath = "x/a"\n[[models]]\npath = "y/a"\n'))
+    assert [m.name for m in defaults.models] == ["x-a", "y-a"]  # default names made unique from the paths
     with pytest.raises(RecipeError, match="names must be unique"):
-        load_recipe(write(tmp_path, '[[models]]\npath = "x/a"\n[[models]]\npath = "y/a"\n'))
+        load_recipe(write(tmp_path, '[[models]]\npath = "x/a"\nname = "a"\n[[models]]\npath = "y/a"\nname = "a"\n'))
     with pytest.raises(RecipeError, match=r"exclude: .*invalid regex"):
         load_recipe(write(tmp_path, 'exclude = ["(("]\n[[models]]\npath = "a"\n'))
 

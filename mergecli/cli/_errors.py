@@ -9,11 +9,10 @@ from typing import TypeVar
 
 import typer
 
-from mergecli.cli._console import err_console
-from mergecli.errors import MergecliError
+from mergecli.cli._console import emit_json, err_console, mode, set_mode
+from mergecli.errors import MergecliError, OutputInPlace, interrupted_exit_code
 
 F = TypeVar("F", bound=Callable)
-EXIT_INTERRUPTED = 130
 
 
 def debug_enabled() -> bool:
@@ -21,12 +20,15 @@ def debug_enabled() -> bool:
 
 
 def report_errors(command: F) -> F:
-    """Run a command; turn errors into `error: ...` (+ `hint: ...`) on stderr and an exit code."""
+    """Run a command in the output mode its `--quiet` / `--json` options ask for; turn errors into
+    `error: ...` (+ `hint: ...`) on stderr and an exit code."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            set_mode(quiet=kwargs.get("quiet", False), json_output=kwargs.get("json_output", False))
+            command(*args, **kwargs)
+            emit_json()
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except MergecliError as exc:
@@ -34,12 +36,18 @@ def report_errors(command: F) -> F:
                 raise
             _print_error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except OutputInPlace as done:
+            err_console.print(f"interrupted once the output was complete: {done.output} is finished",
+                              markup=False, highlight=False, soft_wrap=True)
+            mode.payload.setdefault("output", str(done.output))
+            emit_json()
+            raise typer.Exit(0) from None
+        except KeyboardInterrupt as interruption:
             if debug_enabled():
                 raise
             _print_error("interrupted; nothing half-written was left behind "
                          "(inputs, existing outputs and finished statistics are untouched)")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(interrupted_exit_code(interruption)) from None
         except OSError as exc:
             if debug_enabled():
                 raise

@@ -4,13 +4,12 @@ load the result, and push it when the recipe asks."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergecli.cli._console import out_console
+from mergecli.cli._console import plural, say
 from mergecli.cli._render import print_plan, print_report, progress
-from mergecli.errors import UsageError
+from mergecli.errors import OutputInPlace, UsageError
 
 if TYPE_CHECKING:
     from mergecli.merge.plan import MergePlan
@@ -27,49 +26,43 @@ def require_command(recipe: Recipe, command: str) -> None:
                          hint=f"run `mergecli {method.command} RECIPE`")
 
 
-def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bool, dry_run: bool,
-                 quiet: bool) -> None:
+def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bool, dry_run: bool) -> None:
     """Dry run: print the plan. Otherwise merge, report, and push if the recipe asks."""
     from mergecli.merge.plan import plan_merge
 
     require_command(recipe, command)
-    plan = plan_merge(recipe, output=output, force=force or dry_run)
+    if recipe.push_to_hub and not dry_run:
+        from mergecli.publish.push import check_access
+
+        check_access(recipe.push.repo_id)  # before the merge: a token problem found after it wastes the merge
+    plan = plan_merge(recipe, output=output, force=force or dry_run, dry_run=dry_run)
     if dry_run:
         try:
             print_plan(plan, title=f"{recipe.method} (dry run: nothing written)")
         finally:
             plan.inputs.close()
         return
-    merge_and_report(plan, quiet=quiet)
+    merge_and_report(plan)
     if recipe.push_to_hub:
         from mergecli.cli.push import push_after_merge
 
         push_after_merge(plan.output, recipe)
 
 
-def merge_and_report(plan: MergePlan, *, quiet: bool) -> None:
+def merge_and_report(plan: MergePlan) -> None:
     """Run a planned merge with progress, then print the summary and how to load the result."""
     from mergecli.merge.run import run_merge
+    from mergecli.publish.card import loader_class
 
     tensors = len(plan.tasks)
-    with progress("merging", total=plan.bytes_read, quiet=quiet, what=f"{tensors} tensors") as update:
+    with progress("merging", total=plan.bytes_read, what=plural(tensors, "tensor")) as update:
         report = run_merge(plan, on_progress=lambda done, read: update(read, f"{done}/{tensors} tensors"))
-    print_report(report, plan.method, plan.reference_name)
-    out_console.print(f"\nmerged model: {report.output}")
-    auto_class = loader_class(report.output)
-    if auto_class:
-        out_console.print(f"load it with: from transformers import {auto_class}; "
-                          f"{auto_class}.from_pretrained({str(report.output)!r})")
-
-
-def loader_class(directory: Path) -> str | None:
-    """The transformers Auto class that loads a merged directory (None without a config)."""
-    config = directory / "config.json"
-    if not config.is_file():
-        return None
-    architectures = json.loads(config.read_text()).get("architectures") or [""]
-    for suffix in ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM"):
-        if architectures[0].endswith(suffix):
-            return f"AutoModel{suffix}"
-    return "AutoModel"
-
+    try:
+        print_report(report, plan.method, plan.reference_name)
+        say(f"\nmerged model: {report.output}")
+        if plan.support.config is not None:
+            auto_class = loader_class(plan.support.config)
+            say(f"load it with: from transformers import {auto_class}; "
+                f"{auto_class}.from_pretrained({str(report.output)!r})")
+    except KeyboardInterrupt as interruption:  # the merge itself is complete
+        raise OutputInPlace(report.output) from interruption

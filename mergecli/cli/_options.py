@@ -17,13 +17,15 @@ SetOpt = Annotated[
     typer.Option("--set", metavar="KEY=VALUE",
                  help="Override a recipe key, e.g. --set normalize=false --set models.1.weight=0.7."),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+ForceOpt = Annotated[bool, typer.Option("--force",
+                                        help="Replace an earlier output of mergecli (or an empty directory).")]
 MemoryBudgetOpt = Annotated[
     str | None, typer.Option("--memory-budget", metavar="SIZE",
                              help="RAM for calibration hidden states (e.g. 4GB); beyond it they spill to disk. "
                                   "Sets regmean.memory_budget.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of progress bars.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 OptionalRecipeArg = Annotated[Path | None, typer.Argument(help="TOML recipe (or use -m).", show_default=False)]
 ModelOpt = Annotated[
     list[str] | None, typer.Option("--model", "-m", metavar="PATH", help="A model to merge (repeat).")

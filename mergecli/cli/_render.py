@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mergecli.cli._console import err_console, info, interactive, out_console, warn
+from mergecli.cli._console import err_console, info, interactive, mode, out_console, plural, result, warn
 
 if TYPE_CHECKING:
     from mergecli.merge.plan import MergePlan
@@ -48,8 +48,22 @@ def kinds_line(counts: dict[str, int], method: Method, reference: str) -> list[s
     return [f"{n} {labels.get(kind, kind).format(ref=reference)}" for kind, n in counts.items()]
 
 
+def plan_data(plan: MergePlan) -> dict:
+    """The plan, for --json."""
+    return {"dry_run": True, "method": plan.recipe.method, "output": str(plan.output),
+            "tensors": len(plan.tasks), "counts": plan.counts(), "shards": len(plan.shards),
+            "bytes_read": plan.bytes_read, "bytes_written": plan.bytes_written, "peak_memory": plan.peak_memory,
+            "warnings": plan.warnings}
+
+
 def print_plan(plan: MergePlan, *, title: str) -> None:
-    """The dry-run / validate view of a plan, on stdout."""
+    """The dry-run / validate view of a plan: on stdout (or its --json), warnings on stderr."""
+    result(plan_data(plan), lambda: _print_plan(plan, title))
+    for message in plan.warnings:
+        warn(message)
+
+
+def _print_plan(plan: MergePlan, title: str) -> None:
     recipe = plan.recipe
     table = Table(title=title, title_justify="left", show_header=True)
     table.add_column("model")
@@ -65,16 +79,25 @@ def print_plan(plan: MergePlan, *, title: str) -> None:
     out_console.print(table)
     for line in kinds_line(plan.counts(), plan.method, plan.reference_name):
         count, label = line.split(" ", 1)
-        out_console.print(f"  {count:>6} tensors {label}")
-    out_console.print(f"  output      {plan.output}  ({len(plan.shards)} shard{'s' * (len(plan.shards) > 1)})")
+        out_console.print(f"  {count:>6} {'tensor' if count == '1' else 'tensors'} {label}")
+    out_console.print(f"  output      {plan.output} ({plural(len(plan.shards), 'shard')})")
     out_console.print(f"  read        {human_bytes(plan.bytes_read)}")
     out_console.print(f"  write       {human_bytes(plan.bytes_written)}")
     out_console.print(f"  peak memory ~{human_bytes(plan.peak_memory)} above the interpreter")
-    for message in plan.warnings:
-        warn(message)
 
 
 def print_report(report: MergeReport, method: Method, reference: str) -> None:
+    """A finished merge: a summary on stdout (or its --json), warnings on stderr."""
+    files = sorted(p.name for p in report.output.iterdir()) if report.output.is_dir() else []
+    data = {"output": str(report.output), "files": files, "tensors": report.tensors, "counts": report.counts,
+            "shards": report.shards, "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
+            "seconds": round(report.seconds, 3), "warnings": report.warnings}
+    result(data, lambda: _print_report(report, method, reference))
+    for message in report.warnings:
+        warn(message)
+
+
+def _print_report(report: MergeReport, method: Method, reference: str) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -86,12 +109,10 @@ def print_report(report: MergeReport, method: Method, reference: str) -> None:
     rate = report.bytes_read / report.seconds if report.seconds else 0
     table.add_row("time", f"{report.seconds:.1f} s ({human_bytes(rate)}/s read)")
     out_console.print(table)
-    for message in report.warnings:
-        warn(message)
 
 
 @contextmanager
-def progress(description: str, *, total: int, quiet: bool, unit: str = "bytes", what: str = "") -> Iterator[Update]:
+def progress(description: str, *, total: int, unit: str = "bytes", what: str = "") -> Iterator[Update]:
     """Yield `update(done, detail)`: a Rich bar on a terminal, else a plain line per tenth (and at
     least every 10 s), or nothing with --quiet.
 
@@ -100,7 +121,10 @@ def progress(description: str, *, total: int, quiet: bool, unit: str = "bytes", 
         unit: "bytes" (sizes and a transfer rate) or a counted noun ("blocks").
         what: a few words on the whole job, for the first plain line ("8 tensors").
     """
-    if interactive(quiet):
+    if mode.quiet:
+        yield lambda *args, **kwargs: None
+        return
+    if interactive():
         if unit == "bytes":
             counter: tuple = (DownloadColumn(), TransferSpeedColumn())
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from typing import Annotated
 
 import typer
@@ -21,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command(no_args_is_help=False)(average)
 app.add_typer(regmean_app, name="regmean")
@@ -34,21 +34,9 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _terminate(signum, frame) -> None:  # SIGTERM cleans up like Ctrl-C
-    raise KeyboardInterrupt
-
-
 @app.callback()
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Merge model checkpoints from TOML recipes."""
-    try:
-        signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (embedded use)
-        pass
-
-
-def main() -> None:
-    app()

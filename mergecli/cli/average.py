@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
+import typer
+
+from mergecli.cli._console import plural
 from mergecli.cli._errors import report_errors
 from mergecli.cli._merge import plan_and_run
 from mergecli.cli._options import (
     DryRunOpt,
     ForceOpt,
+    JsonOpt,
     ModelOpt,
     OptionalRecipeArg,
     OutputOpt,
@@ -30,27 +34,30 @@ def parse_weights(text: str) -> list[float]:
         raise UsageError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.3,0.7") from None
 
 
-def recipe_from_options(recipe_path: Path | None, models: list[str], weights: str | None,
-                        overrides: list[str]) -> Recipe:
-    """A recipe from a file, or the recipe-less one-liner's `-m` / `-w` options."""
+def recipe_from_options(recipe_path: Path | None, models: list[str], weights: str | None, names: list[str],
+                        base: str | None, overrides: list[str]) -> Recipe:
+    """A recipe from a file, or the recipe-less one-liner's `-m` / `-w` / `--name` / `--base` options."""
     from mergecli.recipe import load_recipe, recipe_from_data
 
     if recipe_path is not None:
-        if models or weights:
-            raise UsageError("give either a RECIPE or -m/-w options, not both")
+        if models or weights or names or base:
+            raise UsageError("give either a RECIPE or -m/-w/--name/--base options, not both")
         return load_recipe(recipe_path, overrides=overrides)
     if not models:
         raise UsageError("nothing to merge", hint="give a RECIPE, or at least one -m PATH")
     entries: list[dict] = [{"path": path} for path in models]
-    if weights is not None:
-        values = parse_weights(weights)
+    for option, values in (("weights", parse_weights(weights) if weights is not None else None),
+                           ("names", names or None)):
+        if values is None:
+            continue
         if len(values) != len(models):
-            raise UsageError(f"{len(values)} weights for {len(models)} models",
-                             hint="give one weight per -m, in the same order")
+            raise UsageError(f"{plural(len(values), option[:-1])} for {plural(len(models), 'model')}",
+                             hint=f"give one {'-w weight' if option == 'weights' else '--name'} per -m, "
+                                  "in the same order")
         for entry, value in zip(entries, values):
-            entry["weight"] = value
-    return recipe_from_data({"models": entries}, source="command line", base_dir=Path.cwd(),
-                            overrides=overrides)
+            entry[option[:-1]] = value
+    data: dict = {"models": entries, **({"base": {"path": base}} if base else {})}
+    return recipe_from_data(data, source="command line", base_dir=Path.cwd(), overrides=overrides)
 
 
 @report_errors
@@ -58,16 +65,24 @@ def average(
     recipe: OptionalRecipeArg = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    name: Annotated[list[str] | None, typer.Option(
+        "--name", metavar="NAME", help="A name for each -m, in order (default: from its path).")] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", metavar="PATH", help="Base model: never averaged; heads, excluded and integer tensors "
+                                             "come from it.")] = None,
     output: OutputOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Merge checkpoints by weighted averaging, streaming tensor by tensor.
 
-    RECIPE is a TOML recipe; without one, -m PATH (repeat) and -w give a recipe-less merge.
-    Exit codes: 0 success, 1 merge failed, 2 usage or recipe error.
+    RECIPE is a TOML recipe; without one, -m PATH (repeat), -w, --name and --base give a
+    recipe-less merge. A PATH that does not exist locally but is a repo id comes from the
+    Hugging Face Hub. Exit codes: 0 success, 1 merge failed, 2 usage or recipe error,
+    130/143 interrupted.
 
     Examples:
 
@@ -75,7 +90,8 @@ def average(
       mergecli average recipes/demo-average.toml
       mergecli average recipe.toml -o merged/ --set dtype=bfloat16 --set models.1.weight=0.7
       mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
-      mergecli average recipe.toml --dry-run
+      mergecli average -m a/model.safetensors -m b/model.safetensors --name a --name b -o merged/
+      mergecli average recipe.toml --dry-run --json
     """
-    spec = recipe_from_options(recipe, model or [], weights, set_ or [])
-    plan_and_run(spec, "average", output=output, force=force, dry_run=dry_run, quiet=quiet)
+    spec = recipe_from_options(recipe, model or [], weights, name or [], base, set_ or [])
+    plan_and_run(spec, "average", output=output, force=force, dry_run=dry_run)

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from mergecli.cli._console import info, out_console
+from mergecli.cli._console import info, out_console, plural, result
 from mergecli.cli._errors import report_errors
+from mergecli.cli._options import JsonOpt, QuietOpt
 from mergecli.cli._render import human_bytes
 from mergecli.errors import MergecliError
 
@@ -18,24 +19,33 @@ if TYPE_CHECKING:
     from mergecli.recipe import Recipe
 
 
-def print_push(result: PushResult) -> None:
-    """A dry run's file table on stdout; after a push, a summary on stderr and the commit URL on stdout."""
-    where = f"{result.repo_id} (branch {result.revision}{', private' if result.private else ''})"
-    if result.dry_run:
-        table = Table(title=f"push to {where} (dry run: nothing sent)", title_justify="left")
-        table.add_column("file", overflow="fold")
-        table.add_column("size", justify="right")
-        for name, size in result.files:
-            table.add_row(name, human_bytes(size))
-        out_console.print(table)
-        out_console.print(f"  {len(result.files)} files, {human_bytes(result.bytes)}; "
-                          f"commit message: {result.message}", markup=False)
+def print_push(pushed: PushResult, *, key: str | None = None) -> None:
+    """A dry run's file table on stdout; after a push, a summary on stderr and the commit URL on
+    stdout (or, with --json, all of it as one JSON object)."""
+    data = {"repo_id": pushed.repo_id, "revision": pushed.revision, "private": pushed.private,
+            "dry_run": pushed.dry_run, "message": pushed.message, "files": dict(pushed.files),
+            "bytes": pushed.bytes, "commit": pushed.commit, "commit_url": pushed.commit_url,
+            "changed": pushed.changed}
+    where = f"{pushed.repo_id} (branch {pushed.revision}{', private' if pushed.private else ''})"
+    if pushed.dry_run:
+        result(data, lambda: _print_files(pushed, where), key=key)
         return
-    if result.changed:
-        info(f"pushed {len(result.files)} files ({human_bytes(result.bytes)}) to {where}")
+    if pushed.changed:
+        info(f"pushed {plural(len(pushed.files), 'file')} ({human_bytes(pushed.bytes)}) to {where}")
     else:
-        info(f"{where} already holds these {len(result.files)} files: no new commit")
-    out_console.print(result.commit_url, markup=False, highlight=False)
+        info(f"{where} already holds these {plural(len(pushed.files), 'file')}: no new commit")
+    result(data, lambda: out_console.print(pushed.commit_url, markup=False, highlight=False), key=key)
+
+
+def _print_files(pushed: PushResult, where: str) -> None:
+    table = Table(title=f"push to {where} (dry run: nothing sent)", title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("size", justify="right")
+    for name, size in pushed.files:
+        table.add_row(name, human_bytes(size))
+    out_console.print(table)
+    out_console.print(f"  {plural(len(pushed.files), 'file')}, {human_bytes(pushed.bytes)}; "
+                      f"commit message: {pushed.message}", markup=False)
 
 
 @report_errors
@@ -47,8 +57,10 @@ def push(
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", metavar="BRANCH",
                                                  help="Branch to commit to (created if needed).")] = None,
-    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    message: Annotated[str | None, typer.Option("--message", help="Commit message.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and sizes; send nothing.")] = False,
+    quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Upload a finished merge to the Hugging Face Hub and print the commit URL.
 
@@ -63,9 +75,8 @@ def push(
     """
     from mergecli.publish.push import push as push_directory
 
-    result = push_directory(directory, repo_id=repo_id, private=private or None, revision=revision,
-                      message=message, dry_run=dry_run)
-    print_push(result)
+    print_push(push_directory(directory, repo_id=repo_id, private=private or None, revision=revision,
+                              message=message, dry_run=dry_run))
 
 
 def push_after_merge(output: Path, recipe: Recipe) -> None:
@@ -75,10 +86,10 @@ def push_after_merge(output: Path, recipe: Recipe) -> None:
 
     settings = recipe.push
     try:
-        result = push_directory(output, repo_id=settings.repo_id, private=settings.private,
-                          revision=settings.revision, message=settings.message)
-    except MergecliError:
-        info(f"the merge is complete in {output}; only the push failed: "
+        pushed = push_directory(output, repo_id=settings.repo_id, private=settings.private,
+                                revision=settings.revision, message=settings.message)
+    except (MergecliError, KeyboardInterrupt):
+        info(f"the merge is complete in {output}; only the push did not finish: "
              f"retry it with `mergecli push {output}`")
         raise
-    print_push(result)
+    print_push(pushed, key="push")

@@ -8,11 +8,21 @@ from typing import Annotated
 
 import typer
 
-from mergecli.cli._console import info, out_console, warn
+from mergecli.cli._console import info, out_console, plural, result, say, set_mode, warn
 from mergecli.cli._errors import report_errors
 from mergecli.cli._merge import plan_and_run, require_command
-from mergecli.cli._options import DryRunOpt, ForceOpt, MemoryBudgetOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
+from mergecli.cli._options import (
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    MemoryBudgetOpt,
+    OutputOpt,
+    QuietOpt,
+    RecipeArg,
+    SetOpt,
+)
 from mergecli.cli._render import human_bytes, progress
+from mergecli.errors import OutputInPlace
 
 regmean_app = typer.Typer(
     name="regmean",
@@ -21,6 +31,7 @@ regmean_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NAME",
@@ -43,6 +54,7 @@ def collect_stats(
     force: Annotated[bool, typer.Option("--force", help="Recompute statistics that are up to date.")] = False,
     memory_budget: MemoryBudgetOpt = None,
     quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Run each model's calibration data through it and save the Gram matrices of its linear layers.
 
@@ -51,6 +63,7 @@ def collect_stats(
     \b
       mergecli regmean collect-stats recipes/regmean-llama.toml
       mergecli regmean collect-stats recipe.toml --model math --device cuda --force
+      mergecli regmean collect-stats recipe.toml --memory-budget 4GB
       torchrun --nproc-per-node 2 -m mergecli regmean collect-stats recipe.toml
     """
     from mergecli.recipe import load_recipe
@@ -61,26 +74,37 @@ def collect_stats(
     if spec.regmean.sequential:
         info("nothing to do: this recipe sets regmean.sequential = true (RegMean++), whose statistics are "
              "collected during `mergecli regmean merge`, block by block; collect-stats is not needed")
+        result({"models": [], "sequential": True}, lambda: None)
         return
+    done: list[dict] = []
     with StatsSession(device) as session:
-        quiet = quiet or session.rank != 0
+        if session.rank != 0:
+            set_mode(quiet=True)
         for job in plan_stats(spec, models=model or [], force=force):
             if job.up_to_date:
-                if session.rank == 0:
-                    info(f"{job.name}: statistics up to date in {job.directory} (--force recomputes)")
+                info(f"{job.name}: statistics up to date in {job.directory} (--force recomputes)")
+                done.append({"name": job.name, "directory": str(job.directory), "up_to_date": True})
                 continue
-            for message in job.warnings if session.rank == 0 else []:
+            for message in job.warnings:
                 warn(message)
-            with progress(job.name, total=0, quiet=quiet, unit="blocks") as update:
-                result = session.collect(job, on_progress=lambda done, total: update(done, "", total))
-            if session.rank == 0:
-                spilled = f", {human_bytes(result.spilled)} of hidden states spilled to disk" if result.spilled else ""
-                out_console.print(f"{result.name}: {result.examples} examples, {result.tokens} tokens, "
-                                  f"{result.layers} linear layers in {result.grams} Gram matrices "
-                                  f"({human_bytes(result.bytes)}) → {result.directory} "
-                                  f"({result.seconds:.1f} s{spilled})")
-                for message in result.warnings[len(job.warnings):]:
-                    warn(message)
+            with progress(job.name, total=0, unit="blocks") as update:
+                try:
+                    stats = session.collect(job, on_progress=lambda count, total: update(count, "", total))
+                except OutputInPlace as finished:  # that model's statistics are complete, not the command
+                    raise KeyboardInterrupt from finished
+            spilled = (f", {human_bytes(stats.spilled)} of hidden states spilled to disk"
+                       if stats.spilled else "")
+            say(f"{stats.name}: {plural(stats.examples, 'example')}, {plural(stats.tokens, 'token')}, "
+                 f"{plural(stats.layers, 'linear layer')} in {plural(stats.grams, 'Gram matrix', 'Gram matrices')} "
+                 f"({human_bytes(stats.bytes)}) → {stats.directory} ({stats.seconds:.1f} s{spilled})")
+            for message in stats.warnings[len(job.warnings):]:
+                warn(message)
+            done.append({"name": stats.name, "directory": str(stats.directory), "up_to_date": False,
+                         "examples": stats.examples, "tokens": stats.tokens, "layers": stats.layers,
+                         "grams": stats.grams, "bytes": stats.bytes, "seconds": round(stats.seconds, 3),
+                         "spilled": stats.spilled, "warnings": stats.warnings})
+    if session.rank == 0:
+        result({"models": done}, lambda: None)
 
 
 @regmean_app.command("merge")
@@ -90,22 +114,26 @@ def merge(
     output: OutputOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
+    memory_budget: MemoryBudgetOpt = None,
     dry_run: DryRunOpt = False,
     quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
-    """Merge with RegMean, using the statistics of `collect-stats`; stream tensor by tensor.
+    """Merge with RegMean (or RegMean++), using the statistics of `collect-stats`; stream tensor by
+    tensor, block by block.
 
     Examples:
 
     \b
       mergecli regmean merge recipes/regmean-llama.toml
       mergecli regmean merge recipe.toml -o merged/ --set regmean.reduce_non_diagonal_ratio=0.9
-      mergecli regmean merge recipe.toml --dry-run
+      mergecli regmean merge recipes/regmean-plusplus.toml --memory-budget 2GB
+      mergecli regmean merge recipe.toml --dry-run --json
     """
     from mergecli.recipe import load_recipe
 
-    spec = load_recipe(recipe, overrides=set_ or [])
-    plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run, quiet=quiet)
+    spec = load_recipe(recipe, overrides=with_budget(set_, memory_budget))
+    plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run)
 
 
 @regmean_app.command("combine-stats")
@@ -115,6 +143,8 @@ def combine_stats(
     inputs: Annotated[list[Path], typer.Argument(metavar="IN...", help="Statistics of one model, collected in parts.",
                                                  show_default=False)],
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds statistics.")] = False,
+    quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Add up statistics of one model collected in parts (other data, other machines).
 
@@ -129,6 +159,10 @@ def combine_stats(
     """
     from mergecli.regmean.combine import combine_stats as combine
 
-    result = combine(output, inputs, force=force)
-    out_console.print(f"{result.directory}: {result.parts} parts, {result.examples} examples, {result.tokens} tokens, "
-                      f"{result.grams} Gram matrices ({human_bytes(result.bytes)})")
+    combined = combine(output, inputs, force=force)
+    data = {"directory": str(combined.directory), "parts": combined.parts, "examples": combined.examples,
+            "tokens": combined.tokens, "grams": combined.grams, "bytes": combined.bytes}
+    result(data, lambda: out_console.print(
+        f"{combined.directory}: {plural(combined.parts, 'part')}, {plural(combined.examples, 'example')}, "
+        f"{plural(combined.tokens, 'token')}, {plural(combined.grams, 'Gram matrix', 'Gram matrices')} "
+        f"({human_bytes(combined.bytes)})", markup=False))

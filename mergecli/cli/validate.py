@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
-from mergecli.cli._console import out_console, warn
+from mergecli.cli._console import say, warn
 from mergecli.cli._errors import report_errors
-from mergecli.cli._options import OutputOpt, RecipeArg, SetOpt
+from mergecli.cli._options import JsonOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
 from mergecli.cli._render import print_plan
 
 
 @report_errors
-def validate(recipe: RecipeArg, output: OutputOpt = None, set_: SetOpt = None) -> None:
-    """Check a recipe and its inputs, and print the plan; write nothing.
+def validate(recipe: RecipeArg, output: OutputOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+             json_output: JsonOpt = False) -> None:
+    """Check a recipe and its inputs, and print the plan; write nothing, download no weights.
+
+    Hub inputs are checked from their safetensors headers alone (HTTP range requests). With
+    push_to_hub, the token and write access to the repo are checked too. Exit codes: 0 valid,
+    1 an input is broken, 2 usage or recipe error.
 
     Examples:
 
     \b
       mergecli validate recipes/demo-average.toml
       mergecli validate recipe.toml --set models.0.path=./other-model
+      mergecli validate recipe.toml --json
     """
-    from mergecli.merge.plan import plan_merge
     from mergecli.recipe import load_recipe
 
-    spec = load_recipe(recipe, overrides=set_ or [])
-    plan = plan_merge(spec, output=output, force=True)
+    spec = load_recipe(recipe, overrides=set_ or [])  # a recipe error is found before any heavy import
+
+    from mergecli.merge.plan import plan_merge
+
+    if spec.push_to_hub:
+        from mergecli.publish.push import check_access
+
+        check_access(spec.push.repo_id)
+    plan = plan_merge(spec, output=output, force=True, dry_run=True)
     try:
         print_plan(plan, title=f"{recipe}: valid {spec.method} recipe")
         if plan.output.exists():
             warn(f"{plan.output} exists: the merge needs --force to replace it")
-        out_console.print("[green]ok[/]")
+        say("ok")
     finally:
         plan.inputs.close()

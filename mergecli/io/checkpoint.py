@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mergecli.errors import CheckpointError, InputNotFoundError
+from mergecli.errors import CheckpointError, HubNotFoundError, InputNotFoundError
 from mergecli.io import hub
-from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, parse_index
-from mergecli.io.safetensors import DTYPE_CODES, TensorInfo, pread_into, read_header
+from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, weight_map, within
+from mergecli.io.safetensors import DTYPE_CODES, TensorInfo, header_length, parse_header, pread_into, read_header
 
 
 @dataclass
@@ -33,6 +33,8 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     directory: Path | None = None
     commit: str | None = None
+    root: Path | None = None  # the input's own tree: what its files may link to
+    _digest: str | None = field(default=None, repr=False)
     _state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
 
@@ -69,6 +71,26 @@ class Checkpoint:
         if self.commit:
             digest.update(f"commit|{self.commit}\n".encode())
         return digest.hexdigest()
+
+    def first_rows_digest(self, names: Iterable[str]) -> str:
+        """sha256 of the first row of each named tensor: tells apart checkpoints of one architecture
+        (fine-tunes of one model share a fingerprint), for a few KB read per tensor."""
+        digest = hashlib.sha256()
+        for name in sorted(names):
+            info = self.tensors.get(name)
+            digest.update(f"{name}|".encode())
+            if info is not None:
+                block = self.read(name, (0, 1) if info.shape and info.shape[0] else None)
+                digest.update(block.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def digest(self) -> str:
+        """What identifies this checkpoint in a published recipe or card without naming its path:
+        `sha256:` of its fingerprint and of every tensor's first row."""
+        if self._digest is None:
+            rows = self.first_rows_digest(self.tensors)
+            self._digest = "sha256:" + hashlib.sha256(f"{self.fingerprint()}|{rows}".encode()).hexdigest()
+        return self._digest
 
     @property
     def nbytes(self) -> int:
@@ -110,36 +132,72 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _read_local_index(directory: Path, name: str) -> list[str]:
-    index = directory / name
+def _read_index(index: Path) -> dict[str, str]:
     try:
         text = index.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(index, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    shards = parse_index(text, where=str(index))
-    missing = [s for s in shards if not (directory / s).is_file()]
-    if missing:
-        raise CheckpointError(index, f"shard {missing[0]} is listed in the index but missing")
-    return shards
+    return weight_map(text, where=str(index))
 
 
-def find_weight_files(directory: Path) -> list[Path]:
-    """The weight files of a checkpoint directory, safetensors preferred over `.bin`."""
+def _check_file(path: Path, root: Path) -> Path:
+    if path.is_symlink() and not within(path, root):
+        raise CheckpointError(path, f"is a link to {os.path.realpath(path)}, outside the input {root}",
+                              hint="files of an input are read only from inside its own directory")
+    return path
+
+
+def find_weight_files(directory: Path, root: Path | None = None) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of a checkpoint directory (safetensors preferred over `.bin`), and the
+    index's weight map when there is one."""
+    root = root or directory
     names = [p.name for p in directory.iterdir() if p.is_file()]
-    chosen = choose_weight_files(names, read_index=lambda name: _read_local_index(directory, name))
-    weights = [directory / name for name in chosen if not name.endswith(".index.json")]
+    indexes: dict[str, dict[str, str]] = {}
+
+    def read_index(name: str) -> list[str]:
+        indexes[name] = _read_index(_check_file(directory / name, root))
+        shards = list(dict.fromkeys(indexes[name].values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise CheckpointError(directory / name, f"shard {missing[0]} is listed in the index but missing")
+        return shards
+
+    chosen = choose_weight_files(names, read_index=read_index)
+    weights = [_check_file(directory / name, root) for name in chosen if not name.endswith(".index.json")]
     if not weights:
         raise CheckpointError(directory, "no model.safetensors, sharded safetensors or pytorch_model.bin here")
-    return weights
+    return weights, next(iter(indexes.values()), None)
 
 
-def open_local(path: Path, *, source: str | None = None, commit: str | None = None) -> Checkpoint:
-    """Open a local directory, `.safetensors` file or `.bin` / `.pt` state dict."""
+def _check_index(directory: Path, mapping: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    """Every tensor of the index must be in the shard it names, and every shard's tensor in the index."""
+    for name, shard in mapping.items():
+        info = tensors.get(name)
+        if info is None or info.file.name != shard:
+            where = f"in {info.file.name}" if info else "in no shard"
+            raise CheckpointError(directory, f"the index places tensor {name!r} in {shard}, but it is {where}",
+                                  hint="the index and its shards do not belong together; fetch the checkpoint again")
+    extra = [name for name in tensors if name not in mapping]
+    if extra:
+        raise CheckpointError(directory, f"tensor {extra[0]!r} of {tensors[extra[0]].file.name} is not in the index")
+
+
+def open_local(path: Path, *, source: str | None = None, commit: str | None = None,
+               root: Path | None = None) -> Checkpoint:
+    """Open a local directory, `.safetensors` file or `.bin` / `.pt` state dict.
+
+    Args:
+        root: the input's own tree, which its files may link into (default: the directory itself).
+    """
     source = source or str(path)
+    mapping = None
     if path.is_dir():
-        files, directory = find_weight_files(path), path
+        root = root or path
+        (files, mapping), directory = find_weight_files(path, root), path
     elif path.is_file():
         files, directory = [path], None
+    elif os.path.lexists(path):
+        raise CheckpointError(path, "is a broken link or a link loop")
     else:
         raise InputNotFoundError(source)
     tensors: dict[str, TensorInfo] = {}
@@ -160,23 +218,59 @@ def open_local(path: Path, *, source: str | None = None, commit: str | None = No
             tensors[info.name] = info
     if not tensors:
         raise CheckpointError(path, "holds no tensors")
-    return Checkpoint(source, files, tensors, directory, commit, state_dict)
+    if mapping is not None and not state_dict:
+        _check_index(path, mapping, tensors)
+    return Checkpoint(source, files, tensors, directory, commit, root, _state_dict=state_dict)
 
 
-def open_checkpoint(path: str, *, revision: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str, *, revision: str | None = None, headers_only: bool = False) -> Checkpoint:
     """Open a local checkpoint, or resolve a hub repo id (through the local hub cache or the hub).
+
+    Args:
+        headers_only: for a plan that reads no tensor (validate, --dry-run): a hub checkpoint's
+            safetensors headers are read with range requests and its weights are not downloaded
+            (its `read` then fails).
 
     Raises:
         InputNotFoundError: neither a local path nor a hub repo id.
         CheckpointError: the files are corrupt, truncated or of an unsupported kind.
     """
     local = Path(path).expanduser()
-    if local.exists():
+    if os.path.lexists(local):
         return open_local(local, source=path)
-    if hub.looks_like_repo_id(path):
-        directory, commit = hub.download_checkpoint(path, revision=revision)
-        return open_local(directory, source=path, commit=commit)
-    raise InputNotFoundError(path)
+    if not hub.looks_like_repo_id(path):
+        raise InputNotFoundError(path)
+    try:
+        snapshot = hub.resolve(path, revision=revision)
+    except HubNotFoundError as exc:
+        raise HubNotFoundError(f"{exc.message}; nor is it a local path", hint=exc.hint, repo_id=path,
+                               status=exc.status) from None
+    if headers_only and not snapshot.cached and all(name.endswith(".safetensors") for name in snapshot.weights):
+        from huggingface_hub import constants
+
+        if not constants.is_offline_mode():
+            return _open_remote(snapshot)
+    directory = hub.fetch_weights(snapshot)
+    # snapshots/<commit>/ links into the repo folder's blobs/: the repo folder is the input's tree
+    return open_local(directory, source=path, commit=snapshot.commit, root=directory.parent.parent)
+
+
+def _open_remote(snapshot: hub.Snapshot) -> Checkpoint:
+    """A hub checkpoint known from its headers alone."""
+    tensors: dict[str, TensorInfo] = {}
+    files = [snapshot.folder / name for name in snapshot.weights]
+    for file in files:
+        prefix, raw, size = hub.remote_header(snapshot, file.name)
+        header_length(file, prefix, size)
+        for info in parse_header(file, raw, size)[0]:
+            if info.name in tensors:
+                raise CheckpointError(file, f"tensor {info.name!r} is stored twice "
+                                            f"(also in {tensors[info.name].file.name})")
+            tensors[info.name] = info
+    if snapshot.index is not None:
+        _check_index(snapshot.folder, snapshot.index, tensors)
+    return Checkpoint(snapshot.repo_id, files, tensors, snapshot.folder, snapshot.commit,
+                      snapshot.folder.parent.parent)
 
 
 def iter_row_blocks(info: TensorInfo, max_elements: int) -> Iterator[tuple[int, int] | None]:

@@ -7,7 +7,9 @@ One preference order serves a local directory and a hub repo's file list alike.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from mergecli.errors import CheckpointError
 
@@ -18,6 +20,8 @@ STATE_DICT_FILES = ("pytorch_model.bin", "model.pt", "model.pth")
 STATE_DICT_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *STATE_DICT_SUFFIXES)
 CONFIG_FILES = ("config.json", "generation_config.json")
+MAX_HEADER = 100_000_000  # bytes: the safetensors library's limit on a header
+CARD_FILE = "README.md"  # a model card: its front matter holds the license
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -25,21 +29,40 @@ TOKENIZER_FILES = (
 )
 
 
-def parse_index(text: str, *, where: str) -> list[str]:
-    """The shard file names listed by a `*.index.json` (its `weight_map` values), in first-seen order.
+def weight_map(text: str, *, where: str) -> dict[str, str]:
+    """The `weight_map` of a `*.index.json`: tensor name → shard file name.
 
     Raises:
         CheckpointError: not JSON, no `weight_map`, or a shard name that leaves the directory.
     """
     try:
-        weight_map = json.loads(text)["weight_map"]
-        shards = list(dict.fromkeys(weight_map.values()))
+        mapping = json.loads(text)["weight_map"]
+        if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+            raise TypeError
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CheckpointError(where, "corrupt shard index (no weight_map)") from None
+    shards = set(mapping.values())
     if not shards or not all(isinstance(s, str) and s and ".." not in s.split("/") and not s.startswith("/")
                              for s in shards):
         raise CheckpointError(where, "corrupt shard index (bad shard names)")
-    return shards
+    return mapping
+
+
+def parse_index(text: str, *, where: str) -> list[str]:
+    """The shard file names listed by a `*.index.json`, in first-seen order."""
+    return list(dict.fromkeys(weight_map(text, where=where).values()))
+
+
+def within(path: Path, root: Path) -> bool:
+    """Whether `path`, symlinks followed, stays inside `root` (an input's own directory tree; in the
+    hub cache, the repo's folder, whose snapshots link into its blobs)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def regular_file(path: Path, root: Path) -> bool:
+    """A file that may be read from an input: a regular file, or a link resolving inside `root`."""
+    return path.is_file() and within(path, root)
 
 
 def choose_weight_files(names: Iterable[str], *, read_index: Callable[[str], list[str]]) -> list[str]:

@@ -6,44 +6,62 @@ honours them exactly as `hf` does, and the token never passes through mergecli.
 
 Downloads fetch the weights (safetensors preferred over `.bin`, chosen from the repo's file list
 by io/files.py), config, generation config and tokenizer files. In offline mode the same code works
-from the cache. Errors come out typed (io/hub_errors.py) and token-free.
+from the cache. A plan that reads no tensor (validate, --dry-run) reads the safetensors headers
+alone, with HTTP range requests. Errors come out typed (io/hub_errors.py) and token-free.
 """
 
 from __future__ import annotations
 
 import glob
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from mergecli.errors import CheckpointError, HubError
-from mergecli.io.files import CONFIG_FILES, SAFETENSORS_INDEX, TOKENIZER_FILES, choose_weight_files, parse_index
+from mergecli.io.files import (
+    CARD_FILE,
+    CONFIG_FILES,
+    MAX_HEADER,
+    SAFETENSORS_INDEX,
+    TOKENIZER_FILES,
+    choose_weight_files,
+    weight_map,
+)
 from mergecli.io.hub_errors import hub_errors
 
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
-_REPO_ID = re.compile(f"{_REPO_PART}/{_REPO_PART}")
+_REPO_ID = re.compile(f"(?:{_REPO_PART}/)?{_REPO_PART}")  # org/name, or a canonical name (gpt2)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def looks_like_repo_id(path: str) -> bool:
-    """`org/name` with hub-legal characters (the hub also forbids `--`, `..` and over 96 characters)."""
+    """`org/name` or a canonical `name` (`gpt2`) with hub-legal characters (the hub also forbids
+    `--`, `..` and over 96 characters)."""
     return (_REPO_ID.fullmatch(path) is not None and ".." not in path and "--" not in path
             and not path.endswith(".git") and all(len(part) <= 96 for part in path.split("/")))
 
 
-def download_checkpoint(repo_id: str, *, revision: str | None = None) -> tuple[Path, str]:
-    """Download (or find in the hub cache) a model's weights, config and tokenizer files.
+@dataclass
+class Snapshot:
+    """A repo resolved to a commit: its small files (config, index, tokenizer) in the cache folder,
+    and the names of the weight files a merge reads (not necessarily downloaded yet)."""
 
-    The revision (branch, tag or commit; default the main branch) is resolved to a commit first;
-    then the repo's file list (cached with the snapshot, so it is known offline too) decides which
-    weights to fetch (io/files.py `choose_weight_files`). huggingface_hub draws its own progress
-    bars on stderr.
+    repo_id: str
+    commit: str
+    folder: Path
+    weights: list[str]
+    index: dict[str, str] | None  # the weight map of a sharded checkpoint
 
-    Args:
-        repo_id: `org/name` of a model repo.
-        revision: branch, tag or full commit sha; None for the default branch.
+    @property
+    def cached(self) -> bool:
+        return all((self.folder / name).is_file() for name in self.weights)
 
-    Returns:
-        `(directory, commit)`: the snapshot directory in the hub cache and its 40-hex commit sha.
+
+def resolve(repo_id: str, *, revision: str | None = None) -> Snapshot:
+    """Resolve the revision (branch, tag or commit; default the main branch) to a commit, fetch the
+    config, index and tokenizer files, and choose the weights a merge reads from the repo's file
+    list (cached with the snapshot, so it is known offline too). `fetch_weights` downloads them;
+    `remote_header` reads their headers alone.
 
     Raises:
         HubNotFoundError: no such repo or revision (exit 2).
@@ -52,35 +70,69 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None) -> tuple[P
         CheckpointError: the repo holds no safetensors weights or PyTorch state dict.
 
     Example:
-        >>> directory, commit = download_checkpoint("org/llama-math", revision="main")
+        >>> directory = fetch_weights(resolve("org/llama-math", revision="main"))
     """
-    metadata = list(dict.fromkeys([*CONFIG_FILES, SAFETENSORS_INDEX, *TOKENIZER_FILES]))
+    metadata = list(dict.fromkeys([*CONFIG_FILES, CARD_FILE, SAFETENSORS_INDEX, *TOKENIZER_FILES]))
     with hub_errors(repo_id, revision=revision):
-        # 1. Resolve the revision (this also caches the repo's file list) and get the small files.
-        folder = _snapshot(repo_id, revision, metadata)
+        folder = _snapshot(repo_id, revision, metadata)  # also caches the repo's file list
         commit = folder.name
         if not _COMMIT.fullmatch(commit):  # a snapshot directory is always named by its commit
             raise HubError(f"{repo_id}: unexpected hub cache layout at {folder}", repo_id=repo_id)
-        # 2. Choose the weights from the file list, 3. fetch them, pinned to the resolved commit.
         names = _repo_files(repo_id, commit, folder)
+        indexes: dict[str, dict[str, str]] = {}
 
         def read_index(name: str) -> list[str]:
             index = _snapshot(repo_id, commit, [name]) / name
             if not index.is_file():
                 raise HubError(f"{repo_id}: {name} is not in the cached snapshot",
                                hint="run once with network access to complete the download", repo_id=repo_id)
-            return parse_index(index.read_text(), where=f"{repo_id}/{name}")
+            indexes[name] = weight_map(index.read_text(), where=f"{repo_id}/{name}")
+            return list(dict.fromkeys(indexes[name].values()))
 
         weights = choose_weight_files(names, read_index=read_index)
-        if not weights:
-            raise CheckpointError(
-                repo_id, "this hub repo has no safetensors weights and no PyTorch state dict "
-                         "(model.safetensors, sharded *.safetensors, pytorch_model.bin)",
-                hint="mergecli merges transformers-style checkpoints; check the repo id and its files",
-            )
-        wanted = [name for name in metadata if name in names] + weights
-        folder = _snapshot(repo_id, commit, wanted, required=weights)
-    return folder, commit
+    if not weights:
+        raise CheckpointError(
+            repo_id, "this hub repo has no safetensors weights and no PyTorch state dict "
+                     "(model.safetensors, sharded *.safetensors, pytorch_model.bin)",
+            hint="mergecli merges transformers-style checkpoints; check the repo id and its files",
+        )
+    shards = [name for name in weights if not name.endswith(".index.json")]
+    return Snapshot(repo_id, commit, folder, shards, next(iter(indexes.values()), None))
+
+
+def fetch_weights(snapshot: Snapshot) -> Path:
+    """Download the snapshot's weight files (those the cache lacks); return the snapshot folder."""
+    metadata = [name for name in (*CONFIG_FILES, CARD_FILE, SAFETENSORS_INDEX, *TOKENIZER_FILES)
+                if (snapshot.folder / name).is_file()]
+    with hub_errors(snapshot.repo_id, revision=snapshot.commit):
+        return _snapshot(snapshot.repo_id, snapshot.commit, metadata + snapshot.weights, required=snapshot.weights)
+
+
+def remote_header(snapshot: Snapshot, name: str) -> tuple[bytes, bytes, int]:
+    """Read one safetensors file's header from the hub with two HTTP range requests (its size
+    field, then the header), never a byte of its tensors: `(first 8 bytes, header JSON, file size)`."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(snapshot.repo_id, name, revision=snapshot.commit)
+    headers = build_hf_headers()
+
+    def get(first: int, last: int) -> tuple[bytes, int]:
+        response = get_session().get(url, headers={**headers, "Range": f"bytes={first}-{last}"},
+                                     follow_redirects=True, timeout=30)
+        hf_raise_for_status(response)
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        if response.status_code != 206 or not total.isdigit():
+            raise HubError(f"{snapshot.repo_id}: the hub did not answer a range request for {name}",
+                           repo_id=snapshot.repo_id)
+        return response.content, int(total)
+
+    with hub_errors(snapshot.repo_id, revision=snapshot.commit):
+        prefix, size = get(0, 7)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        if not 0 < length <= min(MAX_HEADER, size - 8):  # the caller's checks say what is wrong
+            return prefix, b"", size
+        return prefix, get(8, 8 + length - 1)[0], size
 
 
 def _snapshot(repo_id: str, revision: str | None, names: list[str], *,

@@ -13,10 +13,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mergecli.errors import CheckpointError
+from mergecli.io.files import MAX_HEADER
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -26,7 +28,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-MAX_HEADER = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,46 +61,115 @@ class TensorInfo(TensorSpec):
     offset: int = -1
 
 
+def _strict_json(text: str) -> Any:
+    """JSON as strict as serde_json: no duplicate keys, no NaN / Infinity."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(pairs)
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+
+
+def _index(value: Any) -> int | None:
+    """A non-negative JSON integer (not a bool, not a float), else None."""
+    return value if type(value) is int and value >= 0 else None
+
+
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parse and check one safetensors file's header; return its tensors (in file order) and metadata."""
+    """Parse and check one safetensors file's header as strictly as the safetensors library does;
+    return its tensors (in file order) and metadata.
+
+    Raises:
+        CheckpointError: one line naming the file and what is wrong with it.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(path, "not a safetensors file (shorter than its 8-byte header size)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER or 8 + header_len > size:
-                raise CheckpointError(path, "corrupt or truncated safetensors header")
+            header_len = header_length(path, prefix, size)
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
+    return parse_header(path, raw, size)
+
+
+def header_length(path: Path, prefix: bytes, size: int) -> int:
+    """The header size that a file's first 8 bytes give, checked against the file's size."""
+    if len(prefix) < 8:
+        raise CheckpointError(path, "not a safetensors file (shorter than its 8-byte header size)")
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len > MAX_HEADER:
+        raise CheckpointError(path, f"corrupt safetensors header: its size field says {header_len} bytes")
+    if 8 + header_len > size:
+        raise CheckpointError(path, f"truncated or corrupt: the header size field says {header_len} bytes, "
+                                    f"the file has {size}",
+                              hint="the download or copy did not finish; fetch the file again")
+    return header_len
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Check the JSON header `raw` of a safetensors file of `size` bytes (local or remote): its
+    tensors must tile the data section exactly."""
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(path, "corrupt safetensors header (not valid JSON)") from None
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
+        header = _strict_json(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(path, "corrupt safetensors header (not UTF-8)") from None
+    except RecursionError:
+        raise CheckpointError(path, "corrupt safetensors header (nested too deeply)") from None
+    except ValueError as exc:
+        raise CheckpointError(path, f"corrupt safetensors header (not valid JSON: {str(exc)[:80]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(path, "corrupt safetensors header (__metadata__ must map strings to strings)")
+    data_start = 8 + len(raw)
     tensors = []
     for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(path, f"corrupt safetensors header entry for tensor {name!r}") from None
-        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} has the wrong byte size")
-        if data_start + end > size:
-            raise CheckpointError(
-                path, f"truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size}",
-                hint="the download or copy did not finish; fetch the file again",
-            )
-        tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin))
-    tensors.sort(key=lambda t: t.offset)
-    return tensors, metadata
+        tensors.append(_tensor_info(path, name, entry, data_start))
+    tensors.sort(key=lambda t: (t.offset, t.nbytes))
+    end = data_start
+    for index, tensor in enumerate(tensors):
+        if tensor.offset != end:
+            before = f"the tensor before it ({tensors[index - 1].name!r})" if index else "the data section's start"
+            problem = "overlap" if tensor.offset < end else "leave a gap"
+            raise CheckpointError(path, f"corrupt safetensors header: the data of {tensor.name!r} and {before} "
+                                        f"{problem}")
+        end += tensor.nbytes
+    if end > size:
+        last = tensors[-1].name
+        raise CheckpointError(path, f"truncated: tensor {last!r} ends at byte {end}, the file has {size}",
+                              hint="the download or copy did not finish; fetch the file again")
+    if end < size:
+        raise CheckpointError(path, f"corrupt: {size - end} bytes after the last tensor's data")
+    return tensors, metadata or {}
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(path, f"corrupt safetensors header: tensor {name!r} {problem}")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise bad("lacks one of dtype, shape and data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"has an unknown or unsupported dtype {str(entry['dtype'])[:20]!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or any(_index(d) is None for d in shape):
+        raise bad("has a shape that is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or any(_index(x) is None for x in offsets):
+        raise bad("has data_offsets that are not two non-negative integers")
+    begin, end = offsets
+    if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
+        raise bad("has the wrong byte size for its dtype and shape")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin)
 
 
 def encode_header(tensors: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int], int]:

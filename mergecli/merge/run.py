@@ -9,12 +9,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from mergecli.errors import MergecliError
 from mergecli.io.atomic import atomic_directory
 from mergecli.io.writer import ShardWriter
 from mergecli.merge.plan import MergePlan
-from mergecli.merge.stream import ProgressCallback, stream_tasks
-from mergecli.merge.support import write_support_files
+from mergecli.merge.stream import NonFinite, ProgressCallback, stream_tasks
+from mergecli.merge.support import resolved_recipe, write_support_files
+
+
+def config_dtype(plan: MergePlan) -> str:
+    """The output's floating dtype, as config.json names it: the most common among its tensors."""
+    dtypes = [t.out.dtype for t in plan.tasks if t.out.dtype.is_floating_point]
+    common = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+    return str(common).removeprefix("torch.")
 
 
 class Progress:
@@ -72,21 +81,28 @@ def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -
     started = time.perf_counter()
     try:
         check_disk_space(plan)
-        with atomic_directory(plan.output, force=plan.force) as directory:
+        recipe = resolved_recipe(plan.recipe, plan.inputs, plan.output)  # the digests: before any write
+        with atomic_directory(plan.output, force=plan.force, notes=plan.warnings) as directory:
             writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks})
             try:
                 done = Progress(on_progress)
+                non_finite = NonFinite(plan.recipe.allow_non_finite, plan.warnings)
                 for stage in plan.stages:
                     if stage.before:
                         stage.before()
-                    stream_tasks(stage.tasks, writer, done.update)
+                    stream_tasks(stage.tasks, writer, done.update, non_finite=non_finite)
                     done.stage_done()
                     if stage.after:
                         stage.after(writer.checkpoint())
                 writer.finish()
             finally:
                 writer.close()
-            write_support_files(plan, directory)
+            sizes = {spec.name: ckpt.nbytes for spec, ckpt in zip(plan.recipe.models, plan.inputs.models)}
+            if plan.inputs.base:
+                sizes["base"] = plan.inputs.base.nbytes
+            write_support_files(directory, support=plan.support, method=plan.method, dtype=config_dtype(plan),
+                                recipe=recipe, sizes=sizes,
+                                directory_name=plan.output.name)
     finally:
         for stage in plan.stages:
             if stage.cleanup:

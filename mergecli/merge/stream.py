@@ -5,6 +5,7 @@ are alive at once, whatever the model, shard or tensor size.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -12,9 +13,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
+from mergecli.errors import NonFiniteError
 from mergecli.io.buffers import BufferRing
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.io.safetensors import TensorInfo
@@ -117,7 +120,37 @@ def compute_threads() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: ProgressCallback | None = None) -> None:
+def finite(block: torch.Tensor) -> bool:
+    """No NaN or inf in a floating block: its sum is finite (one cheap pass), or, when the sum is
+    not (or overflows), every element is."""
+    if not block.is_floating_point() or block.dtype.itemsize == 1:
+        return True  # integers; float8 cannot be summed
+    return math.isfinite(float(block.sum())) or bool(torch.isfinite(block).all())
+
+
+@dataclass
+class NonFinite:
+    """What to do about NaN or inf in a merged block: fail (the default), or `allow` it and warn."""
+
+    allow: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def found(self, task: TensorTask, blocks: list[torch.Tensor]) -> None:
+        bad = [source.source for source, block in zip(task.sources, blocks) if not finite(block)]
+        name = task.out.name
+        if bad:
+            message = f"{name}: NaN or inf in the input {', '.join(bad)}"
+        else:
+            message = (f"{name}: the merged values are not finite (they overflow "
+                       f"{str(task.out.dtype).removeprefix('torch.')})")
+        if not self.allow:
+            raise NonFiniteError(message, tensor=name)
+        if message not in self.warnings:
+            self.warnings.append(message + "; kept, as allow_non_finite asks")
+
+
+def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: ProgressCallback | None = None, *,
+                 non_finite: NonFinite | None = None) -> None:
     """Read (reader thread) → combine (this thread) → write (writer thread), all overlapped.
 
     A merged block is copied into a buffer of the output ring (this is also its cast to the output
@@ -125,6 +158,7 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
     WRITE_DEPTH + 1 buffers is never refilled while its previous block is still being written.
     """
     outputs = BufferRing(WRITE_DEPTH + 1)
+    non_finite = non_finite or NonFinite()
     tensors_done = bytes_done = 0
     # closing(): the reader thread is stopped and joined here, even on Ctrl-C, not whenever the
     # generator happens to be collected (a reader still inside torch at interpreter exit aborts it).
@@ -137,6 +171,8 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
                 if len(in_flight) == WRITE_DEPTH:
                     in_flight.popleft().result()
                 out = outputs.next().tensor("out", tuple(merged.shape), task.out.dtype).copy_(merged)
+                if not finite(out):
+                    non_finite.found(task, blocks)
                 in_flight.append(pool.submit(writer.write, task.out.name, out, row_start))
                 bytes_done += sum(b.nbytes for b in blocks)
                 tensors_done += last

@@ -1,69 +1,184 @@
 """Support files of an output: config.json (with the output dtype), tokenizer and processor files,
 the model card, and mergecli.toml, the recipe as run.
+
+They are chosen and read when the merge is planned (a broken config.json fails before any tensor
+is read). A support file is copied only if it is a regular file, or a link that stays inside its
+input's own tree; no file written names a local absolute path: `mergecli.toml` records local inputs
+relative to the output, with their digest, and path-valued keys of copied JSON files are reduced
+to the last component.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from mergecli.io.files import TOKENIZER_FILES
-from mergecli.merge.plan import MergePlan
-from mergecli.methods.base import Inputs
+from mergecli.errors import CheckpointError
+from mergecli.io.checkpoint import Checkpoint
+from mergecli.io.files import CARD_FILE, TOKENIZER_FILES, regular_file
+from mergecli.methods.base import Inputs, Method
 from mergecli.publish.card import render_card
 from mergecli.recipe import Recipe, dump_recipe
 
-
-def _config_dtype(plan: MergePlan) -> str:
-    dtypes = [t.out.dtype for t in plan.tasks if t.out.dtype.is_floating_point]
-    common = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
-    return str(common).removeprefix("torch.")
+PATH_KEYS = ("_name_or_path", "name_or_path")  # keys transformers fills with the directory it loaded
 
 
-def _first_with(inputs: Inputs, filename: str) -> Path | None:
-    for checkpoint in [inputs.reference, *inputs.models]:
-        if checkpoint.directory and (checkpoint.directory / filename).is_file():
-            return checkpoint.directory
+@dataclass
+class SupportFiles:
+    """What goes beside the weights, and where it comes from (input labels for the card)."""
+
+    config: dict[str, Any] | None = None
+    config_from: str | None = None
+    copies: dict[str, Path] = field(default_factory=dict)  # output file name → its source
+    tokenizer_from: str | None = None
+    license: str | None = None  # from the reference's model card (else the first model's that has one)
+
+
+def _labels(recipe: Recipe, inputs: Inputs) -> list[tuple[str, Checkpoint]]:
+    """The inputs in the order support files are looked for: the reference, then the models."""
+    named = [("base", inputs.base)] if inputs.base else []
+    named += [(spec.name, ckpt) for spec, ckpt in zip(recipe.models, inputs.models)]
+    return named
+
+
+def _safe(checkpoint: Checkpoint, name: str, warnings: list[str]) -> Path | None:
+    """`name` in the checkpoint's directory, if it may be read: a link out of the input is skipped."""
+    if checkpoint.directory is None:
+        return None
+    path = checkpoint.directory / name
+    if not path.is_file():
+        return None
+    if not regular_file(path, checkpoint.root or checkpoint.directory):
+        warnings.append(f"{path} links to {os.path.realpath(path)}, outside its input: not copied")
+        return None
+    return path
+
+
+def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> SupportFiles:
+    """Choose the config and the tokenizer / processor files of the output, and read the config.
+
+    Raises:
+        CheckpointError: the chosen config.json is not a JSON object.
+    """
+    support = SupportFiles()
+    named = _labels(recipe, inputs)
+    for label, checkpoint in named:
+        path = _safe(checkpoint, "config.json", warnings)
+        if path is not None:
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(config, dict):
+                    raise ValueError
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise CheckpointError(path, "is not a valid config (a JSON object)") from None
+            support.config, support.config_from = config, label
+            break
+    support.license = next(filter(None, (card_license(_safe(ckpt, CARD_FILE, warnings)) for _, ckpt in named)), None)
+    if not recipe.copy_tokenizer:
+        return support
+    for marker in ("tokenizer_config.json", "preprocessor_config.json"):
+        for label, checkpoint in named:
+            if _safe(checkpoint, marker, warnings) is not None:
+                support.tokenizer_from = label
+                for name in TOKENIZER_FILES:
+                    path = _safe(checkpoint, name, warnings)
+                    if path is not None:
+                        support.copies[name] = path
+                return support
+    if support.config is not None:  # a transformers checkpoint without a tokenizer is worth a word
+        warnings.append("copy_tokenizer: no input has tokenizer files; none copied")
+    return support
+
+
+LICENSE_LINE = re.compile(r"""license:[ \t]*["']?([A-Za-z0-9][A-Za-z0-9._+-]*)["']?[ \t]*""")
+
+
+def card_license(card: Path | None) -> str | None:
+    """The `license:` of a model card's YAML front matter (a license id such as apache-2.0)."""
+    if card is None:
+        return None
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace")[:100_000]
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    for line in text.splitlines()[1:]:
+        if line.strip() == "---":
+            break
+        match = LICENSE_LINE.fullmatch(line)
+        if match:
+            return match.group(1)
     return None
 
 
-def resolved_recipe(plan: MergePlan) -> Recipe:
-    """The recipe as run: absolute output, hub revisions pinned to the resolved commits."""
-    recipe = plan.recipe
-    models = [
-        spec.model_copy(update={"revision": ckpt.commit}) if ckpt.commit else spec
-        for spec, ckpt in zip(recipe.models, plan.inputs.models)
-    ]
-    update: dict = {"models": models, "output": str(plan.output)}
-    if recipe.base and plan.inputs.base and plan.inputs.base.commit:
-        update["base"] = recipe.base.model_copy(update={"revision": plan.inputs.base.commit})
+def scrub(value: Any) -> Any:
+    """A JSON value with every path-valued key (`_name_or_path`) that holds an absolute local path
+    reduced to its last component."""
+    if isinstance(value, dict):
+        return {key: (os.path.basename(v.rstrip("/\\")) if key in PATH_KEYS and isinstance(v, str)
+                      and os.path.isabs(v) else scrub(v)) for key, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path) -> Recipe:
+    """The recipe as run, for mergecli.toml: hub revisions pinned to their commits; local inputs,
+    data and stats_dir relative to the output directory (no absolute path is published) and
+    identified by their digest; `output = "."`."""
+
+    def where(path: str) -> str:
+        return os.path.relpath(path, output)
+
+    def pinned(spec: Any, checkpoint: Checkpoint) -> Any:
+        if checkpoint.commit:
+            return spec.model_copy(update={"revision": checkpoint.commit})
+        update = {"path": where(spec.path), "digest": checkpoint.digest()}
+        if getattr(spec, "data", None):
+            update["data"] = where(spec.data)
+        return spec.model_copy(update=update)
+
+    stats_dir = where(recipe.regmean.stats_dir)
+    update: dict[str, Any] = {"output": ".", "models": [pinned(s, c) for s, c in zip(recipe.models, inputs.models)],
+                              "regmean": recipe.regmean.model_copy(update={"stats_dir": stats_dir})}
+    if recipe.base and inputs.base:
+        update["base"] = pinned(recipe.base, inputs.base)
     return recipe.model_copy(update=update)
 
 
-def write_support_files(plan: MergePlan, directory: Path) -> None:
-    """config.json (with the output dtype), tokenizer files, the model card, mergecli.toml."""
-    source = _first_with(plan.inputs, "config.json")
+def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recipe, method: Method,
+                        dtype: str, sizes: dict[str, int], directory_name: str) -> None:
+    """config.json (with the output dtype), tokenizer files, mergecli.toml and the model card.
+
+    Args:
+        recipe: the resolved recipe (`resolved_recipe`).
+        directory_name: the output's final name (`directory` is its temporary sibling).
+        dtype: the output's floating dtype ("bfloat16"), for the config.
+        sizes: bytes of each input by its label, for the card.
+    """
     config = None
-    if source:
-        config = json.loads((source / "config.json").read_text())
-        dtype = _config_dtype(plan)
-        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-        for key in keys:
+    if support.config is not None:
+        config = scrub(support.config)
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[key] = dtype
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if plan.recipe.copy_tokenizer:
-        tokenizer_dir = _first_with(plan.inputs, "tokenizer_config.json") or _first_with(
-            plan.inputs, "preprocessor_config.json")
-        if tokenizer_dir is None:
-            if source:  # a transformers checkpoint without a tokenizer is worth a word
-                plan.warnings.append("copy_tokenizer: no input has tokenizer files; none copied")
+    for name, source in support.copies.items():
+        if name.endswith(".json"):
+            try:
+                content = scrub(json.loads(source.read_text(encoding="utf-8")))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                shutil.copyfile(source, directory / name)  # not ours to fix: copied as it is
+                continue
+            (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         else:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copyfile(tokenizer_dir / name, directory / name)
-    recipe = resolved_recipe(plan)
+            shutil.copyfile(source, directory / name)
     (directory / "mergecli.toml").write_text(dump_recipe(recipe))
-    (directory / "README.md").write_text(render_card(recipe, plan.method, config=config))
+    card = render_card(recipe, method, config=config, title=directory_name, config_from=support.config_from,
+                       tokenizer_from=support.tokenizer_from, sizes=sizes, license=support.license)
+    (directory / "README.md").write_text(card)

@@ -43,22 +43,26 @@ def _integer_combine(name: str, warnings: list[str]) -> Combine:
     return combine
 
 
-def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> list[TensorTask]:
-    """One task per tensor of the reference: averaged, or copied from the reference model."""
+def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: set[str] = frozenset()
+                  ) -> list[TensorTask]:
+    """One task per tensor of the reference (but the `dropped` ones): averaged, or copied from the
+    reference model."""
     head = [re.compile(p) for p in recipe.head_patterns]
     exclude = [re.compile(p) for p in recipe.exclude]
-    weights = recipe.weights
+    weights, divisor = recipe.average_weights()
     reference = inputs.reference
 
     accumulators = ScratchBuffers()  # combine runs on one thread: one accumulator, reused
 
     def average(blocks: list[torch.Tensor]) -> torch.Tensor:
         dtype = accumulation_dtype([b.dtype for b in blocks])
-        return weighted_sum(blocks, weights, out=accumulators.tensor(dtype, blocks[0].shape, dtype))
+        return weighted_sum(blocks, weights, divisor=divisor, out=accumulators.tensor(dtype, blocks[0].shape, dtype))
 
     block = base.BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
     tasks = []
     for name, info in reference.tensors.items():
+        if name in dropped:
+            continue
         out = TensorSpec(name, output_dtype(recipe, info), info.shape)
         if any(p.fullmatch(name) for p in exclude):
             tasks.append(TensorTask(out, "exclude", (reference,), copy_first, block))

@@ -15,11 +15,13 @@ def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def weighted_sum(tensors: list[torch.Tensor], weights: list[float], *,
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float], *, divisor: float = 1.0,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ w_i t_i in the accumulation dtype; inputs may have different floating dtypes.
+    """Σ w_i t_i / divisor in the accumulation dtype; inputs may have different floating dtypes.
 
-    `out`, when given, is a tensor of the accumulation dtype and shape to write the sum into.
+    The raw weights are summed and the total divided once, at the end (normalizing the weights
+    first would round each of them). `out`, when given, is a tensor of the accumulation dtype and
+    shape to write the sum into.
 
     Example:
         >>> weighted_sum([torch.ones(2, dtype=torch.bfloat16), torch.zeros(2)], [0.25, 0.75])
@@ -36,6 +38,8 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], *,
     total.mul_(weights[0])
     for tensor, weight in zip(tensors[1:], weights[1:]):
         total.add_(tensor, alpha=weight)  # mixed dtypes computed in `dtype`, no temporary
+    if divisor != 1.0:
+        total.div_(divisor)
     return total
 
 

@@ -46,6 +46,11 @@ def pipeline_tag(config: dict | None) -> str | None:
     return None
 
 
+def loader_class(config: dict | None) -> str:
+    """The transformers Auto class that loads a model of this config (`AutoModelForCausalLM`)."""
+    return _LOADERS.get(pipeline_tag(config) or "", "AutoModel")
+
+
 def hub_ids(recipe: Recipe) -> list[str]:
     """Hub repo ids among the base and the models, in recipe order, without duplicates."""
     specs = ([recipe.base] if recipe.base else []) + list(recipe.models)
@@ -57,9 +62,9 @@ def _yaml(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def front_matter(recipe: Recipe, config: dict | None) -> str:
+def front_matter(recipe: Recipe, config: dict | None, license: str | None = None) -> str:
     """The YAML metadata block, `---` lines included."""
-    lines = ["---"]
+    lines = ["---", *([f"license: {_yaml(license)}"] if license else [])]
     parents = hub_ids(recipe)
     if parents:
         lines.append("base_model:")
@@ -74,12 +79,25 @@ def front_matter(recipe: Recipe, config: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _input(label: str) -> str:
+    return "the base model" if label == "base" else f"`{_cell(label)}`"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _source(spec: BaseSpec | ModelSpec) -> str:
-    """A hub id as a link (with its pinned commit), a local checkpoint by its file or folder name."""
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""
+
+
+def _source(spec: BaseSpec | ModelSpec, size: int | None = None) -> str:
+    """A hub id as a link (with its pinned commit); a local checkpoint by its file or folder name,
+    its digest and its size, never by its path."""
     if looks_like_repo_id(spec.path):
         if spec.revision:
             pinned = (f"[`{spec.revision[:12]}`]({HUB_URL}/{spec.path}/tree/{spec.revision})"
@@ -87,7 +105,8 @@ def _source(spec: BaseSpec | ModelSpec) -> str:
             return f"[{spec.path}]({HUB_URL}/{spec.path}) @ {pinned}"
         return f"[{spec.path}]({HUB_URL}/{spec.path})"
     name = spec.path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    return f"`{_cell(name)}` (local)"
+    details = ["local", *([f"`{spec.digest[:19]}…`"] if spec.digest else []), *([_size(size)] if size else [])]
+    return f"`{_cell(name)}` ({', '.join(details)})"
 
 
 def _method(recipe: Recipe, method: Method, config: dict | None) -> list[str]:
@@ -107,7 +126,7 @@ def _method(recipe: Recipe, method: Method, config: dict | None) -> list[str]:
 
 
 def _usage(recipe: Recipe, config: dict | None, title: str) -> list[str]:
-    loader = _LOADERS.get(pipeline_tag(config) or "", "AutoModel")
+    loader = loader_class(config)
     where = recipe.push.repo_id if recipe.push and recipe.push.repo_id else f"path/to/{title}"
     code = ["```python", f"from transformers import {loader}", "",
             f"model = {loader}.from_pretrained({_yaml(where)})"]
@@ -117,27 +136,37 @@ def _usage(recipe: Recipe, config: dict | None, title: str) -> list[str]:
     return ["## Use", "", *code, "```", ""]
 
 
-def render_card(recipe: Recipe, method: Method, *, config: dict | None) -> str:
+def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: str = "merged-model",
+                config_from: str | None = None, tokenizer_from: str | None = None,
+                sizes: dict[str, int] | None = None, license: str | None = None) -> str:
     """A model card: front matter, models and weights, method, usage, and the recipe that made it.
 
     Args:
         recipe: the resolved recipe (hub revisions pinned to commits), as written to mergecli.toml.
         method: the recipe's method, which describes itself.
         config: the output's config.json, or None when the inputs had none.
+        title: the model's name (its output directory's).
+        config_from, tokenizer_from: which input ("base" or a model's name) they were copied from.
+        sizes: each input's bytes, by the same names.
+        license: the license id of the inputs' cards (the base's, else the first model's that has one).
     """
-    title = recipe.output.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] if recipe.output else "merged-model"
+    sizes = sizes or {}
     count = len(recipe.models)
-    lines = [front_matter(recipe, config), "", f"# {title}", "",
+    lines = [front_matter(recipe, config, license), "", f"# {title}", "",
              f"A {method.label(recipe)} of {count} model{'s' * (count != 1)}, made with [mergecli]({MERGECLI_URL}) "
              f"{__version__}.", "", "## Models", "",
              "| model | weight | source |", "|---|---:|---|"]
     for spec, weight in zip(recipe.models, recipe.weights):
-        lines.append(f"| {_cell(spec.name)} | {weight:.4g} | {_source(spec)} |")
+        lines.append(f"| {_cell(spec.name)} | {weight:.4g} | {_source(spec, sizes.get(spec.name))} |")
     lines.append("")
     if recipe.base:
-        role = ("head, excluded and integer tensors, config and tokenizer come from it"
-                if recipe.backbone_only else "excluded and integer tensors, config and tokenizer come from it")
-        lines += [f"Base model: {_source(recipe.base)} (never averaged; {role}).", ""]
+        role = "head, excluded and integer tensors come from it" if recipe.backbone_only else \
+            "excluded and integer tensors come from it"
+        lines += [f"Base model: {_source(recipe.base, sizes.get('base'))} (never averaged; {role}).", ""]
+    provenance = [f"config from {_input(config_from)}" if config_from else "",
+                  f"tokenizer from {_input(tokenizer_from)}" if tokenizer_from else ""]
+    if any(provenance):
+        lines += [f"Support files: {'; '.join(p for p in provenance if p)}.", ""]
     lines += ["## Method", "", *_method(recipe, method, config), ""]
     if config is not None:
         lines += _usage(recipe, config, title)

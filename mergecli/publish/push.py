@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,10 @@ def output_files(directory: Path) -> list[tuple[str, int]]:
         relative = path.relative_to(directory)
         if path.is_file() and not any(part.startswith(".") for part in relative.parts):
             files.append((relative.as_posix(), path.stat().st_size))
+            named = local_paths_in(path)
+            if named:
+                raise UsageError(f"{path} names the local path {named[0]}, which pushing would publish",
+                                 hint="remove it from that file (mergecli writes none: it came from an input's file)")
     return files
 
 
@@ -145,14 +151,9 @@ def push(directory: Path | str, *, repo_id: str | None = None, private: bool | N
     if dry_run:
         return result
 
-    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub import HfApi
 
-    if constants.is_offline_mode():
-        raise HubError("HF_HUB_OFFLINE is set: pushing needs the hub", hint="unset HF_HUB_OFFLINE to push",
-                       repo_id=repo_id)
-    if not (token or get_token()):
-        raise HubAccessError("no Hugging Face token: pushing needs one with write access",
-                             hint=LOGIN_HINT, repo_id=repo_id)
+    check_access(repo_id, token=token)
     api = HfApi(token=token)
     with hub_errors(repo_id, writing=True):
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -168,6 +169,50 @@ def push(directory: Path | str, *, repo_id: str | None = None, private: bool | N
         )
     return PushResult(repo_id, revision or "main", message, private, tuple(files), commit=info.oid,
                       commit_url=info.commit_url, changed=info.oid != before.sha)
+
+
+def check_access(repo_id: str, *, token: str | None = None) -> None:
+    """What a push needs, checked before anything else: the hub reachable (not offline), a token it
+    accepts, and one that may write (not read-only).
+
+    Raises:
+        HubAccessError: no token, a rejected or read-only token (exit 2).
+        HubError: offline, or the hub unreachable.
+    """
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.is_offline_mode():
+        raise HubError("HF_HUB_OFFLINE is set: pushing needs the hub", hint="unset HF_HUB_OFFLINE to push",
+                       repo_id=repo_id)
+    if not (token or get_token()):
+        raise HubAccessError("no Hugging Face token: pushing needs one with write access",
+                             hint=LOGIN_HINT, repo_id=repo_id)
+    with hub_errors(repo_id, writing=True):
+        account = HfApi(token=token).whoami()
+    role = ((account.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubAccessError(f"your token is read-only: pushing to {repo_id} needs write access",
+                             hint=f"use a token with write access: {LOGIN_HINT}", repo_id=repo_id)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~@%-])/[\w.@+-]+(?:/[\w.@+-]+)*")
+
+
+def local_paths_in(path: Path) -> list[str]:
+    """Absolute paths of this machine named in a text file (binary and huge files are not read):
+    what would tell the world about the user's machine if the file were published."""
+    if path.suffix == ".safetensors" or path.stat().st_size > 64 * 2**20:
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return []
+    found = []
+    for match in _ABSOLUTE_PATH.finditer(text):
+        top = "/" + match.group(0).split("/")[1]
+        if os.path.isdir(top) and match.group(0) not in found:  # a path rooted in this machine's tree
+            found.append(match.group(0))
+    return found
 
 
 def _default_message(recipe: Recipe) -> str:

@@ -33,7 +33,7 @@ from mergecli.regmean.grams import GramCollector
 from mergecli.regmean.hidden import MemoryBudget
 from mergecli.regmean.layers import LinearLayer, find_linear_layers
 from mergecli.regmean.skeleton import Skeleton, build_skeleton
-from mergecli.regmean.store import StatsFiles, stats_meta, stats_problem, weights_digest
+from mergecli.regmean.store import StatsFiles, statistics_directory, stats_meta, stats_problem
 
 StatsProgress = Callable[[int, int], None]  # (stages done, stages in all): prefix, each block, tail
 
@@ -231,7 +231,8 @@ class StatsSession:
             skeleton, layers, batches, max_length = self._prepare(job, checkpoint, warnings)
             files = None
             if self.rank == 0:  # written into a temporary sibling, renamed into place when complete
-                temporary = stack.enter_context(atomic_directory(job.directory, force=True))
+                temporary = stack.enter_context(atomic_directory(job.directory, force=True, notes=warnings,
+                                                                 replaceable=statistics_directory))
                 files = StatsFiles(temporary, fingerprint=job.fingerprint, model=job.name)
                 stack.callback(files.close)
             reached = self._run_stages(skeleton, layers, batches, forward_of(skeleton.model, job.data.kind),
@@ -246,7 +247,7 @@ class StatsSession:
                                                                               if max_length else {})}
             meta = stats_meta(model=job.name, source=job.spec.path, revision=job.checkpoint.commit,
                               fingerprint=job.fingerprint,
-                              weights_sha256=weights_digest(checkpoint, [layer.weight for layer in ran]),
+                              weights_sha256=checkpoint.first_rows_digest([layer.weight for layer in ran]),
                               data=settings, examples=examples, tokens=tokens, layers=ran,
                               gram_of=reached.gram_of, gram_tokens=reached.gram_tokens)
             size = files.finish(meta) if files else 0

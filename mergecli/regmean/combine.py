@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergecli.errors import StatsError, UsageError
-from mergecli.io.atomic import atomic_directory
+from mergecli.io.atomic import atomic_directory, check_output_path
 from mergecli.regmean.grams import Packed
-from mergecli.regmean.store import STATS_FILE, ModelStats, StatsFiles, load_stats
+from mergecli.regmean.store import ModelStats, StatsFiles, load_stats, statistics_directory
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,7 @@ def combine_stats(output: Path | str, inputs: list[Path | str], *, force: bool =
     paths = [Path(p) for p in inputs]
     if not paths:
         raise UsageError("nothing to combine", hint="give the statistics directories to add up")
-    if output.resolve() in {p.resolve() for p in paths}:
-        raise UsageError(f"{output} is one of the inputs", hint="write the sum to a new directory")
-    if output.exists() and not force:
-        raise UsageError(f"output {output} already exists", hint="pass --force to replace it")
-    if output.exists() and not (output / STATS_FILE).is_file() and any(output.iterdir()):
-        raise UsageError(f"{output} is not a statistics directory; it is not replaced",
-                         hint="choose another output directory")
+    check_output_path(output, paths, force=force, replaceable=statistics_directory)
     parts = [load_stats(path, label=str(path)) for path in paths]
     first = parts[0]
     for path, other in zip(paths[1:], parts[1:]):
@@ -71,7 +65,7 @@ def combine_stats(output: Path | str, inputs: list[Path | str], *, force: bool =
     meta["tokens"] = sum(p.tokens for p in parts)
     for weight, entry in meta["layers"].items():
         entry["tokens"] = sum(p.layers[weight].tokens for p in parts)
-    with atomic_directory(output, force=True) as temporary:
+    with atomic_directory(output, force=force, replaceable=statistics_directory) as temporary:
         files = StatsFiles(temporary, fingerprint=first.fingerprint, model=first.model)
         by_file: dict[Path, list[str]] = {}
         for key, entry in first.grams.items():

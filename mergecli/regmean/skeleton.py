@@ -7,9 +7,7 @@ layers) are found generically, and only one of them holds weights at any time.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,33 +15,8 @@ from typing import Any
 import torch
 
 from mergecli.errors import StatsError
+from mergecli.io.architecture import model_class, params_on_meta, quiet_transformers
 from mergecli.io.checkpoint import Checkpoint
-
-
-@contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Create modules with their parameters on the meta device (buffers stay real): a model of any
-    size is built in milliseconds, and its weights' random initialization costs nothing."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
-
-
-def quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def first_line(exc: BaseException) -> str:
@@ -188,15 +161,14 @@ def build_skeleton(directory: Path, checkpoint: Checkpoint, *, device: str, labe
                          hint="RegMean statistics need a model that transformers can load") from None
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    model_class = next((getattr(transformers, name) for name in config.architectures or []
-                        if hasattr(transformers, name)), transformers.AutoModel)
+    cls = model_class(config)
     dtype = dtype or compute_dtype(checkpoint, device)
     try:
         with params_on_meta():
-            if model_class is transformers.AutoModel:
+            if cls is transformers.AutoModel:
                 model = transformers.AutoModel.from_config(config, dtype=dtype)
             else:
-                model = model_class._from_config(config, dtype=dtype)
+                model = cls._from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise StatsError(f"{label}: transformers cannot build the model of {directory}: {first_line(exc)}") from None
     model.eval()

@@ -11,10 +11,8 @@ means, so that statistics of several processes or machines add up (regmean/combi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,13 @@ STATS_FORMAT_VERSION = 2  # 2: upper triangles, one file per stage; 1: full matr
 STATS_FILE = "stats.json"
 DATA_KEYS = ("kind", "sha256", "num_examples", "max_length", "text_field")  # what makes stats stale
 RERUN = "recompute them: mergecli regmean collect-stats RECIPE --force"
+
+
+def statistics_directory(path: Path) -> str | None:
+    """None when `path` may be replaced by new statistics: empty, or statistics already."""
+    if (path / STATS_FILE).is_file() or not any(path.iterdir()):
+        return None
+    return "it is not a statistics directory (it has no stats.json)"
 
 
 def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: str, weights_sha256: str,
@@ -295,26 +300,13 @@ def load_stats(directory: Path, *, label: str = "") -> ModelStats:
     return stats
 
 
-def weights_digest(checkpoint: Checkpoint, names: Iterable[str]) -> str:
-    """sha256 of the first row of each named weight: tells apart checkpoints of one architecture
-    (fine-tunes of one model share a fingerprint) at the cost of a few KB read per layer."""
-    digest = hashlib.sha256()
-    for name in sorted(names):
-        info = checkpoint.tensors.get(name)
-        digest.update(f"{name}|".encode())
-        if info is not None:
-            block = checkpoint.read(name, (0, 1) if info.shape else None)
-            digest.update(block.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def source_problem(stats: ModelStats, checkpoint: Checkpoint) -> str | None:
     """Why `stats` were not collected from `checkpoint`, or None when they were."""
     fingerprint = checkpoint.fingerprint()
     if stats.fingerprint != fingerprint:
         return (f"collected from another model (fingerprint {stats.fingerprint[:12]}, "
                 f"the model's is {fingerprint[:12]})")
-    if stats.weights_sha256 != weights_digest(checkpoint, stats.layers):
+    if stats.weights_sha256 != checkpoint.first_rows_digest(stats.layers):
         return "collected from another model of the same architecture (its weights differ)"
     return None
 

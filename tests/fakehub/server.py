@@ -302,8 +302,11 @@ class FakeHub:
             return routes.validate_yaml(parse_json(body))
         if segs[:3] == ["api", "repos", "create"] and method == "POST":
             return routes.create_repo(self, parse_json(body), user)
+        canonical = len(segs) >= 3 and (segs[2] in self.repos or segs[3:4] in (["revision"], ["tree"]))
+        if segs[:2] == ["api", "models"] and canonical:  # a canonical repo id, such as "gpt2"
+            segs = [*segs[:2], "", *segs[2:]]
         if segs[:2] == ["api", "models"] and len(segs) >= 4:
-            repo_id, action, rest = f"{segs[2]}/{segs[3]}", segs[4:5], segs[5:]
+            repo_id, action, rest = "/".join(filter(None, segs[2:4])), segs[4:5], segs[5:]
             revision = rest[0] if rest else "main"
             if method == "GET" and action in ([], ["revision"]):
                 return routes.model_info(self, repo_id, revision, user)
@@ -320,9 +323,11 @@ class FakeHub:
             if segs[5] == "batch":
                 return routes.lfs_batch(self, repo_id, parse_json(body), user)
             return routes.lfs_verify(self, repo_id, parse_json(body), user)
+        if len(segs) > 3 and segs[1] == "resolve" and segs[0] in self.repos:  # a canonical repo: "gpt2"
+            segs = ["", *segs]
         if len(segs) > 4 and segs[2] == "resolve" and method in ("GET", "HEAD"):
-            return routes.resolve_file(self, method, f"{segs[0]}/{segs[1]}", segs[3], "/".join(segs[4:]), user,
-                                       range_header)
+            repo_id = "/".join(filter(None, segs[:2]))
+            return routes.resolve_file(self, method, repo_id, segs[3], "/".join(segs[4:]), user, range_header)
         raise HubError(404, f"Not found: {method} {raw_path}")
 
 

@@ -1,0 +1,184 @@
+"""Loading recipes: the only code that reads recipe TOML. `--set` overrides are applied, relative paths
+made absolute against the recipe's directory, and validation errors become one line per problem.
+
+Relative paths in a recipe (models, base, data, output, stats_dir) are relative to the recipe
+file's directory, so a recipe means the same thing whatever directory CI runs it from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from mergecli.errors import RecipeError
+from mergecli.recipe.schema import (
+    WEIGHT_SUFFIXES,
+    BaseSpec,
+    ModelSpec,
+    PushSettings,
+    Recipe,
+    RegMeanSettings,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# A key path (list items as `int`) → the model of that table, for "did you mean".
+TABLES: dict[tuple, type[BaseModel]] = {(): Recipe, ("base",): BaseSpec, ("models", int): ModelSpec,
+                                        ("regmean",): RegMeanSettings, ("push",): PushSettings}
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(recipe)"
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the recipe allows in the table at `loc`."""
+    shape = tuple(int if isinstance(part, int) else part for part in loc)
+    model = TABLES.get(shape)
+    return list(model.model_fields) if model else []
+
+
+def _validation_problems(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1, cutoff=0.6)
+            message = f"unknown key; did you mean {close[0]!r}?" if close else \
+                "unknown key (check the spelling; see the README for the recipe keys)"
+        elif item["type"] == "bool_type":
+            message = "expected true or false"
+        message = message.removeprefix("Value error, ")
+        problems.append(f"{_format_loc(loc)}: {message}")
+    return problems
+
+
+def _parse_value(key: str, text: str, source: str) -> Any:
+    """A `--set` value: a TOML value (number, bool, string, list) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        if text.strip().startswith(("[", "{", '"', "'")):
+            raise RecipeError(source, [f"--set {key}: not a valid TOML value ({exc}); "
+                                       "for regexes use 'single quotes'"]) from None
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], *, source: str) -> dict[str, Any]:
+    """Apply `key.path=value` overrides to raw recipe data (lists are indexed from 0)."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(source, [f"--set {override!r}: expected KEY=VALUE, e.g. normalize=false"])
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(source, [f"--set {key}: no list item {part!r} (there are {len(node)})"])
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last and index not in node:
+                    node[index] = {}
+            else:
+                raise RecipeError(source, [f"--set {key}: {'.'.join(parts[:i])} is not a table or list"])
+            if last:
+                node[index] = _parse_value(key, text, source)
+            else:
+                node = node[index]
+    return data
+
+
+def _is_local_path(path: str) -> bool:
+    return (
+        path.startswith((".", "/", "~", "\\"))
+        or path.endswith(WEIGHT_SUFFIXES)
+        or path.count("/") > 1
+        or re.match(r"^[A-Za-z]:[\\/]", path) is not None
+    )
+
+
+def resolve_local(path: str, base_dir: Path) -> str:
+    """Make a recipe path absolute against `base_dir`, unless it may be a hub repo id.
+
+    A path that exists locally is always local; `org/name` or a bare name (`gpt2`) that does not
+    exist is left as is, for the hub resolver to try.
+    """
+    candidate = Path(os.path.abspath(base_dir / Path(path).expanduser()))
+    if candidate.exists() or _is_local_path(path):
+        return str(candidate)
+    return path
+
+
+def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    for entry in [data.get("base"), *data.get("models", [])]:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]:
+            entry["path"] = resolve_local(entry["path"], base_dir)
+        if isinstance(entry, dict) and isinstance(entry.get("data"), str):
+            entry["data"] = os.path.abspath(base_dir / Path(entry["data"]).expanduser())
+    if isinstance(data.get("output"), str):
+        data["output"] = os.path.abspath(base_dir / Path(data["output"]).expanduser())
+    regmean = data.get("regmean")
+    if isinstance(regmean, dict) and isinstance(regmean.get("stats_dir"), str):
+        regmean["stats_dir"] = os.path.abspath(base_dir / Path(regmean["stats_dir"]).expanduser())
+    elif isinstance(data.get("models"), list):
+        data.setdefault("regmean", {})
+        if isinstance(data["regmean"], dict):
+            data["regmean"]["stats_dir"] = os.path.abspath(base_dir / "stats")
+    return data
+
+
+def recipe_from_data(data: dict[str, Any], *, source: str, base_dir: Path,
+                     overrides: list[str] = ()) -> Recipe:
+    """Validate raw recipe data (after `--set` overrides), resolving paths against `base_dir`."""
+    data = apply_overrides(data, list(overrides), source=source)
+    data = _resolve_paths(data, base_dir)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(source, _validation_problems(exc)) from None
+    recipe._source = source
+    return recipe
+
+
+def load_recipe(path: str | Path, *, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a TOML recipe.
+
+    Args:
+        path: the recipe file.
+        overrides: `key.path=value` strings applied before validation.
+
+    Returns:
+        The validated, frozen `Recipe`, with local paths made absolute.
+
+    Raises:
+        RecipeError: unreadable TOML or invalid keys, one line per problem.
+
+    Example:
+        >>> recipe = load_recipe("recipes/demo-average.toml", overrides=["normalize=false"])
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(source, ["no such recipe file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(source, [f"cannot read: {exc}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(source, [f"invalid TOML: {exc}"]) from None
+    return recipe_from_data(data, source=source, base_dir=Path(os.path.abspath(path)).parent, overrides=overrides)

@@ -1,0 +1,156 @@
+"""Outputs are never lost: `--force` replaces only what mergecli wrote, crash-safely, and the next
+run restores or removes what a killed one left. The kills here are real SIGKILLs of real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from clirunner import cli
+from conftest import tree_digest
+
+# Runs `mergecli average A B -o OUT --force` in a fresh process whose filesystem steps, once the
+# output starts being put in place, are counted: the process SIGKILLs itself just before step KILL_AT
+# (and, with NO_EXCHANGE, behaves as on a system without renameat2's atomic exchange).
+DRIVER = """
+import os, shutil, signal, sys
+from mergecli.io import atomic
+kill_at, exchange = int(os.environ["KILL_AT"]), os.environ.get("NO_EXCHANGE") != "1"
+steps = [0]
+counting = [False]
+
+def step(function):
+    def counted(*args, **kwargs):
+        if counting[0]:
+            if steps[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            steps[0] += 1
+        return function(*args, **kwargs)
+    return counted
+
+os.rename, shutil.rmtree = step(os.rename), step(shutil.rmtree)
+atomic._exchange = step(atomic._exchange if exchange else (lambda a, b: False))
+put = atomic._put_in_place
+
+def put_counted(temporary, output):
+    counting[0] = True
+    put(temporary, output)
+    counting[0] = False
+    if os.environ.get("SIGNAL_AFTER") == "1":
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the swap holds signals
+
+atomic._put_in_place = put_counted
+sys.argv = ["mergecli", *sys.argv[1:]]
+from mergecli.__main__ import main
+main()
+"""
+
+
+def run_driver(*args: object, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", DRIVER, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+@pytest.fixture
+def old_output(llama_fp32, tmp_path) -> Path:
+    """A finished merge output to be replaced."""
+    out = tmp_path / "out"
+    assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", out).exit_code == 0
+    return out
+
+
+NAMED_BY_PLACE = ("README.md", "mergecli.toml")  # they hold the output's name and relative paths
+
+
+def content(out: Path) -> dict[str, str]:
+    return {name: digest for name, digest in tree_digest(out).items() if name not in NAMED_BY_PLACE}
+
+
+def state(out: Path, old: dict, new: dict) -> str:
+    digest = content(out) if out.is_dir() else None
+    return "old" if digest == old else "new" if digest == new else f"broken: {sorted(digest or [])}"
+
+
+@pytest.mark.parametrize("exchange", ["1", "0"], ids=["renameat2-exchange", "rename-fallback"])
+def test_a_kill_at_any_step_of_the_replacement_loses_nothing(llama_fp32, old_output, tmp_path, exchange):
+    old = content(old_output)
+    reference = tmp_path / "reference"
+    assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", reference).exit_code == 0
+    new = content(reference)
+    assert new != old and set(new) == set(old)
+    args = ["average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", old_output, "--force", "--quiet"]
+    seen = set()
+    for kill_at in range(6):
+        if state(old_output, old, new) != "old":  # start each round from the old output
+            assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", old_output, "--force").exit_code == 0
+        run = run_driver(*args, KILL_AT=str(kill_at), NO_EXCHANGE="1" if exchange == "0" else "0")
+        killed = run.returncode == -signal.SIGKILL
+        now = state(old_output, old, new)
+        seen.add(now if killed else "finished")
+        assert now in ("old", "new") or (exchange == "0" and not old_output.exists()), (kill_at, now)
+        # the next run restores or removes every leftover, and says so
+        again = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", old_output, "--force")
+        assert again.exit_code == 0, again.output
+        if killed:
+            assert "interrupted" in again.stderr, (kill_at, again.stderr)  # "left by an interrupted ..."
+        assert state(old_output, old, new) == "new"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"], kill_at
+        if not killed:
+            break
+    assert {"old", "new", "finished"} <= seen or {"old", "finished"} <= seen, seen
+
+
+def test_a_signal_during_the_final_swap_reports_success(llama_fp32, tmp_path):
+    out = tmp_path / "out"
+    run = run_driver("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", out, "--quiet",
+                     KILL_AT="99", SIGNAL_AFTER="1")
+    assert run.returncode == 0, run.stderr
+    assert "interrupted once the output was complete" in run.stderr and "Traceback" not in run.stderr
+    assert load_file(out / "model.safetensors") and (out / "mergecli.toml").is_file()
+
+
+def test_force_refuses_a_directory_mergecli_did_not_write(llama_fp32, tmp_path):
+    victim = tmp_path / "victim"
+    (victim / ".git").mkdir(parents=True)
+    (victim / "main.py").write_text("print('my code')\n")
+    before = tree_digest(victim)
+    result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", victim, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"--force does not replace {victim}: it is not a mergecli output" in result.stderr
+    assert tree_digest(victim) == before and (victim / ".git").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]
+
+
+def test_force_replaces_an_empty_directory_or_an_earlier_output(llama_fp32, old_output, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", empty, "--force").exit_code == 0
+    assert (empty / "model.safetensors").is_file()
+    before = load_file(old_output / "model.safetensors")
+    assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", old_output, "--force").exit_code == 0
+    after = load_file(old_output / "model.safetensors")
+    assert any(not (before[k] == after[k]).all() for k in before)  # really the new merge
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]
+
+
+def test_leftovers_of_killed_runs_are_restored_or_removed_and_reported(llama_fp32, old_output, tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    aside = tmp_path / f".out.replaced-{dead}"
+    os.rename(old_output, aside)  # a replacement killed after moving the old output aside
+    (tmp_path / f".out.partial-{dead}").mkdir()
+    (tmp_path / f".out.partial-{dead}" / "model.safetensors").write_bytes(b"half")
+    dry = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", old_output, "--dry-run")
+    assert dry.exit_code == 0 and aside.exists()  # a dry run changes nothing
+    result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", old_output, "--force")
+    assert result.exit_code == 0, result.output
+    assert f"restored {old_output}, which an interrupted replacement had moved aside" in result.stderr
+    assert f"removed .out.partial-{dead}, left by an interrupted run" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert json.loads((old_output / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
