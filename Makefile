@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test examples demo demo-average demo-regmean bench bench-average bench-regmean bench-quality lint clean
+.PHONY: install test examples demo demo-average demo-regmean bench bench-average bench-regmean bench-quality mergekit-venv lint clean
 
 $(BIN)/mergecli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: bench-average bench-regmean
 
 bench-average: install
 	$(BIN)/python benchmarks/bench_average.py
+
+# mergekit beside mergecli in bench-average, in a venv of its own (never a mergecli dependency)
+mergekit-venv:
+	$(PYTHON) -m venv bench-out/mergekit-venv
+	bench-out/mergekit-venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 mergekit==0.1.5
 
 bench-regmean: install
 	$(BIN)/python benchmarks/bench_regmean.py

@@ -1,19 +1,32 @@
-"""`make bench`: memory and speed of `mergecli average` against the copy floor and the naive merge.
+"""`make bench-average`: speed and memory of `mergecli average` against the copy floor, mergekit
+and the naive merge.
 
 Builds three LLaMA-shaped bf16 checkpoints of about 1 GB (hidden 2048, 8 layers, intermediate 5632,
-vocab 32000, 500 MB input shards) and three with a 128256-token vocabulary, then measures, in one
-run, for each set:
-  - peak RSS (`/usr/bin/time -v`) minus that of a process that only imports
-    mergecli and torch;
-  - wall time divided by the copy floor: one process that reads every input tensor with safetensors
-    and writes an output of the same size;
-  - the same two figures for the naive merge (load every state dict, average, save_file).
+vocab 32000, 500 MB input shards) and three with a 128256-token vocabulary, then, for each set, runs
+every contender in turn, REPEATS rounds, each in a child process started by `/usr/bin/time -v`:
 
-Usage: python benchmarks/bench_average.py [WORKDIR]   (default: bench-out/, ~15 GB of disk)
+  - mergecli average (one 5 GB output shard, like the floor);
+  - the copy floor: one process that reads every input tensor with safetensors and writes an
+    output of the same size (the bytes of one input), nothing computed;
+  - mergekit's linear merge (`mergekit-yaml`), when a separate venv has it (`MERGEKIT_VENV`,
+    default bench-out/mergekit-venv; kept out of mergecli's dependencies);
+  - the naive merge (load every state dict, average, save_file).
+
+The page cache is warm (every input read once before the first round; `sync` before each run, so
+that the writeback of an earlier output does not land in a later run) and two times are reported
+per run: the whole process (`wall`) and the `work`, from just after the imports to the end, which
+each child reports itself. Import time (~1.2 s for torch) is the same for everyone and hides the
+arithmetic in `wall` ratios; `work` ratios show it. Each figure is the best of the rounds; ratios
+are to the copy floor's figure of the same run. Peak RSS is `/usr/bin/time -v`'s maximum resident
+set size minus that of a process that only imports mergecli and torch.
+
+Usage: python benchmarks/bench_average.py [WORKDIR] [--repeats 3] [--sets 32000,128256]
+       (default WORKDIR: bench-out/, ~20 GB of disk)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -28,28 +41,58 @@ import torch
 from safetensors.torch import save_file
 
 MB = 10**6
+HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS = 2048, 8, 5632, 16, 16
 
 BASELINE = "import torch, mergecli.cli.app"
 
+# Each child writes its work time (seconds after its imports) to the file named by BENCH_WORK_FILE.
+MERGECLI = """
+import os, sys, time
+import torch, mergecli.cli.app, mergecli.merge.run
+started = time.perf_counter()
+sys.argv = ["mergecli", *sys.argv[1:]]
+try:
+    mergecli.cli.app.app()
+except SystemExit as done:
+    if done.code:
+        raise
+open(os.environ["BENCH_WORK_FILE"], "w").write(str(time.perf_counter() - started))
+"""
+
 COPY_FLOOR = """
-import sys, json
+import os, sys, time
 from pathlib import Path
+import torch
 from safetensors import safe_open
+started = time.perf_counter()
 models, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
-def handles(path):
-    return [safe_open(f, "pt") for f in sorted(path.glob("*.safetensors"))]
-opened = [handles(m) for m in models]
+opened = [[safe_open(f, "pt") for f in sorted(m.glob("*.safetensors"))] for m in models]
 with open(out, "wb") as sink:
     for name in [k for h in opened[0] for k in h.keys()]:
         tensors = [next(h for h in hs if name in h.keys()).get_tensor(name) for hs in opened]
-        sink.write(tensors[0].view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        sink.write(tensors[0].reshape(-1).view(torch.uint8).numpy().data)
+open(os.environ["BENCH_WORK_FILE"], "w").write(str(time.perf_counter() - started))
+"""
+
+MERGEKIT = """
+import os, sys, time
+import torch
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+import yaml
+started = time.perf_counter()
+config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+run_merge(config, sys.argv[2], options=MergeOptions(out_shard_size=5 * 10**9, copy_tokenizer=False,
+                                                   write_model_card=False, quiet=True, lazy_unpickle=True))
+open(os.environ["BENCH_WORK_FILE"], "w").write(str(time.perf_counter() - started))
 """
 
 NAIVE = """
-import sys
+import os, sys, time
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
+started = time.perf_counter()
 models, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
 states = []
 for m in models:
@@ -59,136 +102,174 @@ for m in models:
     states.append(state)
 merged = {k: (sum(s[k].float() for s in states) / len(states)).to(states[0][k].dtype) for k in states[0]}
 save_file(merged, out, metadata={"format": "pt"})
+open(os.environ["BENCH_WORK_FILE"], "w").write(str(time.perf_counter() - started))
 """
 
 
-def llama_shapes(vocab: int, hidden: int = 2048, layers: int = 8, inter: int = 5632) -> dict[str, tuple]:
-    shapes: dict[str, tuple] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
+def llama_shapes(vocab: int) -> dict[str, tuple]:
+    shapes: dict[str, tuple] = {"model.embed_tokens.weight": (vocab, HIDDEN)}
+    kv = HIDDEN // HEADS * KV_HEADS
+    for i in range(LAYERS):
         p = f"model.layers.{i}."
         shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
-            p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
+            p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
         })
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (vocab, HIDDEN)
     return shapes
 
 
-def build_checkpoint(path: Path, shapes: dict[str, tuple], seed: int, shard_bytes: int = 500 * MB) -> None:
+def write_config(path: Path, vocab: int) -> None:
+    """A complete LLaMA config (mergekit reads the layer count and sizes from it)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                         tie_word_embeddings=False, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(path)
+
+
+def build_checkpoint(path: Path, vocab: int, seed: int, shard_bytes: int = 500 * MB) -> None:
     """Random bf16 weights in ~500 MB shards with an index, written one shard at a time."""
-    if (path / "model.safetensors.index.json").exists():
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    shards, current, size = [], {}, 0
-    for name, shape in shapes.items():
-        nbytes = 2 * torch.Size(shape).numel()
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = shape
-        size += nbytes
-    shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for n, s in shard.items()}
-        save_file(tensors, path / filename, metadata={"format": "pt"})
-        total += sum(t.nbytes for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, filename))
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                                                  "torch_dtype": "bfloat16"}))
+    if not (path / "model.safetensors.index.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(seed)
+        shards, current, size = [], {}, 0
+        for name, shape in llama_shapes(vocab).items():
+            nbytes = 2 * torch.Size(shape).numel()
+            if current and size + nbytes > shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = shape
+            size += nbytes
+        shards.append(current)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for n, s in shard.items()}
+            save_file(tensors, path / filename, metadata={"format": "pt"})
+            total += sum(t.nbytes for t in tensors.values())
+            weight_map.update(dict.fromkeys(tensors, filename))
+            del tensors
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_config(path, vocab)
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process, RSS from `/usr/bin/time -v`.
+def measure(command: list[str], work_file: Path) -> tuple[float, float, float]:
+    """(wall seconds, work seconds, peak RSS in MB) of one child process.
 
     The child is started by `time` (a small process), not forked from this one: a child forked
     from a large parent inherits the parent's high-water RSS through exec.
     """
+    os.sync()
+    work_file.unlink(missing_ok=True)
     started = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-v", *command], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "BENCH_WORK_FILE": str(work_file)})
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
     kbytes = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1)
-    return wall, int(kbytes) * 1024 / MB
+    work = float(work_file.read_text()) if work_file.exists() else float("nan")
+    return wall, work, int(kbytes) * 1024 / MB
 
 
-REPEATS = 3  # each figure is the median wall time (and the largest peak RSS) of this many runs
+def mergekit_python() -> str | None:
+    venv = Path(os.environ.get("MERGEKIT_VENV", "bench-out/mergekit-venv"))
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import mergekit"], capture_output=True).returncode == 0:
+        return str(python)
+    return None
 
 
-def measure_median(command: list[str], cleanup: Path) -> tuple[float, float]:
-    runs = []
-    for _ in range(REPEATS):
-        runs.append(measure(command))
-        if cleanup.is_dir():
-            shutil.rmtree(cleanup)
-        else:
-            cleanup.unlink(missing_ok=True)
-    walls = sorted(wall for wall, _ in runs)
-    return walls[len(walls) // 2], max(rss for _, rss in runs)
-
-
-def run_set(label: str, models: list[Path], work: Path, baseline_rss: float) -> list[tuple]:
-    out = work / f"out-{label.replace(' ', '')}"
+def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[list[str], Path]]:
+    """name → (command, what it writes)."""
     py = sys.executable
-    for path in models:  # warm the page cache so that every contender reads from memory
+    out = work / f"out-{label}"
+    args = [a for m in models for a in ("-m", str(m))]
+    runs = {
+        "mergecli average": ([py, "-c", MERGECLI, "average", *args, "-o", str(out / "mergecli"), "--quiet",
+                              "--set", "shard_size=5GB"], out / "mergecli"),
+        "copy floor (read all, write one)": ([py, "-c", COPY_FLOOR, *map(str, models), str(out / "copy.bin")],
+                                             out / "copy.bin"),
+    }
+    mergekit = mergekit_python()
+    if mergekit:
+        config = work / f"mergekit-{label}.yml"
+        config.write_text("merge_method: linear\ndtype: bfloat16\nmodels:\n" + "".join(
+            f"  - model: {m}\n    parameters:\n      weight: 1.0\n" for m in models))
+        runs["mergekit 0.1.5 linear (mergekit-yaml)"] = ([mergekit, "-c", MERGEKIT, str(config), str(out / "mergekit")],
+                                                         out / "mergekit")
+    runs["naive (load all, average, save_file)"] = ([py, "-c", NAIVE, *map(str, models), str(out / "naive.st")],
+                                                    out / "naive.st")
+    return runs
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def run_set(label: str, models: list[Path], work: Path, repeats: int) -> dict[str, list[tuple]]:
+    for path in models:  # warm the page cache: every contender reads from memory
         for file in path.glob("*.safetensors"):
             with open(file, "rb") as f:
                 while f.read(64 * MB):
                     pass
-    floor_wall, floor_rss = measure_median([py, "-c", COPY_FLOOR, *map(str, models), str(work / "copy.bin")],
-                                           work / "copy.bin")
-    args = [a for m in models for a in ("-m", str(m))]
-    shutil.rmtree(out, ignore_errors=True)
-    command = [py, "-m", "mergecli", "average", *args, "-o", str(out), "--quiet", "--set", "shard_size=5GB"]
-    measure(command)
-    shards = sorted(p.name for p in out.glob("*.safetensors"))
-    shutil.rmtree(out)
-    ours_wall, ours_rss = measure_median(command, out)
-    naive_wall, naive_rss = measure_median([py, "-c", NAIVE, *map(str, models), str(work / "naive.safetensors")],
-                                           work / "naive.safetensors")
-    size = sum(f.stat().st_size for f in models[0].glob("*.safetensors")) / MB
-    return [
-        (label, f"{len(models)} x {size:.0f} MB", "mergecli average", ours_wall, ours_wall / floor_wall,
-         ours_rss - baseline_rss, f"{len(shards)} output shard(s)"),
-        (label, "", "naive (load all, average, save_file)", naive_wall, naive_wall / floor_wall,
-         naive_rss - baseline_rss, ""),
-        (label, "", "copy floor (read all, write one)", floor_wall, 1.0, floor_rss - baseline_rss, ""),
-    ]
+    runs = contenders(models, work, label)
+    (work / f"out-{label}").mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[tuple]] = {name: [] for name in runs}
+    for _ in range(repeats):  # rounds: every contender once per round, in turn
+        for name, (command, output) in runs.items():
+            results[name].append(measure(command, work / "work-seconds"))
+            remove(output)
+    return results
 
 
-def main(work: Path) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", nargs="?", default="bench-out", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sets", default="32000,128256", help="vocabulary sizes of the model sets")
+    options = parser.parse_args()
+    work = options.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    sets = {"vocab 32000": llama_shapes(32000), "vocab 128256": llama_shapes(128256)}
+    _, _, baseline_rss = measure([sys.executable, "-c", BASELINE], work / "work-seconds")
     rows = []
-    _, baseline_rss = measure([sys.executable, "-c", BASELINE])
-    for label, shapes in sets.items():
-        models = [work / f"{label.replace(' ', '')}-{i}" for i in range(3)]
+    for vocab in map(int, options.sets.split(",")):
+        label = f"vocab{vocab}"
+        models = [work / f"{label}-{i}" for i in range(3)]
         for seed, path in enumerate(models):  # in a child: this process must stay small
-            subprocess.run([sys.executable, __file__, "--build", str(path), str(shapes["model.embed_tokens.weight"][0]),
-                            str(seed)], check=True)
-        rows.extend(run_set(label, models, work, baseline_rss))
+            subprocess.run([sys.executable, __file__, "--build", str(path), str(vocab), str(seed)], check=True)
+        size = sum(f.stat().st_size for f in models[0].glob("*.safetensors")) / MB
+        results = run_set(label, models, work, options.repeats)
+        floor = results["copy floor (read all, write one)"]
+        floor_wall, floor_work = min(r[0] for r in floor), min(r[1] for r in floor)
+        for name, runs in results.items():
+            wall, work_s, rss = min(r[0] for r in runs), min(r[1] for r in runs), max(r[2] for r in runs)
+            rows.append((f"vocab {vocab}", f"3 x {size:.0f} MB", name, wall, wall / floor_wall, work_s,
+                         work_s / floor_work, rss - baseline_rss))
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"torch {torch.__version__}; baseline RSS (import mergecli + torch) {baseline_rss:.0f} MB; "
-          f"median of {REPEATS} runs\n")
-    print("| model set | inputs | method | wall s | wall / copy floor | peak RSS − baseline (MB) | note |")
-    print("|---|---|---|---:|---:|---:|---|")
-    for label, inputs, method, wall, ratio, rss, note in rows:
-        print(f"| {label} | {inputs} | {method} | {wall:.1f} | {ratio:.2f} | {rss:.0f} | {note} |")
+          f"best of {options.repeats} rounds, page cache warm\n")
+    print("| model set | inputs | contender | wall s | wall ÷ floor | work s | work ÷ floor | "
+          "peak RSS − baseline (MB) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for label, inputs, name, wall, wall_ratio, work_s, work_ratio, rss in rows:
+        print(f"| {label} | {inputs} | {name} | {wall:.2f} | {wall_ratio:.2f} | {work_s:.2f} | {work_ratio:.2f} "
+              f"| {rss:.0f} |")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--build"]:
-        build_checkpoint(Path(sys.argv[2]), llama_shapes(int(sys.argv[3])), int(sys.argv[4]))
+        build_checkpoint(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     else:
-        main(Path(sys.argv[1] if len(sys.argv) > 1 else "bench-out"))
+        main()

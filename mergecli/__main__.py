@@ -5,6 +5,7 @@ moment (even while torch loads) ends the run with one line and exit 130 (143 for
 traceback. torchrun runs this module too (`torchrun ... -m mergecli regmean collect-stats`).
 """
 
+import os
 import signal
 import sys
 
@@ -32,15 +33,42 @@ def main() -> None:
         cause = getattr(exit_.__context__, "__cause__", None)
         if isinstance(cause, KeyboardInterrupt):
             _interrupted(cause)
+        if exit_.code in (130, 143):
+            _exit_now(exit_.code)
         raise
+    except Exception as error:  # an import that failed because a signal interrupted it
+        interruption = _interruption_behind(error)
+        if interruption is None:
+            raise
+        _interrupted(interruption)
+
+
+def _interruption_behind(error: BaseException) -> KeyboardInterrupt | None:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _interrupted(interruption: KeyboardInterrupt) -> None:
     if isinstance(interruption, OutputInPlace):
         sys.stderr.write(f"interrupted once the output was complete: {interruption.output}\n")
-        sys.exit(0)
+        _exit_now(0)
     sys.stderr.write("interrupted before anything was written\n")
-    sys.exit(interrupted_exit_code(interruption))
+    _exit_now(interrupted_exit_code(interruption))
+
+
+def _exit_now(code: int) -> None:
+    """End an interrupted run with `code`, skipping interpreter finalization: CPython 3.11 flags a
+    KeyboardInterrupt raised inside exec'd code (while a dataclass is built, say) as unhandled even
+    after it was caught, and would then end the process by SIGINT instead of with this code. The
+    cleanup of the run is done by now (its `finally` blocks ran)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

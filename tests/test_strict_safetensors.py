@@ -168,20 +168,25 @@ def report_outcomes():
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
+def check_in_a_fresh_folder(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:  # hypothesis runs many examples in one test
+        check(content, Path(folder))
+
+
 def test_the_valid_file_reads_the_same():
-    check(VALID, Path(tempfile.mkdtemp()))
+    check_in_a_fresh_folder(VALID)
 
 
 @FUZZ
 @given(header_mutation())
 def test_header_mutations_are_read_or_refused_like_safetensors(content):
-    check(content, Path(tempfile.mkdtemp()))
+    check_in_a_fresh_folder(content)
 
 
 @FUZZ
 @given(byte_mutation())
 def test_byte_mutations_are_read_or_refused_like_safetensors(content):
-    check(content, Path(tempfile.mkdtemp()))
+    check_in_a_fresh_folder(content)
 
 
 @pytest.mark.parametrize("problem, content, words", [

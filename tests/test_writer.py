@@ -50,3 +50,16 @@ def test_ring_slots_are_reused_in_turn():
     a = first[0].get("x", 100)
     b = first[0].get("x", 50)
     assert b.data_ptr() == a.data_ptr() and b.numel() == 50
+
+
+def test_output_shards_are_preallocated(tmp_path):
+    """fallocate reserves each shard's blocks up front (a full disk fails before any tensor is
+    written); the file's size is then its planned size, and its bytes are what was written."""
+    import os
+
+    from mergecli.io.linux import preallocate
+
+    with open(tmp_path / "f", "wb") as f:
+        assert preallocate(f.fileno(), 1 << 20)
+    stat = os.stat(tmp_path / "f")
+    assert stat.st_size == 1 << 20 and stat.st_blocks * 512 >= 1 << 20

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergecli.cli._console import plural, say
+from mergecli.cli._heavy import import_torch
 from mergecli.cli._render import print_plan, print_report, progress
 from mergecli.errors import OutputInPlace, UsageError
 
@@ -28,6 +29,7 @@ def require_command(recipe: Recipe, command: str) -> None:
 
 def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bool, dry_run: bool) -> None:
     """Dry run: print the plan. Otherwise merge, report, and push if the recipe asks."""
+    import_torch()
     from mergecli.merge.plan import plan_merge
 
     require_command(recipe, command)

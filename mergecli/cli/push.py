@@ -10,6 +10,7 @@ from rich.table import Table
 
 from mergecli.cli._console import info, out_console, plural, result
 from mergecli.cli._errors import report_errors
+from mergecli.cli._heavy import import_torch
 from mergecli.cli._options import JsonOpt, QuietOpt
 from mergecli.cli._render import human_bytes
 from mergecli.errors import MergecliError
@@ -73,6 +74,7 @@ def push(
       mergecli push merged/llama-avg --repo-id me/llama-avg --revision v2 --message "v2: more math"
       mergecli push merged/llama-avg --repo-id me/llama-avg --dry-run
     """
+    import_torch()
     from mergecli.publish.push import push as push_directory
 
     print_push(push_directory(directory, repo_id=repo_id, private=private or None, revision=revision,

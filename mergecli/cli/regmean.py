@@ -10,6 +10,7 @@ import typer
 
 from mergecli.cli._console import info, out_console, plural, result, say, set_mode, warn
 from mergecli.cli._errors import report_errors
+from mergecli.cli._heavy import import_torch
 from mergecli.cli._merge import plan_and_run, require_command
 from mergecli.cli._options import (
     DryRunOpt,
@@ -67,10 +68,12 @@ def collect_stats(
       torchrun --nproc-per-node 2 -m mergecli regmean collect-stats recipe.toml
     """
     from mergecli.recipe import load_recipe
-    from mergecli.regmean.collect import StatsSession, plan_stats
 
     spec = load_recipe(recipe, overrides=with_budget(set_, memory_budget))
     require_command(spec, "regmean merge")
+    import_torch()
+    from mergecli.regmean.collect import StatsSession, plan_stats
+
     if spec.regmean.sequential:
         info("nothing to do: this recipe sets regmean.sequential = true (RegMean++), whose statistics are "
              "collected during `mergecli regmean merge`, block by block; collect-stats is not needed")
@@ -157,6 +160,7 @@ def combine_stats(
       mergecli regmean combine-stats stats/math part1/math part2/math
       mergecli regmean combine-stats stats/math shard-*/math --force
     """
+    import_torch()
     from mergecli.regmean.combine import combine_stats as combine
 
     combined = combine(output, inputs, force=force)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mergecli.cli._console import say, warn
 from mergecli.cli._errors import report_errors
+from mergecli.cli._heavy import import_torch
 from mergecli.cli._options import JsonOpt, OutputOpt, QuietOpt, RecipeArg, SetOpt
 from mergecli.cli._render import print_plan
 
@@ -27,7 +28,7 @@ def validate(recipe: RecipeArg, output: OutputOpt = None, set_: SetOpt = None, q
     from mergecli.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides=set_ or [])  # a recipe error is found before any heavy import
-
+    import_torch()
     from mergecli.merge.plan import plan_merge
 
     if spec.push_to_hub:

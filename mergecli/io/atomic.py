@@ -11,9 +11,6 @@ Each run first restores or removes what killed runs left (`.NAME.partial-PID`, `
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import re
 import shutil
@@ -24,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mergecli.errors import OutputInPlace, UsageError
+from mergecli.io.linux import exchange as _exchange
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,8 +29,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _TEMPORARY = re.compile(r"\..+\.(partial|replaced)-\d+")
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 Replaceable = Callable[[Path], "str | None"]  # why an existing directory may not be replaced, or None
 
 
@@ -65,11 +61,17 @@ def _alive(pid: int) -> bool:
 
 
 def _leftovers(output: Path, kind: str) -> list[Path]:
-    found = []
-    for path in output.parent.glob(f".{output.name}.{kind}-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            found.append(path)
+    """`.NAME.KIND-PID` beside `output` whose process is gone (a prefix test per entry: a glob
+    would fnmatch every name of a crowded directory such as /tmp)."""
+    prefix, found = f".{output.name}.{kind}-", []
+    try:
+        entries = list(os.scandir(output.parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for entry in entries:
+        pid = entry.name[len(prefix):]
+        if entry.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            found.append(Path(entry.path))
     return sorted(found)
 
 
@@ -156,20 +158,6 @@ def _check_writable_parent(output: Path) -> None:
             problem = f"{ancestor} is on a virtual file system, which cannot hold files"
     if problem:
         raise UsageError(f"cannot create output {output}: {problem}", hint="choose another output directory")
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two directories atomically (Linux renameat2); False where the system cannot."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # no such call, or not on this file system
-        return False
-    raise OSError(code, os.strerror(code), str(second))
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from mergecli.io.buffers import BufferRing
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.io.safetensors import TensorInfo
 from mergecli.io.writer import ShardWriter
+from mergecli.methods.average import CHUNK_ELEMENTS
 from mergecli.methods.base import TensorTask
 
 PREFETCH_DEPTH = 2  # block sets read ahead of the one being combined
@@ -38,15 +39,20 @@ def rows_elements(info: TensorInfo, block_elements: int) -> Iterator[int]:
 
 def peak_memory(tasks: list[TensorTask]) -> int:
     """Estimated peak bytes of `stream_tasks` above the interpreter: the read-ahead block sets, the
-    accumulator, the output ring and what a combine allocates."""
+    accumulator chunk, the output ring and what a combine allocates."""
     peak = 0
     for task in tasks:
         info = task.sources[0].tensors[task.out.name]
         elements = max(rows_elements(info, task.block_elements))
         read = sum(s.tensors[task.out.name].dtype.itemsize for s in task.sources) * elements
-        peak = max(peak, (PREFETCH_DEPTH + 2) * read + elements * (8 + (WRITE_DEPTH + 1) * task.out.dtype.itemsize)
-                   + task.work_bytes)
+        peak = max(peak, (PREFETCH_DEPTH + 2) * read + 8 * CHUNK_ELEMENTS
+                   + elements * (WRITE_DEPTH + 1) * task.out.dtype.itemsize + task.work_bytes)
     return peak
+
+
+def block_shape(task: TensorTask, first: torch.Tensor) -> tuple[int, ...]:
+    """The shape of one merged row block: the first input block's rows, the output's other dims."""
+    return tuple(task.out.shape) if not task.out.shape else (first.shape[0], *task.out.shape[1:])
 
 
 class _Failed:
@@ -94,6 +100,7 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
 
 
 def _read_blocks(tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, int, list[torch.Tensor], bool]]:
+    """Every task's row blocks, `pread` into a ring of buffers (on the reader thread)."""
     ring = BufferRing(PREFETCH_DEPTH + 2)
     for task in tasks:
         name = task.out.name
@@ -153,9 +160,11 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
                  non_finite: NonFinite | None = None) -> None:
     """Read (reader thread) → combine (this thread) → write (writer thread), all overlapped.
 
-    A merged block is copied into a buffer of the output ring (this is also its cast to the output
-    dtype) and handed to the writer thread; with at most WRITE_DEPTH writes in flight, a ring of
-    WRITE_DEPTH + 1 buffers is never refilled while its previous block is still being written.
+    Each block is combined into a buffer of the output ring, in the output dtype (a combine that
+    returns another tensor has it copied there, which is also its cast), and handed to the writer
+    thread. At most WRITE_DEPTH writes are in flight after each hand-over, so while block i is
+    combined only blocks i - 1 and i - 2 can be: a ring of WRITE_DEPTH + 1 buffers never refills
+    one that is still being written.
     """
     outputs = BufferRing(WRITE_DEPTH + 1)
     non_finite = non_finite or NonFinite()
@@ -167,10 +176,12 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
         in_flight: deque[Future] = deque()
         try:
             for task, row_start, blocks, last in blocks_read:
-                merged = task.combine(blocks)
+                out = outputs.next().tensor("out", block_shape(task, blocks[0]), task.out.dtype)
+                merged = task.combine(blocks, out)
+                if merged is not out:
+                    out.copy_(merged)  # also the cast to the output dtype
                 if len(in_flight) == WRITE_DEPTH:
                     in_flight.popleft().result()
-                out = outputs.next().tensor("out", tuple(merged.shape), task.out.dtype).copy_(merged)
                 if not finite(out):
                     non_finite.found(task, blocks)
                 in_flight.append(pool.submit(writer.write, task.out.name, out, row_start))

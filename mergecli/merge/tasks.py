@@ -12,12 +12,12 @@ import torch
 from mergecli.io.buffers import ScratchBuffers
 from mergecli.io.safetensors import TensorInfo, TensorSpec
 from mergecli.methods import base
-from mergecli.methods.average import accumulation_dtype, weighted_sum
+from mergecli.methods.average import CHUNK_ELEMENTS, accumulation_dtype, weighted_sum
 from mergecli.methods.base import Inputs, TensorTask
 from mergecli.recipe import Recipe
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-Combine = Callable[[list[torch.Tensor]], torch.Tensor]
+Combine = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def output_dtype(recipe: Recipe, info: TensorInfo) -> torch.dtype:
@@ -27,13 +27,13 @@ def output_dtype(recipe: Recipe, info: TensorInfo) -> torch.dtype:
     return OUTPUT_DTYPES[recipe.dtype]
 
 
-def copy_first(blocks: list[torch.Tensor]) -> torch.Tensor:
+def copy_first(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """The combine of a tensor taken as it is from its only source."""
     return blocks[0]
 
 
 def _integer_combine(name: str, warnings: list[str]) -> Combine:
-    def combine(blocks: list[torch.Tensor]) -> torch.Tensor:
+    def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         if any(not torch.equal(blocks[0], b) for b in blocks[1:]):
             message = f"{name}: integer tensor differs between models; copied from the reference model"
             if message not in warnings:
@@ -54,9 +54,10 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
 
     accumulators = ScratchBuffers()  # combine runs on one thread: one accumulator, reused
 
-    def average(blocks: list[torch.Tensor]) -> torch.Tensor:
+    def average(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         dtype = accumulation_dtype([b.dtype for b in blocks])
-        return weighted_sum(blocks, weights, divisor=divisor, out=accumulators.tensor(dtype, blocks[0].shape, dtype))
+        return weighted_sum(blocks, weights, divisor=divisor, out=out,
+                            scratch=accumulators.tensor(dtype, (CHUNK_ELEMENTS,), dtype))
 
     block = base.BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
     tasks = []

@@ -15,13 +15,24 @@ def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+CHUNK_ELEMENTS = 1 << 18  # elements summed per pass: the accumulator chunk stays in the L2 cache
+
+
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float], *, divisor: float = 1.0,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ w_i t_i / divisor in the accumulation dtype; inputs may have different floating dtypes.
+                 out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w_i t_i / divisor, accumulated in float32 (float64 when an input is float64) and rounded
+    once into `out`'s dtype; inputs may have different floating dtypes.
 
     The raw weights are summed and the total divided once, at the end (normalizing the weights
-    first would round each of them). `out`, when given, is a tensor of the accumulation dtype and
-    shape to write the sum into.
+    first would round each of them); a weight of exactly 1 costs no multiplication. When `out` is
+    of another dtype than the accumulator (bf16 output, float32 sum), the sum runs chunk by chunk
+    in `scratch` (a 1-D accumulator-dtype buffer, CHUNK_ELEMENTS or more; allocated when None), so
+    that every pass but the reads of the inputs and the write of `out` stays in the cache: one read
+    of each input byte and one write of each output byte reach memory.
+
+    Args:
+        out: where the result goes (any floating dtype, the inputs' shape); None: a new tensor of
+            the accumulation dtype.
 
     Example:
         >>> weighted_sum([torch.ones(2, dtype=torch.bfloat16), torch.zeros(2)], [0.25, 0.75])
@@ -31,16 +42,30 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], *, divisor: 
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
     dtype = accumulation_dtype([t.dtype for t in tensors])
     if out is None:
-        total = tensors[0].to(dtype, copy=True)
-    else:
-        total = out
-        total.copy_(tensors[0])
-    total.mul_(weights[0])
+        out = torch.empty(tensors[0].shape, dtype=dtype)
+    if out.dtype == dtype:
+        _accumulate(out, tensors, weights, divisor)
+        return out
+    flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
+    if scratch is None or scratch.dtype != dtype or scratch.numel() < CHUNK_ELEMENTS:
+        scratch = torch.empty(CHUNK_ELEMENTS, dtype=dtype)
+    size = scratch.numel()
+    for start in range(0, flat_out.numel(), size):
+        stop = min(start + size, flat_out.numel())
+        accumulator = scratch[:stop - start]
+        _accumulate(accumulator, [flat[start:stop] for flat in flats], weights, divisor)
+        flat_out[start:stop].copy_(accumulator)
+    return out
+
+
+def _accumulate(total: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], divisor: float) -> None:
+    total.copy_(tensors[0])
+    if weights[0] != 1.0:
+        total.mul_(weights[0])
     for tensor, weight in zip(tensors[1:], weights[1:]):
-        total.add_(tensor, alpha=weight)  # mixed dtypes computed in `dtype`, no temporary
+        total.add_(tensor, alpha=weight)  # mixed dtypes computed in the accumulator's, no temporary
     if divisor != 1.0:
         total.div_(divisor)
-    return total
 
 
 class Average(Method):

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from mergecli.io.safetensors import TensorSpec
     from mergecli.recipe import Recipe
 
-    Combine = Callable[[list[torch.Tensor]], torch.Tensor]
+    # (the input blocks, a buffer of the output dtype and the block's shape) → the merged block:
+    # that buffer, filled, or another tensor that the streaming loop copies (and casts) into it
+    Combine = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 # Methods that ship with mergecli, as module names, imported the first time one is asked for (the
 # module registers its method), like pytest's built-in plugins: the registry imports no method, and
@@ -33,7 +35,9 @@ _methods: dict[str, Method] = {}
 
 @dataclass(frozen=True)
 class TensorTask:
-    """How one output tensor is made: read `out.name` from `sources`, `combine` the blocks."""
+    """How one output tensor is made: read `out.name` from `sources`, `combine` each row block of
+    them into a block of the output (written straight into the output buffer it is given, or
+    returned to be copied there)."""
 
     out: TensorSpec
     kind: str  # "average" | "head" | "exclude" | "integer" | a method's own kind

@@ -213,6 +213,7 @@ def _fill_names(models: list[ModelSpec]) -> None:
 
 
 def scaled_weights(models: list[ModelSpec]) -> tuple[list[float], float]:
-    """The models' weights × 2^-e, the largest of them in [0.5, 1), and 2^-e."""
-    exponent = max((math.frexp(m.weight)[1] for m in models if m.weight), default=0)
+    """The models' weights × 2^-e, the largest of them in [1, 2) (equal weights become exactly 1,
+    which the sum needs no multiplication for), and 2^-e."""
+    exponent = max((math.frexp(m.weight)[1] - 1 for m in models if m.weight), default=0)
     return [math.ldexp(m.weight, -exponent) for m in models], math.ldexp(1.0, -exponent)

@@ -47,7 +47,7 @@ class _Stream:
 
 
 def regmean_combine(name: str, sources: list[GramSource], weights: list[float], *, orientation: Orientation,
-                    in_features: int, shape: tuple[int, ...], out_dtype: torch.dtype, ratio: float,
+                    in_features: int, shape: tuple[int, ...], ratio: float,
                     warnings: list[str]) -> Combine:
     """The combine of one linear weight: W_Mᵀ = (Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ.
 
@@ -75,8 +75,7 @@ def regmean_combine(name: str, sources: list[GramSource], weights: list[float], 
             warnings.append(f"regmean: {name}: the system was singular; solved with a ridge of "
                             f"{factor.ridge:g} × its diagonal, towards the weighted average")
 
-    def combine(blocks: list[torch.Tensor]) -> torch.Tensor:
-        merged = torch.empty(blocks[0].shape, dtype=out_dtype)
+    def combine(blocks: list[torch.Tensor], merged: torch.Tensor) -> torch.Tensor:
         if orientation == "out_in":
             if stream.accumulator is None:  # the first block of this weight
                 stream.accumulator = load(keep_grams=True)
@@ -100,7 +99,7 @@ def regmean_task(task: TensorTask, sources: list[GramSource], recipe: Recipe, wa
     name, shape = task.out.name, task.out.shape
     d_out = shape[0] * shape[1] // in_features
     combine = regmean_combine(name, sources, recipe.weights, orientation=orientation, in_features=in_features,
-                              shape=shape, out_dtype=task.out.dtype, ratio=recipe.regmean.reduce_non_diagonal_ratio,
+                              shape=shape, ratio=recipe.regmean.reduce_non_diagonal_ratio,
                               warnings=warnings)
     streamed = orientation == "out_in"
     block = BLOCK_ROWS * in_features if streamed else WHOLE_TENSOR
