@@ -12,7 +12,7 @@ every contender in turn, REPEATS rounds, each in a child process started by `/us
     default bench-out/mergekit-venv; kept out of mergecli's dependencies);
   - the naive merge (load every state dict, average, save_file).
 
-The page cache is warm (every input read once before the first round; `sync` before each run, so
+The page cache is warm (every input read again just before each run; `sync` before each run, so
 that the writeback of an earlier output does not land in a later run) and two times are reported
 per run: the whole process (`wall`) and the `work`, from just after the imports to the end, which
 each child reports itself. Import time (~1.2 s for torch) is the same for everyone and hides the
@@ -21,7 +21,8 @@ are to the copy floor's figure of the same run. Peak RSS is `/usr/bin/time -v`'s
 set size minus that of a process that only imports mergecli and torch.
 
 Usage: python benchmarks/bench_average.py [WORKDIR] [--repeats 3] [--sets 32000,128256]
-       (default WORKDIR: bench-out/, ~20 GB of disk)
+       (default WORKDIR: bench-out/, ~20 GB of disk; MERGECLI_BEFORE=/path/to/an/earlier/checkout
+       adds that mergecli as a contender)
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def build_checkpoint(path: Path, vocab: int, seed: int, shard_bytes: int = 500 *
     write_config(path, vocab)
 
 
-def measure(command: list[str], work_file: Path) -> tuple[float, float, float]:
+def measure(command: list[str], work_file: Path, env: dict[str, str] | None = None) -> tuple[float, float, float]:
     """(wall seconds, work seconds, peak RSS in MB) of one child process.
 
     The child is started by `time` (a small process), not forked from this one: a child forked
@@ -171,7 +172,8 @@ def measure(command: list[str], work_file: Path) -> tuple[float, float, float]:
     work_file.unlink(missing_ok=True)
     started = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-v", *command], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "BENCH_WORK_FILE": str(work_file)})
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {}), "BENCH_WORK_FILE": str(work_file)})
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
@@ -188,26 +190,30 @@ def mergekit_python() -> str | None:
     return None
 
 
-def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[list[str], Path]]:
-    """name → (command, what it writes)."""
+def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[list[str], Path, dict]]:
+    """name → (command, what it writes, environment)."""
     py = sys.executable
     out = work / f"out-{label}"
     args = [a for m in models for a in ("-m", str(m))]
+    merge = ["average", *args, "--quiet", "--set", "shard_size=5GB", "-o"]
     runs = {
-        "mergecli average": ([py, "-c", MERGECLI, "average", *args, "-o", str(out / "mergecli"), "--quiet",
-                              "--set", "shard_size=5GB"], out / "mergecli"),
+        "mergecli average": ([py, "-c", MERGECLI, *merge, str(out / "mergecli")], out / "mergecli", {}),
         "copy floor (read all, write one)": ([py, "-c", COPY_FLOOR, *map(str, models), str(out / "copy.bin")],
-                                             out / "copy.bin"),
+                                             out / "copy.bin", {}),
     }
+    before = os.environ.get("MERGECLI_BEFORE")  # a checkout of an earlier mergecli, to compare with
+    if before:
+        runs["mergecli average, earlier checkout"] = ([py, "-c", MERGECLI, *merge, str(out / "before")],
+                                                      out / "before", {"PYTHONPATH": before})
     mergekit = mergekit_python()
     if mergekit:
         config = work / f"mergekit-{label}.yml"
         config.write_text("merge_method: linear\ndtype: bfloat16\nmodels:\n" + "".join(
             f"  - model: {m}\n    parameters:\n      weight: 1.0\n" for m in models))
         runs["mergekit 0.1.5 linear (mergekit-yaml)"] = ([mergekit, "-c", MERGEKIT, str(config), str(out / "mergekit")],
-                                                         out / "mergekit")
+                                                         out / "mergekit", {})
     runs["naive (load all, average, save_file)"] = ([py, "-c", NAIVE, *map(str, models), str(out / "naive.st")],
-                                                    out / "naive.st")
+                                                    out / "naive.st", {})
     return runs
 
 
@@ -218,18 +224,26 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def run_set(label: str, models: list[Path], work: Path, repeats: int) -> dict[str, list[tuple]]:
-    for path in models:  # warm the page cache: every contender reads from memory
+def warm(models: list[Path]) -> None:
+    """Read every input file, so that the next contender reads from memory. Done before each run:
+    this machine's kernel (DAMON) pages out page cache left idle for about a minute."""
+    for path in models:
         for file in path.glob("*.safetensors"):
             with open(file, "rb") as f:
                 while f.read(64 * MB):
                     pass
+
+
+def run_set(label: str, models: list[Path], work: Path, repeats: int) -> dict[str, list[tuple]]:
     runs = contenders(models, work, label)
     (work / f"out-{label}").mkdir(parents=True, exist_ok=True)
     results: dict[str, list[tuple]] = {name: [] for name in runs}
     for _ in range(repeats):  # rounds: every contender once per round, in turn
-        for name, (command, output) in runs.items():
-            results[name].append(measure(command, work / "work-seconds"))
+        for name, (command, output, env) in runs.items():
+            warm(models)
+            results[name].append(measure(command, work / "work-seconds", env))
+            print(f"{label} {name}: wall {results[name][-1][0]:.2f} s, work {results[name][-1][1]:.2f} s",
+                  file=sys.stderr)
             remove(output)
     return results
 
