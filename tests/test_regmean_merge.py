@@ -119,7 +119,9 @@ def test_llama_linear_layers_are_least_squares_fits(tmp_path, llama64, text_data
     report = run_merge(plan)
     assert not report.warnings
     for name, tensor in load_dir(tmp_path / "blocks").items():
-        torch.testing.assert_close(tensor, merged[name], rtol=1e-12, atol=1e-12, msg=name)
+        # relative to the tensor: o_proj's Gram is ill-conditioned at this size, and the rounding
+        # of its float64 solve depends on how many threads BLAS uses (1.4e-12 apart with 2 threads)
+        assert_close_rel(tensor, merged[name], 1e-11, name)
 
 
 def test_gpt2_conv1d_orientation(tmp_path, gpt2_64, text_data):

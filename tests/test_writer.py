@@ -7,7 +7,6 @@ import json
 import torch
 from safetensors import safe_open
 
-from mergecli.io.buffers import BufferRing
 from mergecli.io.safetensors import TensorSpec as OutputTensor
 from mergecli.io.writer import ShardWriter, plan_shards
 
@@ -41,15 +40,6 @@ def test_blocks_written_in_place_out_of_order(tmp_path):
             read.update({k: f.get_tensor(k) for k in f.keys()})
     assert torch.equal(read["a"], a) and read["b"].item() == 7 and torch.equal(read["c"], torch.arange(4.0))
     assert index["metadata"]["total_size"] == 36 + 8 + 16
-
-
-def test_ring_slots_are_reused_in_turn():
-    ring = BufferRing(3)
-    first = [ring.next() for _ in range(3)]
-    assert ring.next() is first[0] and len({id(s) for s in first}) == 3
-    a = first[0].get("x", 100)
-    b = first[0].get("x", 50)
-    assert b.data_ptr() == a.data_ptr() and b.numel() == 50
 
 
 def test_output_shards_are_preallocated(tmp_path):

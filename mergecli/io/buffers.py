@@ -28,20 +28,3 @@ class ScratchBuffers:
     def tensor(self, key: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized tensor of `shape` and `dtype` in the buffer for `key`."""
         return self.get(key, math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
-
-
-class BufferRing:
-    """`slots` sets of scratch buffers used in turn, for a producer that runs ahead of its consumer.
-
-    With a queue of depth D between them, the producer fills at most D + 1 sets while the consumer
-    holds one, so D + 2 slots never hand out a set that is still in use.
-    """
-
-    def __init__(self, slots: int) -> None:
-        self._slots = [ScratchBuffers() for _ in range(slots)]
-        self._next = 0
-
-    def next(self) -> ScratchBuffers:
-        slot = self._slots[self._next]
-        self._next = (self._next + 1) % len(self._slots)
-        return slot

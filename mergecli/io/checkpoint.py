@@ -58,8 +58,11 @@ class Checkpoint:
         out = (torch.empty(shape, dtype=info.dtype) if buffer is None
                else buffer[:nbytes].view(info.dtype).view(shape))
         fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        if fd is None:  # streaming threads may open a file at once: one fd is kept, the rest closed
+            opened = os.open(info.file, os.O_RDONLY)
+            fd = self._fds.setdefault(info.file, opened)
+            if fd != opened:
+                os.close(opened)
         pread_into(fd, out, info.offset + start * info.row_bytes, path=info.file)
         return out
 

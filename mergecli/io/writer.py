@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class ShardWriter:
     _fds: dict[str, int] = field(default_factory=dict)
     _where: dict[str, tuple[str, int]] = field(default_factory=dict)
     _written: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # `write` is called from several threads
 
     def __post_init__(self) -> None:
         for shard in self.shards:
@@ -78,7 +80,8 @@ class ShardWriter:
         filename, offset = self._where[name]
         data = tensor_bytes(block)
         pwrite_all(self._fds[filename], data, offset + row_start * spec.row_bytes)
-        self._written[name] = self._written.get(name, 0) + len(data)
+        with self._lock:
+            self._written[name] = self._written.get(name, 0) + len(data)
 
     def checkpoint(self) -> Checkpoint:
         """The output as a checkpoint, to read back tensors already written (read nothing else)."""

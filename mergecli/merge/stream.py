@@ -1,32 +1,28 @@
-"""The streaming loop: a reader thread reads the next row blocks of every input, this thread
-combines the current ones, and a writer thread writes the results in place; at most a few blocks
-are alive at once, whatever the model, shard or tensor size.
+"""The streaming loop: worker threads each take the next row block of a tensor, read it from
+every input, combine it and write it in place, so that a block's bytes go from the page cache to
+the output while they are still in that core's cache; at most one block per worker is alive.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from mergecli.errors import NonFiniteError
-from mergecli.io.buffers import BufferRing
+from mergecli.io.buffers import ScratchBuffers
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.io.safetensors import TensorInfo
 from mergecli.io.writer import ShardWriter
 from mergecli.methods.average import CHUNK_ELEMENTS
 from mergecli.methods.base import TensorTask
 
-PREFETCH_DEPTH = 2  # block sets read ahead of the one being combined
-WRITE_DEPTH = 2  # merged blocks handed to the writer thread and not yet written
+MAX_WORKERS = 4  # past a few threads, the copies in and out of the page cache share one memory bus
 ProgressCallback = Callable[[int, int], None]  # (tensors done, bytes read so far)
 
 
@@ -38,16 +34,23 @@ def rows_elements(info: TensorInfo, block_elements: int) -> Iterator[int]:
 
 
 def peak_memory(tasks: list[TensorTask]) -> int:
-    """Estimated peak bytes of `stream_tasks` above the interpreter: the read-ahead block sets, the
-    accumulator chunk, the output ring and what a combine allocates."""
+    """Estimated peak bytes of `stream_tasks` above the interpreter: per worker, one block of every
+    input, the merged block and the accumulator chunk; and what a combine allocates."""
     peak = 0
     for task in tasks:
         info = task.sources[0].tensors[task.out.name]
         elements = max(rows_elements(info, task.block_elements))
         read = sum(s.tensors[task.out.name].dtype.itemsize for s in task.sources) * elements
-        peak = max(peak, (PREFETCH_DEPTH + 2) * read + 8 * CHUNK_ELEMENTS
-                   + elements * (WRITE_DEPTH + 1) * task.out.dtype.itemsize + task.work_bytes)
-    return peak
+        peak = max(peak, read + elements * task.out.dtype.itemsize + 8 * CHUNK_ELEMENTS + task.work_bytes)
+    return peak * workers(tasks)
+
+
+def workers(tasks: list[TensorTask]) -> int:
+    """How many threads stream `tasks`: one per core (up to MAX_WORKERS) when every task's blocks
+    can be combined in any order, else one, which combines each task's blocks in order."""
+    if not all(task.independent_blocks for task in tasks):
+        return 1
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
 def block_shape(task: TensorTask, first: torch.Tensor) -> tuple[int, ...]:
@@ -55,72 +58,13 @@ def block_shape(task: TensorTask, first: torch.Tensor) -> tuple[int, ...]:
     return tuple(task.out.shape) if not task.out.shape else (first.shape[0], *task.out.shape[1:])
 
 
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def prefetched(items: Iterator, depth: int) -> Iterator:
-    """Iterate `items` in a background thread, at most `depth` items ahead of the consumer."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            put(_Failed(error))
-
-    thread = threading.Thread(target=produce, name="mergecli-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is done:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _read_blocks(tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, int, list[torch.Tensor], bool]]:
-    """Every task's row blocks, `pread` into a ring of buffers (on the reader thread)."""
-    ring = BufferRing(PREFETCH_DEPTH + 2)
-    for task in tasks:
-        name = task.out.name
-        blocks = list(iter_row_blocks(task.sources[0].tensors[name], task.block_elements))
-        for i, rows in enumerate(blocks):
-            buffers = ring.next()
-            tensors = []
-            for k, source in enumerate(task.sources):
-                info = source.tensors[name]
-                nbytes = info.nbytes if rows is None else (rows[1] - rows[0]) * info.row_bytes
-                tensors.append(source.read(name, rows, buffer=buffers.get(k, nbytes)))
-            yield task, rows[0] if rows else 0, tensors, i == len(blocks) - 1
-
-
 @contextmanager
-def compute_threads() -> Iterator[None]:
-    """Leave two cores to the reader and writer threads: torch's spinning intra-op threads would
-    otherwise take their CPU time (on 2 cores, one compute thread merges ~30% faster than two)."""
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads for the stream: one per worker when several run (each worker is a
+    core's worth of work already), all of them for a single worker (a RegMean solve uses them)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(previous, (os.cpu_count() or 1) - 2)))
+    if count > 1:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -158,40 +102,88 @@ class NonFinite:
 
 def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: ProgressCallback | None = None, *,
                  non_finite: NonFinite | None = None) -> None:
-    """Read (reader thread) → combine (this thread) → write (writer thread), all overlapped.
+    """Read → combine → write every row block of `tasks`, on `workers(tasks)` threads (this one and
+    the others), each with buffers of its own.
 
-    Each block is combined into a buffer of the output ring, in the output dtype (a combine that
-    returns another tensor has it copied there, which is also its cast), and handed to the writer
-    thread. At most WRITE_DEPTH writes are in flight after each hand-over, so while block i is
-    combined only blocks i - 1 and i - 2 can be: a ring of WRITE_DEPTH + 1 buffers never refills
-    one that is still being written.
+    Each worker takes the next block, `pread`s it from every input into its buffers, combines it
+    into a buffer of the output dtype (a combine that returns another tensor has it copied there,
+    which is also its cast) and `pwrite`s it at its final offset. Handing blocks from a reader to a
+    combiner to a writer thread, as mergecli did before, moved each byte through memory twice more,
+    between cores; a worker's block stays in its own cache. The first failure (or Ctrl-C) stops
+    every worker after its current block and is raised here.
     """
-    outputs = BufferRing(WRITE_DEPTH + 1)
-    non_finite = non_finite or NonFinite()
-    tensors_done = bytes_done = 0
-    # closing(): the reader thread is stopped and joined here, even on Ctrl-C, not whenever the
-    # generator happens to be collected (a reader still inside torch at interpreter exit aborts it).
-    with compute_threads(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-writer") as pool, \
-            closing(prefetched(_read_blocks(tasks), PREFETCH_DEPTH)) as blocks_read:
-        in_flight: deque[Future] = deque()
+    stream = _Stream(tasks, writer, on_progress, non_finite or NonFinite())
+    count = workers(tasks)
+    with torch_threads(count):
+        others = [threading.Thread(target=stream.work, name=f"mergecli-worker-{i}", daemon=True)
+                  for i in range(1, count)]
+        for thread in others:
+            thread.start()
         try:
-            for task, row_start, blocks, last in blocks_read:
-                out = outputs.next().tensor("out", block_shape(task, blocks[0]), task.out.dtype)
-                merged = task.combine(blocks, out)
-                if merged is not out:
-                    out.copy_(merged)  # also the cast to the output dtype
-                if len(in_flight) == WRITE_DEPTH:
-                    in_flight.popleft().result()
-                if not finite(out):
-                    non_finite.found(task, blocks)
-                in_flight.append(pool.submit(writer.write, task.out.name, out, row_start))
-                bytes_done += sum(b.nbytes for b in blocks)
-                tensors_done += last
-                del merged, blocks
-                if on_progress:
-                    on_progress(tensors_done, bytes_done)
-            while in_flight:
-                in_flight.popleft().result()
+            stream.work()
         finally:
-            for future in in_flight:
-                future.cancel()
+            stream.stop.set()
+            for thread in others:
+                thread.join()
+        if stream.error is not None:
+            raise stream.error
+
+
+class _Stream:
+    """What the workers of one `stream_tasks` share: the blocks still to do, the progress, the
+    first error."""
+
+    def __init__(self, tasks: list[TensorTask], writer: ShardWriter, on_progress: ProgressCallback | None,
+                 non_finite: NonFinite):
+        self.writer, self.on_progress, self.non_finite = writer, on_progress, non_finite
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.blocks_left = {task.out.name: 0 for task in tasks}
+        self.blocks = self._blocks(tasks)
+        self.tensors_done = self.bytes_done = 0
+
+    def _blocks(self, tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, tuple[int, int] | None]]:
+        for task in tasks:
+            blocks = list(iter_row_blocks(task.sources[0].tensors[task.out.name], task.block_elements))
+            self.blocks_left[task.out.name] = len(blocks)
+            for rows in blocks:
+                yield task, rows
+
+    def work(self) -> None:
+        buffers = ScratchBuffers()
+        try:
+            while not self.stop.is_set():
+                with self.lock:
+                    task, rows = next(self.blocks, (None, None))
+                if task is None:
+                    return
+                self._merge_block(task, rows, buffers)
+        except BaseException as error:
+            with self.lock:
+                self.error = self.error or error
+            self.stop.set()
+            if threading.current_thread() is threading.main_thread():
+                raise
+
+    def _merge_block(self, task: TensorTask, rows: tuple[int, int] | None, buffers: ScratchBuffers) -> None:
+        name = task.out.name
+        blocks = []
+        for k, source in enumerate(task.sources):
+            info = source.tensors[name]
+            nbytes = info.nbytes if rows is None else (rows[1] - rows[0]) * info.row_bytes
+            blocks.append(source.read(name, rows, buffer=buffers.get(k, nbytes)))
+        out = buffers.tensor("out", block_shape(task, blocks[0]), task.out.dtype)
+        merged = task.combine(blocks, out)
+        if merged is not out:
+            out.copy_(merged)  # also the cast to the output dtype
+        if not finite(out):
+            with self.lock:
+                self.non_finite.found(task, blocks)
+        self.writer.write(name, out, rows[0] if rows else 0)
+        with self.lock:
+            self.bytes_done += sum(b.nbytes for b in blocks)
+            self.blocks_left[name] -= 1
+            self.tensors_done += self.blocks_left[name] == 0
+            if self.on_progress:
+                self.on_progress(self.tensors_done, self.bytes_done)

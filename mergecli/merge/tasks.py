@@ -5,6 +5,7 @@ averaged; head, excluded and integer tensors are copied from the reference.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 
 import torch
@@ -33,11 +34,14 @@ def copy_first(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
 
 
 def _integer_combine(name: str, warnings: list[str]) -> Combine:
+    noted = threading.Lock()  # blocks of one tensor may be checked on several threads at once
+
     def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         if any(not torch.equal(blocks[0], b) for b in blocks[1:]):
             message = f"{name}: integer tensor differs between models; copied from the reference model"
-            if message not in warnings:
-                warnings.append(message)
+            with noted:
+                if message not in warnings:
+                    warnings.append(message)
         return blocks[0]
 
     return combine
@@ -52,12 +56,14 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
     weights, divisor = recipe.average_weights()
     reference = inputs.reference
 
-    accumulators = ScratchBuffers()  # combine runs on one thread: one accumulator, reused
+    per_thread = threading.local()  # one accumulator per streaming thread, reused
 
     def average(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         dtype = accumulation_dtype([b.dtype for b in blocks])
+        if not hasattr(per_thread, "accumulators"):
+            per_thread.accumulators = ScratchBuffers()
         return weighted_sum(blocks, weights, divisor=divisor, out=out,
-                            scratch=accumulators.tensor(dtype, (CHUNK_ELEMENTS,), dtype))
+                            scratch=per_thread.accumulators.tensor(dtype, (CHUNK_ELEMENTS,), dtype))
 
     block = base.BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
     tasks = []
@@ -66,14 +72,14 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
             continue
         out = TensorSpec(name, output_dtype(recipe, info), info.shape)
         if any(p.fullmatch(name) for p in exclude):
-            tasks.append(TensorTask(out, "exclude", (reference,), copy_first, block))
+            tasks.append(TensorTask(out, "exclude", (reference,), copy_first, block, independent_blocks=True))
         elif recipe.backbone_only and any(p.fullmatch(name) for p in head):
-            tasks.append(TensorTask(out, "head", (reference,), copy_first, block))
+            tasks.append(TensorTask(out, "head", (reference,), copy_first, block, independent_blocks=True))
         elif not info.dtype.is_floating_point:
             tasks.append(TensorTask(out, "integer", (reference, *inputs.models), _integer_combine(name, warnings),
-                                    block))
+                                    block, independent_blocks=True))
         else:
-            tasks.append(TensorTask(out, "average", tuple(inputs.models), average, block))
+            tasks.append(TensorTask(out, "average", tuple(inputs.models), average, block, independent_blocks=True))
     for pattern in exclude:
         if not any(pattern.fullmatch(n) for n in reference.tensors):
             warnings.append(f"exclude pattern {pattern.pattern!r} matches no tensor")

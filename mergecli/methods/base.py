@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # module registers its method), like pytest's built-in plugins: the registry imports no method, and
 # looking up a method never loads the others.
 BUILTIN_METHODS = {"average": "mergecli.methods.average", "regmean": "mergecli.regmean.method"}
-BLOCK_ELEMENTS = 4 * 2**20  # elements per row block a task reads: bounds memory for any tensor size
+BLOCK_ELEMENTS = 2**18  # elements per row block a task reads: bounds memory for any tensor size, and
+# keeps a block of three bf16 inputs and its merge (~2 MB) in a core's cache from read to write
 _methods: dict[str, Method] = {}
 
 
@@ -45,6 +46,9 @@ class TensorTask:
     combine: Combine
     block_elements: int = BLOCK_ELEMENTS
     work_bytes: int = 0  # memory `combine` itself allocates beyond the blocks (e.g. statistics it loads)
+    # True: each row block is combined on its own, so blocks may run on several threads in any
+    # order; False (a combine that keeps state from one block to the next): in order, on one thread
+    independent_blocks: bool = False
 
     @property
     def bytes_read(self) -> int:
