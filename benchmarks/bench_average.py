@@ -3,11 +3,15 @@ and the naive merge.
 
 Builds three LLaMA-shaped bf16 checkpoints of about 1 GB (hidden 2048, 8 layers, intermediate 5632,
 vocab 32000, 500 MB input shards) and three with a 128256-token vocabulary, then, for each set, runs
-every contender in turn, REPEATS rounds, each in a child process started by `/usr/bin/time -v`:
+every contender in turn, REPEATS rounds (each round starting with the next contender), each in a
+child process started by `/usr/bin/time -v` in the work directory:
 
   - mergecli average (one 5 GB output shard, like the floor);
-  - the copy floor: one process that reads every input tensor with safetensors and writes an
-    output of the same size (the bytes of one input), nothing computed;
+  - the copy floor: one process that reads every byte of every input file (`readinto` one reused
+    1 MB buffer) and writes an output of the same size (the first input's bytes as read), nothing
+    parsed or computed: the least any merge must do. (Reading "every tensor with safetensors" is no
+    floor: `get_tensor` maps the file and reads nothing until touched, and copying each mapped
+    tensor out is slower than `read`.);
   - mergekit's linear merge (`mergekit-yaml`), when a separate venv has it (`MERGEKIT_VENV`,
     default bench-out/mergekit-venv; kept out of mergecli's dependencies);
   - the naive merge (load every state dict, average, save_file).
@@ -20,7 +24,7 @@ arithmetic in `wall` ratios; `work` ratios show it. Each figure is the best of t
 are to the copy floor's figure of the same run. Peak RSS is `/usr/bin/time -v`'s maximum resident
 set size minus that of a process that only imports mergecli and torch.
 
-Usage: python benchmarks/bench_average.py [WORKDIR] [--repeats 3] [--sets 32000,128256]
+Usage: python benchmarks/bench_average.py [WORKDIR] [--repeats 5] [--sets 32000,128256]
        (default WORKDIR: bench-out/, ~20 GB of disk; MERGECLI_BEFORE=/path/to/an/earlier/checkout
        adds that mergecli as a contender)
 """
@@ -64,14 +68,16 @@ COPY_FLOOR = """
 import os, sys, time
 from pathlib import Path
 import torch
-from safetensors import safe_open
 started = time.perf_counter()
 models, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
-opened = [[safe_open(f, "pt") for f in sorted(m.glob("*.safetensors"))] for m in models]
-with open(out, "wb") as sink:
-    for name in [k for h in opened[0] for k in h.keys()]:
-        tensors = [next(h for h in hs if name in h.keys()).get_tensor(name) for hs in opened]
-        sink.write(tensors[0].reshape(-1).view(torch.uint8).numpy().data)
+buffer = memoryview(bytearray(2**20))  # cache-sized: larger buffers copy slower
+with open(out, "wb", buffering=0) as sink:
+    for index, model in reversed(list(enumerate(models))):
+        for file in sorted(model.glob("*.safetensors")):
+            with open(file, "rb", buffering=0) as source:
+                while read := source.readinto(buffer):
+                    if index == 0:
+                        sink.write(buffer[:read])
 open(os.environ["BENCH_WORK_FILE"], "w").write(str(time.perf_counter() - started))
 """
 
@@ -172,7 +178,8 @@ def measure(command: list[str], work_file: Path, env: dict[str, str] | None = No
     work_file.unlink(missing_ok=True)
     started = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-v", *command], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, cwd=work_file.parent,  # not the checkout:
+                            # `python -c` puts its working directory first on sys.path
                             env={**os.environ, **(env or {}), "BENCH_WORK_FILE": str(work_file)})
     wall = time.perf_counter() - started
     if result.returncode != 0:
@@ -184,7 +191,7 @@ def measure(command: list[str], work_file: Path, env: dict[str, str] | None = No
 
 def mergekit_python() -> str | None:
     venv = Path(os.environ.get("MERGEKIT_VENV", "bench-out/mergekit-venv"))
-    python = venv / "bin" / "python"
+    python = venv.absolute() / "bin" / "python"  # children run in the work directory
     if python.exists() and subprocess.run([str(python), "-c", "import mergekit"], capture_output=True).returncode == 0:
         return str(python)
     return None
@@ -238,8 +245,11 @@ def run_set(label: str, models: list[Path], work: Path, repeats: int) -> dict[st
     runs = contenders(models, work, label)
     (work / f"out-{label}").mkdir(parents=True, exist_ok=True)
     results: dict[str, list[tuple]] = {name: [] for name in runs}
-    for _ in range(repeats):  # rounds: every contender once per round, in turn
-        for name, (command, output, env) in runs.items():
+    names = list(runs)
+    for round_ in range(repeats):  # rounds: every contender once per round, in turn, starting
+        # each round with the next one (what ran just before a run changes its time on this VM)
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            command, output, env = runs[name]
             warm(models)
             results[name].append(measure(command, work / "work-seconds", env))
             print(f"{label} {name}: wall {results[name][-1][0]:.2f} s, work {results[name][-1][1]:.2f} s",
@@ -248,17 +258,55 @@ def run_set(label: str, models: list[Path], work: Path, repeats: int) -> dict[st
     return results
 
 
+def hot_path(rounds: int = 30) -> list[tuple[str, float]]:
+    """The combine alone, in memory, on one thread: (what, best ms) per row block of 4M elements of
+    three bf16 inputs with weights 1/3 each (no I/O, so the page cache and the disk cannot hide it)."""
+    from mergecli.methods.average import CHUNK_ELEMENTS, weighted_sum
+
+    torch.set_num_threads(1)  # the streaming loop's compute thread
+    n = 4 * 2**20
+    inputs = [torch.randn(n, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(3)]
+    out, scratch, accumulator = torch.empty(n, dtype=torch.bfloat16), torch.empty(CHUNK_ELEMENTS), torch.empty(n)
+
+    def one_pass_per_operation() -> None:  # the combine before the fused loop
+        accumulator.copy_(inputs[0])
+        accumulator.mul_(1.0)
+        for x in inputs[1:]:
+            accumulator.add_(x, alpha=1.0)
+        accumulator.div_(3.0)
+        out.copy_(accumulator)
+
+    def copies() -> None:  # each input block copied into the output buffer: bytes moved, no arithmetic
+        for x in inputs:
+            out.copy_(x)
+
+    candidates = {
+        "copy each input block into the output buffer (no arithmetic)": copies,
+        "weighted sum, fused chunks (mergecli now)": lambda: weighted_sum(inputs, [1.0] * 3, divisor=3.0,
+                                                                           out=out, scratch=scratch),
+        "weighted sum, one pass per operation (earlier)": one_pass_per_operation,
+    }
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):  # alternated, so that a noisy moment hits every candidate alike
+        for name, run in candidates.items():
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return [(name, seconds * 1e3) for name, seconds in best.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", nargs="?", default="bench-out", type=Path)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sets", default="32000,128256", help="vocabulary sizes of the model sets")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sets", default="32000,128256",
+                        help="vocabulary sizes of the model sets (\"\": the in-memory combine only)")
     options = parser.parse_args()
     work = options.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     _, _, baseline_rss = measure([sys.executable, "-c", BASELINE], work / "work-seconds")
     rows = []
-    for vocab in map(int, options.sets.split(",")):
+    for vocab in map(int, filter(None, options.sets.split(","))):
         label = f"vocab{vocab}"
         models = [work / f"{label}-{i}" for i in range(3)]
         for seed, path in enumerate(models):  # in a child: this process must stay small
@@ -280,6 +328,12 @@ def main() -> None:
     for label, inputs, name, wall, wall_ratio, work_s, work_ratio, rss in rows:
         print(f"| {label} | {inputs} | {name} | {wall:.2f} | {wall_ratio:.2f} | {work_s:.2f} | {work_ratio:.2f} "
               f"| {rss:.0f} |")
+    timings = hot_path()
+    print("\nThe combine alone, in memory, one thread, per block of 4M elements of three bf16 inputs (best of 30):\n")
+    print("| combine | ms per block | ÷ copies |")
+    print("|---|---:|---:|")
+    for name, ms in timings:
+        print(f"| {name} | {ms:.2f} | {ms / timings[0][1]:.2f} |")
 
 
 if __name__ == "__main__":
