@@ -121,7 +121,9 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
             thread.start()
         try:
             stream.work()
-        finally:
+            for thread in others:  # they end when no block is left
+                thread.join()
+        finally:  # Ctrl-C during the join too: the others stop after their current block
             stream.stop.set()
             for thread in others:
                 thread.join()
@@ -159,12 +161,10 @@ class _Stream:
                 if task is None:
                     return
                 self._merge_block(task, rows, buffers)
-        except BaseException as error:
+        except BaseException as error:  # Ctrl-C included: raised by `stream_tasks` once all have stopped
             with self.lock:
                 self.error = self.error or error
             self.stop.set()
-            if threading.current_thread() is threading.main_thread():
-                raise
 
     def _merge_block(self, task: TensorTask, rows: tuple[int, int] | None, buffers: ScratchBuffers) -> None:
         name = task.out.name
