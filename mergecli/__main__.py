@@ -35,12 +35,25 @@ def main() -> None:
             _interrupted(cause)
         if exit_.code in (130, 143):
             _exit_now(exit_.code)
+        _ignore_signals()
         raise
     except Exception as error:  # an import that failed because a signal interrupted it
         interruption = _interruption_behind(error)
         if interruption is None:
             raise
         _interrupted(interruption)
+
+
+def _ignore_signals() -> None:
+    """The run is over and its result reported: ignore SIGINT and SIGTERM until the process exits.
+    The interpreter puts the default action back for Python handlers while it shuts down (with
+    torch loaded that takes a few hundred ms), and a signal then, to any thread, would kill a run
+    that succeeded. An ignored signal is left ignored."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(number, signal.SIG_IGN)
+        except ValueError:  # not the main thread (embedded use)
+            return
 
 
 def _interruption_behind(error: BaseException) -> KeyboardInterrupt | None:

@@ -75,6 +75,22 @@ def test_a_signal_while_starting_up_is_one_line_and_its_exit_code(big_pair, tmp_
     assert "interrupted" in stderr and not (tmp_path / "out").exists()
 
 
+def test_signals_are_ignored_once_the_result_is_reported(tmp_path):
+    """After the command's result is out, a signal cannot turn it into a kill: while the
+    interpreter shuts down it puts the default action back for Python handlers, so SIGINT and
+    SIGTERM are ignored from then on (a SIGTERM sent then leaves the exit code 0)."""
+    code = ("import os, signal, sys\n"
+            "from mergecli.__main__ import main\n"
+            "sys.argv = ['mergecli', '--version']\n"
+            "try:\n    main()\nexcept SystemExit as done:\n    print('exit', done.code)\n"
+            "print(signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.splitlines()[-2:] == ["exit 0", "True"]
+
+
 def test_sigkill_leaves_no_complete_looking_output_and_rerun_cleans(big_pair, tmp_path):
     out = tmp_path / "out"
     process = start_merge(big_pair, out)
