@@ -259,11 +259,12 @@ def run_set(label: str, models: list[Path], work: Path, repeats: int) -> dict[st
 
 
 def hot_path(rounds: int = 30) -> list[tuple[str, float]]:
-    """The combine alone, in memory, on one thread: (what, best ms) per row block of 4M elements of
-    three bf16 inputs with weights 1/3 each (no I/O, so the page cache and the disk cannot hide it)."""
+    """The combine alone, in memory, on one thread: (what, best ms) per 4M elements of three bf16
+    inputs with weights 1/3 each (no I/O, so the page cache and the disk cannot hide it; 4M, the
+    earlier block size, so that the figures compare with the earlier per-block profile)."""
     from mergecli.methods.average import CHUNK_ELEMENTS, weighted_sum
 
-    torch.set_num_threads(1)  # the streaming loop's compute thread
+    torch.set_num_threads(1)  # as in each streaming worker
     n = 4 * 2**20
     inputs = [torch.randn(n, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(3)]
     out, scratch, accumulator = torch.empty(n, dtype=torch.bfloat16), torch.empty(CHUNK_ELEMENTS), torch.empty(n)

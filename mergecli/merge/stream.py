@@ -141,7 +141,7 @@ class _Stream:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.blocks_left = {task.out.name: 0 for task in tasks}
+        self.blocks_left: dict[str, int] = {}  # per tensor, set as its blocks are handed out
         self.blocks = self._blocks(tasks)
         self.tensors_done = self.bytes_done = 0
 
