@@ -46,10 +46,12 @@ FORWARD = """
 import sys, time
 from pathlib import Path
 import torch, transformers
+from mergecli.methods.registry import method_of
 from mergecli.recipe import load_recipe
-from mergecli.regmean.calibration import model_batches, read_examples
+from mergecli.stats.calibration import model_batches, read_examples
 recipe = load_recipe(sys.argv[1])
-settings = recipe.regmean
+method_of(recipe)
+settings = recipe.settings
 for spec in recipe.models:
     model = transformers.AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32).eval()
     data = read_examples(spec.data, num_examples=settings.num_examples)

@@ -13,11 +13,13 @@ _EXPORTS = {
     "load_recipe": "mergecli.recipe",
     "plan_merge": "mergecli.merge.plan",
     "run_merge": "mergecli.merge.run",
-    "plan_stats": "mergecli.regmean.collect",
-    "StatsSession": "mergecli.regmean.collect",
+    "plan_stats": "mergecli.stats.collect",
+    "collect_all": "mergecli.stats.collect",
+    "StatsSession": "mergecli.stats.collect",
     "push": "mergecli.publish.push",
     "Method": "mergecli.methods.base",
     "register": "mergecli.methods.base",
+    "method_of": "mergecli.methods.registry",
 }
 
 __all__ = ["__version__", *_EXPORTS]

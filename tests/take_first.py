@@ -3,8 +3,7 @@ first model instead. Importing this module registers it as `method = "first"`.""
 
 from __future__ import annotations
 
-from mergecli.merge.tasks import copy_first
-from mergecli.methods.base import Method, TensorTask, register
+from mergecli.methods.base import Method, TensorTask, copy_first, register
 
 
 class TakeFirst(Method):

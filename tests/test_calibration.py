@@ -9,7 +9,7 @@ import torch
 
 from builders import word_tokenizer
 from mergecli.errors import StatsError, UsageError
-from mergecli.regmean.calibration import read_examples, text_batches, tokenize_examples
+from mergecli.stats.calibration import read_examples, text_batches, tokenize_examples
 from regmean_fixtures import write_images, write_jsonl, write_txt
 
 

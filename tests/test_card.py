@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from clirunner import cli
 from fakehub import FakeHub
 from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
-from mergecli.methods.base import get_method
-from mergecli.publish.card import render_card
+from mergecli.merge.card import render_card
+from mergecli.methods.registry import method_of
 from mergecli.recipe import dump_recipe, recipe_from_data
 
 if sys.version_info >= (3, 11):
@@ -31,7 +31,7 @@ def recipe(data: dict, tmp_path: Path):
 
 
 def card_of(spec, *, config: dict | None, title: str = "merged-model") -> str:
-    return render_card(spec, get_method(spec.method), config=config, title=title)
+    return render_card(spec, method_of(spec), config=config, title=title)
 
 
 def split(card: str) -> tuple[dict, str]:

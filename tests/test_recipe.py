@@ -9,6 +9,7 @@ import pytest
 import tomllib
 
 from mergecli.errors import RecipeError
+from mergecli.methods.registry import method_of
 from mergecli.recipe import dump_recipe, load_recipe, parse_size
 
 
@@ -25,7 +26,7 @@ def test_defaults_and_relative_paths(tmp_path):
     assert recipe.output == str(tmp_path / "out")
     assert [m.path for m in recipe.models] == [str(tmp_path / "a"), str(tmp_path / "b")]  # relative to the recipe
     assert [m.name for m in recipe.models] == ["a", "b"]
-    assert recipe.weights == [0.5, 0.5]
+    assert recipe.weights(normalize=True) == [0.5, 0.5]
     assert recipe.shard_size == 5 * 10**9 and recipe.dtype == "auto"
 
 
@@ -38,9 +39,31 @@ def test_unknown_keys_name_file_and_path(tmp_path):
     path = write(tmp_path, 'normalise = true\n[[models]]\npath = "a"\nwieght = 2\n')
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
-    text = str(info.value)
-    assert f"{path}: normalise: unknown key" in text
-    assert f"{path}: models.0.wieght: unknown key" in text
+    assert f"{path}: normalise: unknown key" in str(info.value)
+    # a model's keys are checked against the common ones and its method's, once the method is known
+    path = write(tmp_path, '[[models]]\npath = "a"\nwieght = 2\n')
+    with pytest.raises(RecipeError) as info:
+        method_of(load_recipe(path))
+    assert f"{path}: models.0.wieght: unknown key; did you mean 'weight'?" in str(info.value)
+
+
+def test_a_method_declares_its_own_keys(tmp_path):
+    text = 'method = "regmean"\n[regmean]\nreduce_non_diagonal_ration = 0.5\n[[models]]\npath = "a"\n'
+    with pytest.raises(RecipeError, match="regmean.reduce_non_diagonal_ration: unknown key; did you mean "
+                                          "'reduce_non_diagonal_ratio'"):
+        method_of(load_recipe(write(tmp_path, text)))
+    with pytest.raises(RecipeError, match="regmean.sequential: expected true or false"):
+        method_of(load_recipe(write(tmp_path, 'method = "regmean"\n[regmean]\nsequential = "yes"\n'
+                                              '[[models]]\npath = "a"\n')))
+    with pytest.raises(RecipeError, match="pus: unknown key; did you mean 'push'"):
+        method_of(load_recipe(write(tmp_path, '[pus]\nrepo_id = "x/y"\n[[models]]\npath = "a"\n')))
+    recipe = load_recipe(write(tmp_path, 'method = "regmean"\n[regmean]\nstats_dir = "s"\n[[models]]\npath = "a"\n'))
+    assert method_of(recipe).name == "regmean" and recipe.settings.stats_dir == str(tmp_path / "s")
+
+
+def test_a_string_weight_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"models\.0\.weight: Input should be a valid number"):
+        load_recipe(write(tmp_path, '[[models]]\npath = "a"\nweight = "0.3"\n'))
 
 
 def test_bad_weight_type(tmp_path):
@@ -57,8 +80,9 @@ def test_non_finite_weight(tmp_path, weight):
 def test_zero_sum_weights_with_normalize(tmp_path):
     text = '[[models]]\npath = "a"\nweight = 1\n[[models]]\npath = "b"\nweight = -1\n'
     with pytest.raises(RecipeError, match="weights sum to 0"):
-        load_recipe(write(tmp_path, text))
-    assert load_recipe(write(tmp_path, "normalize = false\n" + text)).weights == [1.0, -1.0]
+        method_of(load_recipe(write(tmp_path, text)))
+    recipe = load_recipe(write(tmp_path, "normalize = false\n" + text))
+    assert method_of(recipe).weights(recipe) == [1.0, -1.0]
 
 
 def test_duplicate_names_and_bad_regex(tmp_path):
@@ -82,11 +106,11 @@ def test_invalid_toml(tmp_path):
 
 def test_set_overrides(tmp_path):
     path = write(tmp_path, '[[models]]\npath = "a"\n[[models]]\npath = "b"\n')
-    recipe = load_recipe(path, overrides=["normalize=false", "models.1.weight=0.7", "dtype=bfloat16",
+    recipe = load_recipe(path, overrides=["normalize=false", "models.1.weight=0.7", "dtype=bfloat16", "method=regmean",
                                           "regmean.reduce_non_diagonal_ratio=0.9", 'exclude=["x.*"]'])
-    assert recipe.weights == [1.0, 0.7]
+    assert method_of(recipe).weights(recipe) == [1.0, 0.7]
     assert recipe.dtype == "bfloat16" and recipe.exclude == ["x.*"]
-    assert recipe.regmean.reduce_non_diagonal_ratio == 0.9
+    assert recipe.settings.reduce_non_diagonal_ratio == 0.9
     with pytest.raises(RecipeError, match="no list item '5'"):
         load_recipe(path, overrides=["models.5.weight=1"])
     with pytest.raises(RecipeError, match="dtype: Input should be"):
@@ -107,7 +131,7 @@ def test_dump_roundtrips(tmp_path):
     reloaded = load_recipe(again)
     assert reloaded.model_dump() == recipe.model_dump()
     assert tomllib.loads(dump_recipe(recipe))["exclude"] == ["a\\..*"]
-    assert math.isclose(sum(reloaded.weights), 1.0)
+    assert math.isclose(sum(reloaded.weights(normalize=True)), 1.0)
 
 
 def test_readme_recipe_is_valid(tmp_path):
@@ -115,11 +139,12 @@ def test_readme_recipe_is_valid(tmp_path):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     recipe = load_recipe(write(tmp_path, block.replace('method = "average"', 'method = "regmean"')))
+    method_of(recipe)
     assert recipe.models[0].path == "org/llama-math" and recipe.base.path == "meta-llama/Llama-2-7b-hf"
-    assert recipe.push.repo_id == "me/llama-avg" and recipe.regmean.reduce_non_diagonal_ratio == 0.6
+    assert recipe.push.repo_id == "me/llama-avg" and recipe.settings.reduce_non_diagonal_ratio == 0.6
     lines = block.splitlines()
     documented = {line.split("=")[0].strip() for line in lines if "=" in line and not line.startswith("[")}
     documented |= {line.split("]")[0].strip("[") for line in lines if line.startswith("[")}  # tables
-    schema = set(type(recipe).model_fields) | {f for m in (recipe.models[0], recipe.regmean, recipe.push)
+    schema = set(type(recipe).model_fields) | {f for m in (recipe.models[0], recipe.settings, recipe.push)
                                                  for f in type(m).model_fields}
     assert schema - documented == set(), "recipe keys missing from the README"

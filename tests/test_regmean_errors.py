@@ -92,8 +92,10 @@ def test_model_with_no_linear_layers(tmp_path, clip_models):
 
 def test_unknown_model_name_and_device(tmp_path, llama_models, text_data):
     recipe = write_recipe(tmp_path / "r.toml", list(zip(llama_models, text_data)), settings=SETTINGS)
-    result = run(recipe, "--model", "nope")
-    assert result.exit_code == 2 and "--model nope: no such model" in result.output
+    result = run(recipe, "--only", "nope")
+    assert result.exit_code == 2 and "--only nope: no such model" in result.output
+    result = run(recipe, "--model", "nope")  # its name before 0.3
+    assert result.exit_code == 2 and "--model is now --only" in result.output
     result = run(recipe, "--device", "tpu")
     assert result.exit_code == 2 and "expected cpu or cuda" in result.output
     if not torch.cuda.is_available():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergecli.methods.regmean import RegMeanAccumulator, reduce_non_diagonal
+from mergecli.methods.regmean.math import RegMeanAccumulator, reduce_non_diagonal
 
 
 def merge(xs: list[torch.Tensor], ws: list[torch.Tensor], model_weights: list[float], ratio: float,

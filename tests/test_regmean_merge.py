@@ -16,8 +16,8 @@ from clirunner import cli
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.merge.plan import plan_merge
 from mergecli.merge.run import run_merge
+from mergecli.methods.regmean import solve
 from mergecli.recipe import load_recipe
-from mergecli.regmean import solve
 from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
 from regmean_fixtures import (
     first_examples,

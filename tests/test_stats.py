@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from clirunner import cli
 from mergecli.io.checkpoint import open_checkpoint
-from mergecli.regmean import grams
-from mergecli.regmean.grams import GramCollector
+from mergecli.stats import grams
+from mergecli.stats.grams import GramCollector
 from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
 from regmean_fixtures import (
     first_examples,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def require_command(recipe: Recipe, command: str) -> None:
     """Refuse a recipe whose method another command runs, naming that command."""
-    from mergecli.methods.base import method_of
+    from mergecli.methods.registry import method_of
 
     method = method_of(recipe)
     if method.command != command:
@@ -53,8 +53,8 @@ def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bo
 
 def merge_and_report(plan: MergePlan) -> None:
     """Run a planned merge with progress, then print the summary and how to load the result."""
+    from mergecli.merge.card import loader_class
     from mergecli.merge.run import run_merge
-    from mergecli.publish.card import loader_class
 
     tensors = len(plan.tasks)
     with progress("merging", total=plan.bytes_read, what=plural(tensors, "tensor")) as update:

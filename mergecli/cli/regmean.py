@@ -3,6 +3,7 @@ merge` (the merge itself, planned and run like every method's)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +24,6 @@ from mergecli.cli._options import (
     SetOpt,
 )
 from mergecli.cli._render import human_bytes, progress
-from mergecli.errors import OutputInPlace
 
 regmean_app = typer.Typer(
     name="regmean",
@@ -35,8 +35,9 @@ regmean_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NAME",
-                                                    help="Only this model of the recipe (repeat).")]
+OnlyOpt = Annotated[list[str] | None, typer.Option("--only", metavar="NAME",
+                                                   help="Only this model of the recipe, by name (repeat).")]
+OldModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", hidden=True)]  # before 0.3: --only
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="cpu|cuda", help="Where to run the models.")]
 
 
@@ -45,17 +46,41 @@ def with_budget(overrides: list[str] | None, memory_budget: str | None) -> list[
     return [*(overrides or []), *([f'regmean.memory_budget="{memory_budget}"'] if memory_budget else [])]
 
 
+class _Reporter:
+    """collect-stats' lines: a progress bar per model, its summary, and its warnings."""
+
+    def skipped(self, job) -> None:
+        info(f"{job.name}: statistics up to date in {job.directory} (--force recomputes)")
+
+    @contextmanager
+    def collecting(self, job):
+        for message in job.warnings:
+            warn(message)
+        self.warned = len(job.warnings)
+        with progress(job.name, total=0, unit="blocks") as update:
+            yield lambda count, total: update(count, "", total)
+
+    def collected(self, stats) -> None:
+        spilled = f", {human_bytes(stats.spilled)} of hidden states spilled to disk" if stats.spilled else ""
+        say(f"{stats.name}: {plural(stats.examples, 'example')}, {plural(stats.tokens, 'token')}, "
+            f"{plural(stats.layers, 'linear layer')} in {plural(stats.grams, 'Gram matrix', 'Gram matrices')} "
+            f"({human_bytes(stats.bytes)}) → {stats.directory} ({stats.seconds:.1f} s{spilled})")
+        for message in stats.warnings[self.warned:]:
+            warn(message)
+
+
 @regmean_app.command("collect-stats")
 @report_errors
 def collect_stats(
     recipe: RecipeArg,
-    model: ModelOpt = None,
+    only: OnlyOpt = None,
     device: DeviceOpt = "cpu",
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute statistics that are up to date.")] = False,
     memory_budget: MemoryBudgetOpt = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
+    model: OldModelOpt = None,
 ) -> None:
     """Run each model's calibration data through it and save the Gram matrices of its linear layers.
 
@@ -63,51 +88,29 @@ def collect_stats(
 
     \b
       mergecli regmean collect-stats recipes/regmean-llama.toml
-      mergecli regmean collect-stats recipe.toml --model math --device cuda --force
+      mergecli regmean collect-stats recipe.toml --only math --device cuda --force
       mergecli regmean collect-stats recipe.toml --memory-budget 4GB
       torchrun --nproc-per-node 2 -m mergecli regmean collect-stats recipe.toml
     """
     from mergecli.recipe import load_recipe
 
+    if model:
+        warn("--model is now --only on collect-stats (on the merge commands, -m/--model is a model to merge)")
     spec = load_recipe(recipe, overrides=with_budget(set_, memory_budget))
     require_command(spec, "regmean merge")
-    import_torch()
-    from mergecli.regmean.collect import StatsSession, plan_stats
-
-    if spec.regmean.sequential:
+    if spec.settings.sequential:
         info("nothing to do: this recipe sets regmean.sequential = true (RegMean++), whose statistics are "
              "collected during `mergecli regmean merge`, block by block; collect-stats is not needed")
         result({"models": [], "sequential": True}, lambda: None)
         return
-    done: list[dict] = []
-    with StatsSession(device) as session:
-        if session.rank != 0:
-            set_mode(quiet=True)
-        for job in plan_stats(spec, models=model or [], force=force):
-            if job.up_to_date:
-                info(f"{job.name}: statistics up to date in {job.directory} (--force recomputes)")
-                done.append({"name": job.name, "directory": str(job.directory), "up_to_date": True})
-                continue
-            for message in job.warnings:
-                warn(message)
-            with progress(job.name, total=0, unit="blocks") as update:
-                try:
-                    stats = session.collect(job, on_progress=lambda count, total: update(count, "", total))
-                except OutputInPlace as finished:  # that model's statistics are complete, not the command
-                    raise KeyboardInterrupt from finished
-            spilled = (f", {human_bytes(stats.spilled)} of hidden states spilled to disk"
-                       if stats.spilled else "")
-            say(f"{stats.name}: {plural(stats.examples, 'example')}, {plural(stats.tokens, 'token')}, "
-                 f"{plural(stats.layers, 'linear layer')} in {plural(stats.grams, 'Gram matrix', 'Gram matrices')} "
-                 f"({human_bytes(stats.bytes)}) → {stats.directory} ({stats.seconds:.1f} s{spilled})")
-            for message in stats.warnings[len(job.warnings):]:
-                warn(message)
-            done.append({"name": stats.name, "directory": str(stats.directory), "up_to_date": False,
-                         "examples": stats.examples, "tokens": stats.tokens, "layers": stats.layers,
-                         "grams": stats.grams, "bytes": stats.bytes, "seconds": round(stats.seconds, 3),
-                         "spilled": stats.spilled, "warnings": stats.warnings})
-    if session.rank == 0:
-        result({"models": done}, lambda: None)
+    import_torch()
+    from mergecli.stats.collect import collect_all, process_rank
+
+    if process_rank()[0] != 0:  # under torchrun, rank 0 speaks for every process
+        set_mode(quiet=True)
+    done = collect_all(spec.models, spec.settings, only=[*(only or []), *(model or [])], force=force, device=device,
+                       reporter=_Reporter())
+    result({"models": done}, lambda: None)
 
 
 @regmean_app.command("merge")
@@ -161,7 +164,7 @@ def combine_stats(
       mergecli regmean combine-stats stats/math shard-*/math --force
     """
     import_torch()
-    from mergecli.regmean.combine import combine_stats as combine
+    from mergecli.stats.combine import combine_stats as combine
 
     combined = combine(output, inputs, force=force)
     data = {"directory": str(combined.directory), "parts": combined.parts, "examples": combined.examples,

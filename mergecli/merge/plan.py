@@ -18,8 +18,9 @@ from mergecli.io.writer import ShardPlan, plan_shards
 from mergecli.merge.stream import peak_memory
 from mergecli.merge.support import SupportFiles, plan_support
 from mergecli.merge.tasks import default_tasks
-from mergecli.methods.base import Inputs, Method, Stage, TensorTask, method_of
-from mergecli.recipe import Recipe
+from mergecli.methods.base import Inputs, Method, Stage, TensorTask
+from mergecli.methods.registry import method_of
+from mergecli.recipe import Recipe, model_label
 
 
 @dataclass
@@ -177,7 +178,7 @@ def check_digests(recipe: Recipe, inputs: Inputs) -> None:
     """Refuse inputs that are not the checkpoints the recipe recorded (`digest`, written into every
     output's mergecli.toml)."""
     specs = ([("base", recipe.base, inputs.base)] if recipe.base else []) + [
-        (f"models.{i} ({spec.name})", spec, ckpt) for i, (spec, ckpt) in enumerate(zip(recipe.models, inputs.models))]
+        (model_label(i, spec), spec, ckpt) for i, (spec, ckpt) in enumerate(zip(recipe.models, inputs.models))]
     for label, spec, checkpoint in specs:
         if spec.digest and checkpoint.digest() != spec.digest:
             raise CheckpointError(checkpoint.source, f"{label}: its digest is {checkpoint.digest()[:19]}…, the recipe "
@@ -214,7 +215,12 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
         specs = [*([recipe.base] if recipe.base else []), *recipe.models]
         warnings += [f"{spec.path}: no such local path, so it was taken from the Hugging Face Hub"
                      for spec, checkpoint in zip(specs, inputs.all) if checkpoint.commit and "/" not in spec.path]
-        stages = method.stages(recipe, inputs, default_tasks(recipe, inputs, warnings, dropped), warnings)
+        ignored = [name for name in recipe.tables if name != recipe.method]
+        if ignored:
+            warnings.append(f"the recipe's {', '.join(f'[{name}]' for name in ignored)} "
+                            f"{'is' if len(ignored) == 1 else 'are'} not read: its method is {recipe.method}")
+        defaults = default_tasks(recipe, inputs, warnings, dropped, normalize=method.normalize(recipe))
+        stages = method.stages(recipe, inputs, defaults, warnings)
         check_output_path(target, input_paths(inputs), force=force)
         shards = plan_shards([task.out for task in inputs_order(stages, inputs)], recipe.shard_size)
         support = plan_support(recipe, inputs, warnings)

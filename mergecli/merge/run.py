@@ -81,7 +81,8 @@ def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -
     started = time.perf_counter()
     try:
         check_disk_space(plan)
-        recipe = resolved_recipe(plan.recipe, plan.inputs, plan.output)  # the digests: before any write
+        # the digests: before any write
+        recipe = resolved_recipe(plan.recipe, plan.inputs, plan.output, normalize=plan.method.normalize(plan.recipe))
         with atomic_directory(plan.output, force=plan.force, notes=plan.warnings) as directory:
             writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks})
             try:

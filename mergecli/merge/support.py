@@ -21,9 +21,9 @@ from typing import Any
 from mergecli.errors import CheckpointError
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import CARD_FILE, TOKENIZER_FILES, regular_file
+from mergecli.merge.card import render_card
 from mergecli.methods.base import Inputs, Method
-from mergecli.publish.card import render_card
-from mergecli.recipe import Recipe, dump_recipe
+from mergecli.recipe import Recipe, dump_recipe, path_keys
 
 PATH_KEYS = ("_name_or_path", "name_or_path")  # keys transformers fills with the directory it loaded
 
@@ -128,10 +128,11 @@ def scrub(value: Any) -> Any:
     return value
 
 
-def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path) -> Recipe:
+def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path, *, normalize: bool) -> Recipe:
     """The recipe as run, for mergecli.toml: hub revisions pinned to their commits; local inputs,
-    data and stats_dir relative to the output directory (no absolute path is published) and
-    identified by their digest; `output = "."`."""
+    data and the method's paths (stats_dir) relative to the output directory (no absolute path is
+    published) and identified by their digest; `output = "."`; `normalize` as the method applied it.
+    """
 
     def where(path: str) -> str:
         return os.path.relpath(path, output)
@@ -144,12 +145,16 @@ def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path) -> Recipe:
             update["data"] = where(spec.data)
         return spec.model_copy(update=update)
 
-    stats_dir = where(recipe.regmean.stats_dir)
-    update: dict[str, Any] = {"output": ".", "models": [pinned(s, c) for s, c in zip(recipe.models, inputs.models)],
-                              "regmean": recipe.regmean.model_copy(update={"stats_dir": stats_dir})}
+    update: dict[str, Any] = {"output": ".", "normalize": normalize,
+                              "models": [pinned(s, c) for s, c in zip(recipe.models, inputs.models)]}
     if recipe.base and inputs.base:
         update["base"] = pinned(recipe.base, inputs.base)
-    return recipe.model_copy(update=update)
+    resolved = recipe.model_copy(update=update)
+    settings = recipe.settings
+    if settings is not None:
+        settings = settings.model_copy(update={key: where(getattr(settings, key)) for key in path_keys(type(settings))})
+    resolved.bind(settings, [spec.settings for spec in recipe.models])
+    return resolved
 
 
 def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recipe, method: Method,

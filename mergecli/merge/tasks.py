@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
 
 import torch
 
@@ -14,11 +13,10 @@ from mergecli.io.buffers import ScratchBuffers
 from mergecli.io.safetensors import TensorInfo, TensorSpec
 from mergecli.methods import base
 from mergecli.methods.average import CHUNK_ELEMENTS, accumulation_dtype, weighted_sum
-from mergecli.methods.base import Inputs, TensorTask
+from mergecli.methods.base import Combine, Inputs, TensorTask, copy_first
 from mergecli.recipe import Recipe
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-Combine = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def output_dtype(recipe: Recipe, info: TensorInfo) -> torch.dtype:
@@ -26,11 +24,6 @@ def output_dtype(recipe: Recipe, info: TensorInfo) -> torch.dtype:
     if not info.dtype.is_floating_point or recipe.dtype == "auto":
         return info.dtype
     return OUTPUT_DTYPES[recipe.dtype]
-
-
-def copy_first(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """The combine of a tensor taken as it is from its only source."""
-    return blocks[0]
 
 
 def _integer_combine(name: str, warnings: list[str]) -> Combine:
@@ -47,13 +40,13 @@ def _integer_combine(name: str, warnings: list[str]) -> Combine:
     return combine
 
 
-def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: set[str] = frozenset()
-                  ) -> list[TensorTask]:
-    """One task per tensor of the reference (but the `dropped` ones): averaged, or copied from the
-    reference model."""
+def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: set[str] = frozenset(), *,
+                  normalize: bool = True) -> list[TensorTask]:
+    """One task per tensor of the reference (but the `dropped` ones): averaged (divided by the sum of
+    the weights when `normalize`), or copied from the reference model."""
     head = [re.compile(p) for p in recipe.head_patterns]
     exclude = [re.compile(p) for p in recipe.exclude]
-    weights, divisor = recipe.average_weights()
+    weights, divisor = recipe.average_weights(normalize=normalize)
     reference = inputs.reference
 
     per_thread = threading.local()  # one accumulator per streaming thread, reused

@@ -1,5 +1,7 @@
-"""Merge methods: the `Method` interface (with the `TensorTask`s it works on) and the registry of
-methods by name. A method is one file: a `Method` subclass, registered with `register`.
+"""Merge methods: the `Method` interface, the vocabulary methods work in (`TensorTask`, `Combine`,
+`Stage`, `Inputs`, `copy_first`), and `register`, which makes a method available to recipes. A
+method is one file (or one folder): a `Method` subclass that declares its settings, registered with
+`register`; registry.py finds the built-in ones by name.
 
 This module imports nothing heavy at run time, so that a recipe's method can be looked up, and a
 wrong one refused, before torch is loaded.
@@ -7,31 +9,32 @@ wrong one refused, before torch is loaded.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from mergecli.errors import RecipeError, UsageError
+from pydantic import BaseModel
+
+from mergecli.recipe import Recipe
 
 if TYPE_CHECKING:
     import torch
 
     from mergecli.io.checkpoint import Checkpoint
     from mergecli.io.safetensors import TensorSpec
-    from mergecli.recipe import Recipe
 
-    # (the input blocks, a buffer of the output dtype and the block's shape) → the merged block:
-    # that buffer, filled, or another tensor that the streaming loop copies (and casts) into it
-    Combine = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
+# (the input blocks, a buffer of the output dtype and the block's shape) → the merged block: that
+# buffer, filled, or another tensor that the streaming loop copies (and casts) into it
+Combine = Callable[[list["torch.Tensor"], "torch.Tensor"], "torch.Tensor"]
 
-# Methods that ship with mergecli, as module names, imported the first time one is asked for (the
-# module registers its method), like pytest's built-in plugins: the registry imports no method, and
-# looking up a method never loads the others.
-BUILTIN_METHODS = {"average": "mergecli.methods.average", "regmean": "mergecli.regmean.method"}
 BLOCK_ELEMENTS = 2**18  # elements per row block a task reads: bounds memory for any tensor size, and
 # keeps a block of three bf16 inputs and its merge (~2 MB) in a core's cache from read to write
-_methods: dict[str, Method] = {}
+registered: dict[str, Method] = {}  # by name: the built-in methods once asked for, and plugins
+
+
+def copy_first(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The combine of a tensor taken as it is from its only source."""
+    return blocks[0]
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,28 @@ class Method:
     The planner builds one default task per output tensor (averaged, or copied from the reference
     model: head, excluded and integer tensors) and hands them to `tasks`; `validate`, `--dry-run`,
     the summary and the model card describe the result with `title`, `kinds` and `describe`.
+
+    A method declares its recipe keys as pydantic models (strict: `recipe.StrictModel`): `settings`,
+    the table named after it (`[ties] density = 0.5`), and `model_settings`, the keys it adds to a
+    `[[models]]` entry (`density = 0.7`). `method_of` validates them; the method reads them back as
+    `recipe.settings` and `recipe.models[i].settings`.
     """
 
     name: ClassVar[str]  # `method = "..."` in a recipe
     title: ClassVar[str]  # what the card, the summary and a push's commit call it: "weighted average"
-    command: ClassVar[str] = "average"  # the `mergecli` command that runs it: "average" or "regmean merge"
-    table: ClassVar[str | None] = None  # the recipe table it reads ("regmean"), defined in recipe.py
+    command: ClassVar[str] = "merge"  # the `mergecli` command that runs it: "merge" or "regmean merge"
+    settings: ClassVar[type[BaseModel] | None] = None  # its table, `[<name>]`
+    model_settings: ClassVar[type[BaseModel] | None] = None  # the keys it adds to a [[models]] entry
+    normalize_default: ClassVar[bool] = True  # `normalize` when the recipe does not say
     kinds: ClassVar[dict[str, str]] = {}  # summary labels of the task kinds it adds
+
+    def normalize(self, recipe: Recipe) -> bool:
+        """Whether the models' weighted sum is divided by the sum of their weights."""
+        return recipe.normalize if recipe.normalize is not None else self.normalize_default
+
+    def weights(self, recipe: Recipe) -> list[float]:
+        """The models' weights as the card and the plan show them."""
+        return recipe.weights(normalize=self.normalize(recipe))
 
     def check(self, recipe: Recipe) -> None:
         """Refuse (UsageError) what the recipe's schema allows but this method cannot run, before any
@@ -129,36 +147,5 @@ def register(method: Method) -> Method:
     """Make `method` available to recipes (`method = "<its name>"`); returns it."""
     if not getattr(method, "name", "") or not getattr(method, "title", ""):
         raise ValueError("a Method needs a name and a title")
-    _methods[method.name] = method
+    registered[method.name] = method
     return method
-
-
-def method_names() -> list[str]:
-    """Every method a recipe may name."""
-    return sorted({*BUILTIN_METHODS, *_methods})
-
-
-def get_method(name: str) -> Method:
-    """The registered method called `name`.
-
-    Raises:
-        UsageError: no method has that name.
-    """
-    if name not in _methods and name in BUILTIN_METHODS:
-        importlib.import_module(BUILTIN_METHODS[name])
-    if name not in _methods:
-        raise UsageError(f"unknown method {name!r}", hint=f"methods: {', '.join(method_names())}")
-    return _methods[name]
-
-
-def method_of(recipe: Recipe) -> Method:
-    """The method a recipe names; an unknown one is a recipe error naming the recipe file.
-
-    Raises:
-        RecipeError: no method has that name.
-    """
-    try:
-        return get_method(recipe.method)
-    except UsageError:
-        raise RecipeError(recipe.source, [f"method: unknown method {recipe.method!r}; methods: "
-                                          f"{', '.join(method_names())}"]) from None

@@ -15,7 +15,7 @@ from mergecli.io.files import SAFETENSORS_INDEX, parse_index
 from mergecli.io.hub import looks_like_repo_id
 from mergecli.io.hub_errors import LOGIN_HINT, hub_errors
 from mergecli.io.safetensors import read_header
-from mergecli.methods.base import get_method
+from mergecli.methods.registry import get_method
 from mergecli.recipe import Recipe, load_recipe
 
 # Weights an earlier push may have left on the branch: a new merge with other shard boundaries must

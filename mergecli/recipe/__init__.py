@@ -2,19 +2,32 @@
 recipe written into every output (dump.py)."""
 
 from mergecli.recipe.dump import dump_recipe
-from mergecli.recipe.load import apply_overrides, load_recipe, recipe_from_data, resolve_local
+from mergecli.recipe.load import (
+    apply_overrides,
+    format_key,
+    load_recipe,
+    recipe_from_data,
+    resolve_local,
+    unknown_key,
+    validation_problems,
+)
 from mergecli.recipe.schema import (
     HEAD_PATTERNS,
-    METHOD_TABLES,
+    WEIGHT_SUFFIXES,
     BaseSpec,
+    Flag,
     ModelSpec,
     PushSettings,
     Recipe,
-    RegMeanSettings,
+    RecipePath,
+    StrictModel,
+    model_label,
     parse_size,
+    path_keys,
     scaled_weights,
 )
 
-__all__ = ["HEAD_PATTERNS", "METHOD_TABLES", "BaseSpec", "ModelSpec", "PushSettings", "Recipe", "RegMeanSettings",
-           "apply_overrides", "dump_recipe", "load_recipe", "parse_size", "recipe_from_data", "resolve_local",
-           "scaled_weights"]
+__all__ = ["HEAD_PATTERNS", "WEIGHT_SUFFIXES", "BaseSpec", "Flag", "ModelSpec", "PushSettings", "Recipe",
+           "RecipePath", "StrictModel", "apply_overrides", "dump_recipe", "format_key", "load_recipe",
+           "model_label", "parse_size", "path_keys", "recipe_from_data", "resolve_local", "scaled_weights",
+           "unknown_key", "validation_problems"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergecli.recipe.schema import METHOD_TABLES, Recipe
+from mergecli.recipe.schema import Recipe
 
 
 def _toml_value(value: Any) -> str:
@@ -22,11 +22,15 @@ def _toml_value(value: Any) -> str:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as TOML, every default filled in, so that it reproduces the merge."""
+    """The recipe as TOML, every default filled in, so that it reproduces the merge: the method's own
+    table and model keys as the method validated them (tables of other methods are left out)."""
     data = recipe.model_dump(exclude_none=True)
-    for table in METHOD_TABLES:
-        if table != recipe.method:
-            data.pop(table)  # meaningless for other methods: keep the resolved recipe readable
+    settings = recipe.settings
+    table = settings.model_dump(exclude_none=True) if settings is not None else recipe.tables.get(recipe.method)
+    if table:
+        data[recipe.method] = table
+    for entry, spec in zip(data["models"], recipe.models):
+        entry.update(spec.settings.model_dump(exclude_none=True) if spec.settings is not None else spec.options)
     lines = []
     tables = []
     for key, value in data.items():

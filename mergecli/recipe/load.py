@@ -1,8 +1,9 @@
 """Loading recipes: the only code that reads recipe TOML. `--set` overrides are applied, relative paths
 made absolute against the recipe's directory, and validation errors become one line per problem.
 
-Relative paths in a recipe (models, base, data, output, stats_dir) are relative to the recipe
-file's directory, so a recipe means the same thing whatever directory CI runs it from.
+Relative paths in a recipe (models, base, data, output, and a method's `RecipePath` keys such as
+stats_dir) are relative to the recipe file's directory, so a recipe means the same thing whatever
+directory CI runs it from.
 """
 
 from __future__ import annotations
@@ -17,14 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from mergecli.errors import RecipeError
-from mergecli.recipe.schema import (
-    WEIGHT_SUFFIXES,
-    BaseSpec,
-    ModelSpec,
-    PushSettings,
-    Recipe,
-    RegMeanSettings,
-)
+from mergecli.recipe.schema import WEIGHT_SUFFIXES, BaseSpec, ModelSpec, PushSettings, Recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,33 +27,46 @@ else:  # pragma: no cover
 
 # A key path (list items as `int`) → the model of that table, for "did you mean".
 TABLES: dict[tuple, type[BaseModel]] = {(): Recipe, ("base",): BaseSpec, ("models", int): ModelSpec,
-                                        ("regmean",): RegMeanSettings, ("push",): PushSettings}
+                                        ("push",): PushSettings}
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
+def format_key(loc: tuple[Any, ...]) -> str:
+    """`models.1.weight`: a key's path in the recipe."""
     return ".".join(str(part) for part in loc) or "(recipe)"
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys the recipe allows in the table at `loc`."""
+    """The keys the recipe's common schema allows in the table at `loc`."""
     shape = tuple(int if isinstance(part, int) else part for part in loc)
     model = TABLES.get(shape)
     return list(model.model_fields) if model else []
 
 
-def _validation_problems(error: ValidationError) -> list[str]:
+def unknown_key(key: str, known: list[str]) -> str:
+    """The message for a key that no table declares: a close match, else where the keys are listed."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown key; did you mean {close[0]!r}?" if close else \
+        "unknown key (check the spelling; see the README for the recipe keys)"
+
+
+def validation_problems(error: ValidationError, *, prefix: tuple[Any, ...] = (),
+                        known: list[str] | None = None) -> list[str]:
+    """One line per problem of a validation `error`: `models.1.weight: Input should be a valid number`.
+
+    Args:
+        prefix: where the validated table sits in the recipe (`("ties",)`), for the key paths.
+        known: the table's keys, for "did you mean" (default: the common schema's at that path).
+    """
     problems = []
     for item in error.errors():
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1, cutoff=0.6)
-            message = f"unknown key; did you mean {close[0]!r}?" if close else \
-                "unknown key (check the spelling; see the README for the recipe keys)"
+            message = unknown_key(str(loc[-1]), known if known is not None else _known_keys(loc[:-1]))
         elif item["type"] == "bool_type":
             message = "expected true or false"
         message = message.removeprefix("Value error, ")
-        problems.append(f"{_format_loc(loc)}: {message}")
+        problems.append(f"{format_key(prefix + loc)}: {message}")
     return problems
 
 
@@ -130,13 +137,6 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             entry["data"] = os.path.abspath(base_dir / Path(entry["data"]).expanduser())
     if isinstance(data.get("output"), str):
         data["output"] = os.path.abspath(base_dir / Path(data["output"]).expanduser())
-    regmean = data.get("regmean")
-    if isinstance(regmean, dict) and isinstance(regmean.get("stats_dir"), str):
-        regmean["stats_dir"] = os.path.abspath(base_dir / Path(regmean["stats_dir"]).expanduser())
-    elif isinstance(data.get("models"), list):
-        data.setdefault("regmean", {})
-        if isinstance(data["regmean"], dict):
-            data["regmean"]["stats_dir"] = os.path.abspath(base_dir / "stats")
     return data
 
 
@@ -148,8 +148,9 @@ def recipe_from_data(data: dict[str, Any], *, source: str, base_dir: Path,
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(source, _validation_problems(exc)) from None
+        raise RecipeError(source, validation_problems(exc)) from None
     recipe._source = source
+    recipe._base_dir = base_dir
     return recipe
 
 

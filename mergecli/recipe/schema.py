@@ -1,19 +1,28 @@
 """The recipe schema: strict, frozen pydantic models of the TOML keys (unknown keys are errors,
 booleans are true or false), with the models' default names and the weights' arithmetic.
+
+The keys every recipe shares are declared here. A method's own settings (the table named after it,
+`[regmean]`, `[ties]`, and the keys it adds to a `[[models]]` entry, such as `density`) are declared
+by the method (methods/base.py `Method.settings`): here they are kept as written, and the method
+validates them when the recipe is bound to it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
     Strict,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -24,9 +33,8 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 Flag = Annotated[bool, Strict()]  # true or false only: "no" or 0 is not a boolean
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # files that hold weights (io/files.py too)
 HEAD_PATTERNS = [r"lm_head\..*", r"score\..*", r"classifier\..*"]  # `head`'s default
-METHOD_TABLES = ("regmean",)  # tables that only the method of the same name reads
 
 
 def parse_size(value: int | str) -> int:
@@ -67,14 +75,43 @@ def _default_name(path: str, depth: int = 1) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-") or "model"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A recipe table: unknown keys are errors, and it is frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _RelativePath:
+    """Marks a recipe key that holds a path relative to the recipe file (see `RecipePath`)."""
+
+
+RELATIVE_PATH = _RelativePath()
+
+
+def _from_recipe_directory(path: str, info: ValidationInfo) -> str:
+    base_dir = (info.context or {}).get("base_dir")
+    return os.path.abspath(Path(base_dir) / Path(path).expanduser()) if base_dir is not None else path
+
+
+# A path in a method's table (`stats_dir`): relative to the recipe's directory, made absolute when the
+# method validates its table (the context gives `base_dir`), relative to the output in mergecli.toml.
+RecipePath = Annotated[str, AfterValidator(_from_recipe_directory), RELATIVE_PATH]
+
+
+def path_keys(model: type[BaseModel]) -> list[str]:
+    """The keys of a table that are `RecipePath`s."""
+    return [name for name, field in model.model_fields.items() if RELATIVE_PATH in field.metadata]
+
+
+def model_label(index: int, spec: ModelSpec) -> str:
+    """How messages name a model of the recipe: `models.1 (math)`."""
+    return f"models.{index} ({spec.name})"
 
 
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
 
 
-class BaseSpec(_Strict):
+class BaseSpec(StrictModel):
     """The pretrained model: source of head / excluded / integer tensors; never averaged."""
 
     path: str = Field(min_length=1)
@@ -82,15 +119,39 @@ class BaseSpec(_Strict):
     digest: Digest | None = None  # a local checkpoint's identity, recorded in an output's mergecli.toml
 
 
-class ModelSpec(_Strict):
-    """One model to merge."""
+class ModelSpec(StrictModel):
+    """One model to merge. Keys that the recipe's method adds per model (`density`) are kept as written
+    in `options`, and validated by the method."""
 
     path: str = Field(min_length=1)
     revision: str | None = None
     digest: Digest | None = None
     name: str = ""
-    weight: float = Field(default=1.0, allow_inf_nan=False)
+    weight: Annotated[float, Strict()] = Field(default=1.0, allow_inf_nan=False)  # 0.3, never "0.3"
     data: str | None = None
+    _options: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _settings: BaseModel | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_method_keys(cls, data: Any, handler: Any) -> ModelSpec:
+        options = {}
+        if isinstance(data, dict):
+            options = {k: v for k, v in data.items() if k not in cls.model_fields}
+            data = {k: v for k, v in data.items() if k not in options}
+        spec = handler(data)
+        spec._options = options
+        return spec
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keys of this entry that the recipe's method declares, as written."""
+        return self._options
+
+    @property
+    def settings(self) -> Any:
+        """This model's own settings, as the recipe's method validated them (None if it declares none)."""
+        return self._settings
 
     @field_validator("name")
     @classmethod
@@ -100,30 +161,14 @@ class ModelSpec(_Strict):
         return name
 
 
-class RegMeanSettings(_Strict):
-    stats_dir: str = "stats"
-    num_examples: int = Field(default=256, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    max_length: int = Field(default=512, gt=0)
-    text_field: str = "text"
-    reduce_non_diagonal_ratio: float = Field(default=0.6, ge=0.0, le=1.0)
-    sequential: Flag = False  # RegMean++: block l's Grams from inputs through the merged blocks 0..l-1
-    memory_budget: int = 2 * 10**9  # hidden states kept in RAM between blocks; beyond, spilled to disk
-
-    @field_validator("memory_budget", mode="before")
-    @classmethod
-    def _parse_budget(cls, value: Any) -> int:
-        return parse_size(value)
-
-
-class PushSettings(_Strict):
+class PushSettings(StrictModel):
     repo_id: str | None = None
     private: Flag = False
     revision: str | None = None
     message: str | None = None
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """A merge recipe, as in the spec's TOML schema."""
 
     method: str = Field(default="average", min_length=1)  # a registered method (methods/base.py)
@@ -131,22 +176,58 @@ class Recipe(_Strict):
     dtype: Dtype = "auto"
     shard_size: int = 5 * 10**9
     copy_tokenizer: Flag = True
-    normalize: Flag = True
+    normalize: Flag | None = None  # divide by the sum of the weights; unset: the method's default
     backbone_only: Flag = False
     allow_non_finite: Flag = False  # true: NaN / inf in an input or the result is a warning, not an error
     head: list[str] | None = None
     exclude: list[str] = []
     base: BaseSpec | None = None
     models: list[ModelSpec] = Field(min_length=1)
-    regmean: RegMeanSettings = RegMeanSettings()
     push_to_hub: Flag = False
     push: PushSettings | None = None
     _source: str = PrivateAttr(default="recipe")
+    _base_dir: Path | None = PrivateAttr(default=None)
+    _tables: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _settings: BaseModel | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_method_tables(cls, data: Any, handler: Any) -> Recipe:
+        tables = {}
+        if isinstance(data, dict):
+            tables = {k: v for k, v in data.items() if k not in cls.model_fields and isinstance(v, dict)}
+            data = {k: v for k, v in data.items() if k not in tables}
+        recipe = handler(data)
+        recipe._tables = tables
+        return recipe
 
     @property
     def source(self) -> str:
         """Where the recipe came from (its file, or "command line"): what errors about it name."""
         return self._source
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The directory its relative paths are relative to (the recipe file's)."""
+        return self._base_dir
+
+    @property
+    def tables(self) -> dict[str, Any]:
+        """The tables that are not common keys, as written: the method's own (`[ties]`), or others."""
+        return self._tables
+
+    @property
+    def settings(self) -> Any:
+        """The method's own table, as the method validated it: None until the recipe is bound to its
+        method (`methods.base.method_of`), or if the method declares none."""
+        return self._settings
+
+    def bind(self, settings: BaseModel | None, model_settings: list[BaseModel | None]) -> None:
+        """Keep the method's validated settings (its table, and each model's keys): derived data,
+        set once by `methods.base.method_of`."""
+        self._settings = settings
+        for spec, options in zip(self.models, model_settings):
+            spec._settings = options
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -170,8 +251,6 @@ class Recipe(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; set `name` for: {', '.join(duplicates)}")
-        if self.normalize and math.fsum(scaled_weights(self.models)[0]) == 0.0:
-            raise ValueError("weights sum to 0, so they cannot be normalized (set normalize = false?)")
         if self.push_to_hub and not (self.push and self.push.repo_id):
             raise ValueError("push_to_hub = true needs [push] repo_id")
         return self
@@ -181,18 +260,17 @@ class Recipe(_Strict):
         """The regexes of head tensors for `backbone_only` (the `head` key, else HEAD_PATTERNS)."""
         return self.head if self.head is not None else HEAD_PATTERNS
 
-    @property
-    def weights(self) -> list[float]:
-        """The models' weights, normalized to sum 1 when `normalize` (what the card shows)."""
-        scaled, divisor = self.average_weights()
+    def weights(self, *, normalize: bool) -> list[float]:
+        """The models' weights, divided by their sum when `normalize` (what the card shows)."""
+        scaled, divisor = self.average_weights(normalize=normalize)
         return [w / divisor for w in scaled]
 
-    def average_weights(self) -> tuple[list[float], float]:
+    def average_weights(self, *, normalize: bool) -> tuple[list[float], float]:
         """The weights scaled by a power of two (exactly: huge or tiny weights neither overflow nor
         underflow), and what the weighted sum is divided by, once, at the end: their total with
         `normalize`, else the power of two that undoes the scaling."""
         scaled, scale = scaled_weights(self.models)
-        return scaled, (math.fsum(scaled) if self.normalize else scale)
+        return scaled, (math.fsum(scaled) if normalize else scale)
 
 
 def _fill_names(models: list[ModelSpec]) -> None:

@@ -24,19 +24,26 @@ class LinearLayer:
     in_features: int
 
 
-def _checkpoint_name(module: str, shape: tuple[int, ...], tensors: dict[str, TensorInfo],
-                     prefixes: list[str]) -> str | None:
-    """The checkpoint tensor holding `module`'s weight; the loaded class may add or drop a prefix
-    (`bert.`, `model.`) relative to the class the checkpoint was saved from."""
-    parts = module.split(".")
-    candidates = [f"{module}.weight"]
-    candidates += [".".join(parts[k:]) + ".weight" for k in range(1, len(parts))]
-    candidates += [f"{prefix}.{module}.weight" for prefix in prefixes]
+def stored_name(name: str, shape: tuple[int, ...], tensors: dict[str, TensorInfo], prefixes: list[str]) -> str | None:
+    """The checkpoint tensor stored for the model's parameter or buffer `name`: the loaded class may
+    add or drop a prefix (`bert.`, `model.`) relative to the class the checkpoint was saved from.
+
+    Args:
+        prefixes: the first components of the checkpoint's tensor names (`checkpoint_prefixes`).
+    """
+    parts = name.split(".")
+    candidates = [name, *(".".join(parts[k:]) for k in range(1, len(parts))),
+                  *(f"{prefix}.{name}" for prefix in prefixes)]
     for candidate in candidates:
         info = tensors.get(candidate)
-        if info is not None and info.shape == shape:
+        if info is not None and tuple(info.shape) == tuple(shape):
             return candidate
     return None
+
+
+def checkpoint_prefixes(tensors: dict[str, TensorInfo]) -> list[str]:
+    """The first components of a checkpoint's tensor names (`model`, `bert`, ...)."""
+    return sorted({name.split(".", 1)[0] for name in tensors if "." in name})
 
 
 def find_linear_layers(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -> tuple[list[LinearLayer],
@@ -50,7 +57,7 @@ def find_linear_layers(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -
     """
     from transformers.pytorch_utils import Conv1D
 
-    prefixes = sorted({name.split(".", 1)[0] for name in tensors if "." in name})
+    prefixes = checkpoint_prefixes(tensors)
     try:
         tied = getattr(model.get_input_embeddings(), "weight", None)
     except (AttributeError, NotImplementedError):  # a model without token embeddings
@@ -66,7 +73,7 @@ def find_linear_layers(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -
         else:
             continue
         shape = tuple(module.weight.shape)
-        weight = _checkpoint_name(name, shape, tensors, prefixes)
+        weight = stored_name(f"{name}.weight", shape, tensors, prefixes)
         if weight is None or weight in used:
             if module.weight is not tied:
                 unmatched.append(name)

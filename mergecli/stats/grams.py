@@ -16,11 +16,20 @@ from typing import Any, Protocol
 import torch
 
 from mergecli.errors import StatsError
-from mergecli.regmean.layers import LinearLayer
+from mergecli.stats.layers import LinearLayer
 
 GRAM_DTYPE = torch.float64
+# A Gram diagonal at or below this fraction of the largest one counts as a feature that never fired.
+DEAD_FEATURE_TOLERANCE = 1e-12
 GRAM_BLOCK = 256  # rows per block row of a sum on CPU (measured best there)
 GRAM_BLOCK_CUDA = 2048  # on a GPU, larger products beat more of them
+
+
+def never_fired(diagonal: torch.Tensor) -> torch.Tensor:
+    """Indices of the (numerically) zero entries of a Gram's diagonal `(d_in,)`: input features that
+    no calibration token activated."""
+    largest = float(diagonal.abs().max()) if diagonal.numel() else 0.0
+    return torch.nonzero(diagonal.abs() <= DEAD_FEATURE_TOLERANCE * largest).flatten()
 
 
 def packed_size(d: int) -> int:

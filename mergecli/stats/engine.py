@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from mergecli.errors import StatsError
-from mergecli.regmean.calibration import Batch
-from mergecli.regmean.grams import GramCollector
-from mergecli.regmean.hidden import HiddenStates, MemoryBudget
-from mergecli.regmean.skeleton import Skeleton, first_line
+from mergecli.stats.calibration import Batch
+from mergecli.stats.grams import GramCollector
+from mergecli.stats.hidden import HiddenStates, MemoryBudget
+from mergecli.stats.skeleton import Skeleton, first_line
 
 Forward = Callable[..., Any]  # the model's forward (or e.g. CLIP's get_image_features)
 

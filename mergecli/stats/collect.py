@@ -16,24 +16,26 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from mergecli.errors import StatsError, UsageError
+from mergecli.errors import OutputInPlace, StatsError, UsageError
 from mergecli.io.atomic import atomic_directory
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.memory import give_back_memory
-from mergecli.recipe import ModelSpec, Recipe, RegMeanSettings
-from mergecli.regmean.calibration import Batch, CalibrationData, model_batches, read_examples
-from mergecli.regmean.engine import Forward, advance, run_block, run_prefix, run_tail
-from mergecli.regmean.grams import GramCollector
-from mergecli.regmean.hidden import MemoryBudget
-from mergecli.regmean.layers import LinearLayer, find_linear_layers
-from mergecli.regmean.skeleton import Skeleton, build_skeleton
-from mergecli.regmean.store import StatsFiles, statistics_directory, stats_meta, stats_problem
+from mergecli.recipe import ModelSpec, model_label
+from mergecli.stats.calibration import Batch, CalibrationData, model_batches, read_examples
+from mergecli.stats.engine import Forward, advance, run_block, run_prefix, run_tail
+from mergecli.stats.grams import GramCollector
+from mergecli.stats.hidden import MemoryBudget
+from mergecli.stats.layers import LinearLayer, find_linear_layers
+from mergecli.stats.settings import CalibrationSettings, require_data
+from mergecli.stats.skeleton import Skeleton, build_skeleton, forward_of, hooked, max_positions, stage_layers
+from mergecli.stats.store import StatsFiles, statistics_directory, stats_meta, stats_problem
 
 StatsProgress = Callable[[int, int], None]  # (stages done, stages in all): prefix, each block, tail
 
@@ -48,7 +50,7 @@ class StatsJob:
     checkpoint: Checkpoint
     fingerprint: str
     data: CalibrationData
-    settings: RegMeanSettings
+    settings: CalibrationSettings
     up_to_date: bool
     reason: str  # why it is (re)computed, or why it is skipped
     warnings: list[str] = field(default_factory=list)
@@ -59,7 +61,7 @@ class StatsJob:
 
     @property
     def label(self) -> str:
-        return f"models.{self.index} ({self.spec.name})"
+        return model_label(self.index, self.spec)
 
     def data_settings(self) -> dict[str, Any]:
         """What the statistics are computed from; a change in `DATA_KEYS` makes them stale."""
@@ -81,13 +83,65 @@ class StatsResult:
     warnings: list[str]
     spilled: int = 0  # bytes of hidden states that went to disk (over the memory budget)
 
+    def as_dict(self) -> dict[str, Any]:
+        """For --json: every field, the directory as a string, the time rounded to ms."""
+        return {**asdict(self), "directory": str(self.directory), "seconds": round(self.seconds, 3),
+                "up_to_date": False}
 
-def plan_stats(recipe: Recipe, *, models: list[str] | tuple[str, ...] = (), force: bool = False) -> list[StatsJob]:
+
+class StatsReporter(Protocol):
+    """What `collect_all` tells its caller (rank 0 only, under torchrun)."""
+
+    def skipped(self, job: StatsJob) -> None:
+        """The job's statistics are up to date: nothing is computed."""
+
+    def collecting(self, job: StatsJob) -> AbstractContextManager[StatsProgress]:
+        """The job starts: a context whose value is called with (stages done, stages in all)."""
+
+    def collected(self, result: StatsResult) -> None:
+        """The job's statistics are written."""
+
+
+def collect_all(models: list[ModelSpec], settings: CalibrationSettings, *, only: list[str] | tuple[str, ...] = (),
+                force: bool = False, device: str = "cpu",
+                reporter: StatsReporter | None = None) -> list[dict[str, Any]]:
+    """Collect the statistics of every selected model that needs them, one model after another.
+
+    Returns:
+        Per model, what was done (`StatsResult.as_dict`, or `up_to_date` with its directory).
+
+    Raises:
+        KeyboardInterrupt: also when one model's statistics were complete as the signal came (the
+            command as a whole was not).
+    """
+    done: list[dict[str, Any]] = []
+    with StatsSession(device) as session:
+        tell = reporter if session.rank == 0 else None
+        for job in plan_stats(models, settings, only=only, force=force):
+            if job.up_to_date:
+                if tell:
+                    tell.skipped(job)
+                done.append({"name": job.name, "directory": str(job.directory), "up_to_date": True})
+                continue
+            with tell.collecting(job) if tell else nullcontext(None) as on_progress:
+                try:
+                    result = session.collect(job, on_progress=on_progress)
+                except OutputInPlace as finished:  # that model's statistics are complete, not the command
+                    raise KeyboardInterrupt from finished
+            if tell:
+                tell.collected(result)
+            done.append(result.as_dict())
+    return done
+
+
+def plan_stats(models: list[ModelSpec], settings: CalibrationSettings, *, only: list[str] | tuple[str, ...] = (),
+               force: bool = False) -> list[StatsJob]:
     """Check the selected models' checkpoints and calibration data; say which need statistics.
 
     Args:
-        recipe: a regmean recipe.
-        models: model names to collect (default: all).
+        models: the recipe's models.
+        settings: where the statistics go and how the data is read (the method's table).
+        only: model names to collect (default: all).
         force: recompute even statistics that are up to date.
 
     Raises:
@@ -95,20 +149,16 @@ def plan_stats(recipe: Recipe, *, models: list[str] | tuple[str, ...] = (), forc
         StatsError: empty or malformed data.
         InputNotFoundError, CheckpointError: a model that cannot be opened.
     """
-    names = [m.name for m in recipe.models]
-    unknown = [n for n in models if n not in names]
+    names = [m.name for m in models]
+    unknown = [n for n in only if n not in names]
     if unknown:
-        raise UsageError(f"--model {unknown[0]}: no such model in the recipe", hint=f"models: {', '.join(names)}")
-    selected = [(i, m) for i, m in enumerate(recipe.models) if not models or m.name in models]
-    missing = [f"models.{i} ({m.name})" for i, m in selected if not m.data]
-    if missing:
-        raise UsageError(f"{', '.join(missing)}: no calibration `data`",
-                         hint="set `data` (a .jsonl / .txt file or an image folder) for every model")
-    settings = recipe.regmean
+        raise UsageError(f"--only {unknown[0]}: no such model in the recipe", hint=f"models: {', '.join(names)}")
+    selected = [(i, m) for i, m in enumerate(models) if not only or m.name in only]
+    require_data(selected)
     jobs = []
     try:
         for index, spec in selected:
-            label = f"models.{index} ({spec.name})"
+            label = model_label(index, spec)
             data = read_examples(spec.data, num_examples=settings.num_examples,
                                  text_field=settings.text_field, label=f"{label}.data")
             checkpoint = open_checkpoint(spec.path, revision=spec.revision)
@@ -131,43 +181,15 @@ def plan_stats(recipe: Recipe, *, models: list[str] | tuple[str, ...] = (), forc
     return jobs
 
 
-def max_positions(model: torch.nn.Module) -> int | None:
-    """How many tokens the model's position embeddings allow (None: no limit)."""
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def forward_of(model: torch.nn.Module, kind: str) -> Forward:
-    """What runs the model on a batch: a dual encoder (CLIP) given images runs its image tower only."""
-    if kind == "image" and hasattr(model, "get_image_features"):
-        return model.get_image_features
-    return model
-
-
-def stage_layers(skeleton: Skeleton, layers: list[LinearLayer]) -> tuple[list[LinearLayer], list[list[LinearLayer]]]:
-    """The layers outside the blocks, and those of each block."""
-    prefix = skeleton.blocks_path + "."
-    blocks: list[list[LinearLayer]] = [[] for _ in skeleton.blocks]
-    outside = []
-    for layer in layers:
-        if layer.module.startswith(prefix):
-            blocks[int(layer.module[len(prefix):].split(".", 1)[0])].append(layer)
-        else:
-            outside.append(layer)
-    return outside, blocks
-
-
-def hooked(skeleton: Skeleton, layers: list[LinearLayer]) -> dict[str, torch.nn.Module]:
-    modules = dict(skeleton.model.named_modules())
-    return {layer.module: modules[layer.module] for layer in layers}
-
-
 def _some(names: list[str], shown: int = 5) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) unless torchrun started it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")) if world > 1 else 0), world
 
 
 class StatsSession:
@@ -185,8 +207,7 @@ class StatsSession:
             raise UsageError(f"--device {device}: expected cpu or cuda")
         if device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available", hint="use --device cpu")
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
+        self.rank, self.world = process_rank()
         self.device = device
         self._group = False
         if device == "cuda":

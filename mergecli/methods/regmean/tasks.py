@@ -15,10 +15,10 @@ import torch
 from mergecli.errors import MergecliError, StatsError
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.methods.base import Inputs, TensorTask
-from mergecli.recipe import Recipe
-from mergecli.regmean.calibration import read_examples
-from mergecli.regmean.solve import regmean_task
-from mergecli.regmean.store import DATA_KEYS, LayerStats, ModelStats, check_source, data_changes, load_stats
+from mergecli.methods.regmean.solve import regmean_task
+from mergecli.recipe import Recipe, model_label
+from mergecli.stats.calibration import read_examples
+from mergecli.stats.store import DATA_KEYS, LayerStats, ModelStats, check_source, data_changes, load_stats
 
 
 def load_recipe_stats(recipe: Recipe, checkpoints: list[Checkpoint]) -> tuple[list[ModelStats], list[str]]:
@@ -30,12 +30,12 @@ def load_recipe_stats(recipe: Recipe, checkpoints: list[Checkpoint]) -> tuple[li
     Raises:
         StatsError: statistics missing, corrupt, of another format version or of another model.
     """
-    settings = recipe.regmean
+    settings = recipe.settings
     problems: list[str] = []
     warnings: list[str] = []
     loaded = []
     for index, (spec, checkpoint) in enumerate(zip(recipe.models, checkpoints)):
-        label = f"models.{index} ({spec.name})"
+        label = model_label(index, spec)
         data_exists = Path(spec.data).exists()
         try:
             stats = load_stats(Path(settings.stats_dir) / spec.name, label=label)
@@ -98,7 +98,7 @@ def regmean_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warni
         if task.kind == "average" and task.out.name in hooked:
             layers = [s.layers[task.out.name] for s in stats]
             for index, layer in enumerate(layers):
-                _check_layer(task.out.name, task.out.shape, layer, f"models.{index} ({recipe.models[index].name})")
+                _check_layer(task.out.name, task.out.shape, layer, model_label(index, recipe.models[index]))
             sources = [partial(_read_gram, model_stats, layer) for model_stats, layer in zip(stats, layers)]
             tasks[position] = regmean_task(task, sources, recipe, warnings, orientation=layers[0].orientation,
                                            in_features=layers[0].in_features)

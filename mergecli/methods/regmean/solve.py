@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mergecli.merge.tasks import Combine
-from mergecli.methods.base import TensorTask
-from mergecli.methods.regmean import RegMeanAccumulator
+from mergecli.methods.base import Combine, TensorTask
+from mergecli.methods.regmean.math import RegMeanAccumulator
 from mergecli.recipe import Recipe
-from mergecli.regmean.layers import Orientation
+from mergecli.stats.layers import Orientation
 
 WHOLE_TENSOR = sys.maxsize  # a Conv1D weight `[in, out]` is read whole: the solve mixes all its rows
 BLOCK_ROWS = 256  # an nn.Linear weight is read in blocks of this many output rows
@@ -39,7 +38,7 @@ def work_bytes(d_in: int, d_out: int, models: int, *, streamed: bool, block_rows
 
 
 @dataclass
-class _Stream:
+class _LayerSolve:
     """A weight being merged block by block: its Grams (factored) and the rows done."""
 
     accumulator: RegMeanAccumulator | None = None
@@ -57,7 +56,7 @@ def regmean_combine(name: str, sources: list[GramSource], weights: list[float], 
     arrives whole (its rows are the inputs the solve mixes). Results are written straight into
     tensors of the output dtype.
     """
-    stream = _Stream()
+    stream = _LayerSolve()
 
     def load(keep_grams: bool, weights_t: list[torch.Tensor] | None = None) -> RegMeanAccumulator:
         accumulator = RegMeanAccumulator(ratio=ratio, keep_grams=keep_grams)
@@ -98,9 +97,9 @@ def regmean_task(task: TensorTask, sources: list[GramSource], recipe: Recipe, wa
     """The task that solves one linear weight by RegMean instead of averaging it (`task`)."""
     name, shape = task.out.name, task.out.shape
     d_out = shape[0] * shape[1] // in_features
-    combine = regmean_combine(name, sources, recipe.weights, orientation=orientation, in_features=in_features,
-                              shape=shape, ratio=recipe.regmean.reduce_non_diagonal_ratio,
-                              warnings=warnings)
+    weights = recipe.weights(normalize=recipe.normalize is not False)
+    combine = regmean_combine(name, sources, weights, orientation=orientation, in_features=in_features, shape=shape,
+                              ratio=recipe.settings.reduce_non_diagonal_ratio, warnings=warnings)
     streamed = orientation == "out_in"
     block = BLOCK_ROWS * in_features if streamed else WHOLE_TENSOR
     work = work_bytes(in_features, d_out, len(sources), streamed=streamed, block_rows=max(1, block // in_features))

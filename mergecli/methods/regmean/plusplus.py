@@ -28,16 +28,23 @@ import torch
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.memory import give_back_memory
 from mergecli.methods.base import Inputs, Stage, TensorTask
-from mergecli.recipe import Recipe
-from mergecli.regmean.calibration import Batch, model_batches, read_examples
-from mergecli.regmean.collect import forward_of, hooked, max_positions, stage_layers
-from mergecli.regmean.engine import Activations, Forward, advance, run_block, run_prefix, run_tail
-from mergecli.regmean.grams import GramCollector
-from mergecli.regmean.hidden import MemoryBudget
-from mergecli.regmean.layers import LinearLayer, find_linear_layers
-from mergecli.regmean.skeleton import Skeleton, build_skeleton, compute_dtype
-from mergecli.regmean.solve import regmean_task
-from mergecli.regmean.store import ModelStats, StatsFiles, load_stats, stats_meta
+from mergecli.methods.regmean.solve import regmean_task
+from mergecli.recipe import Recipe, model_label
+from mergecli.stats.calibration import Batch, model_batches, read_examples
+from mergecli.stats.engine import Activations, Forward, advance, run_block, run_prefix, run_tail
+from mergecli.stats.grams import GramCollector
+from mergecli.stats.hidden import MemoryBudget
+from mergecli.stats.layers import LinearLayer, find_linear_layers
+from mergecli.stats.skeleton import (
+    Skeleton,
+    build_skeleton,
+    compute_dtype,
+    forward_of,
+    hooked,
+    max_positions,
+    stage_layers,
+)
+from mergecli.stats.store import ModelStats, StatsFiles, load_stats, stats_meta
 
 
 @dataclass
@@ -70,13 +77,13 @@ class SequentialMerge:
 
     def start(self) -> None:
         """Build every model without weights and prepare its calibration batches."""
-        settings = self.recipe.regmean
+        settings = self.recipe.settings
         self.created_stats_dir = not Path(settings.stats_dir).exists()
         self.scratch = Path(settings.stats_dir) / f".plusplus-{os.getpid()}"
         self.budget = MemoryBudget(settings.memory_budget, Path(settings.stats_dir) / f".spill-{os.getpid()}")
         dtype = compute_dtype(self.inputs.models[0], self.device)
         for index, (spec, checkpoint) in enumerate(zip(self.recipe.models, self.inputs.models)):
-            label = f"models.{index} ({spec.name})"
+            label = model_label(index, spec)
             data = read_examples(spec.data, num_examples=settings.num_examples, text_field=settings.text_field,
                                  label=f"{label}.data")
             skeleton = build_skeleton(checkpoint.directory, checkpoint, device=self.device, label=label, dtype=dtype,
@@ -142,10 +149,10 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
     Reads every model's calibration data and builds one model without weights; runs nothing.
     """
     for index, spec in enumerate(recipe.models):  # bad data fails at planning, not halfway through
-        read_examples(spec.data, num_examples=recipe.regmean.num_examples, text_field=recipe.regmean.text_field,
-                      label=f"models.{index} ({spec.name}).data")
+        read_examples(spec.data, num_examples=recipe.settings.num_examples, text_field=recipe.settings.text_field,
+                      label=f"{model_label(index, spec)}.data")
     reference = inputs.models[0]
-    skeleton = build_skeleton(reference.directory, reference, device="cpu", label=f"models.0 ({recipe.models[0].name})")
+    skeleton = build_skeleton(reference.directory, reference, device="cpu", label=model_label(0, recipe.models[0]))
     layers, _ = find_linear_layers(skeleton.model, reference.tensors)
     outside, per_block = stage_layers(skeleton, layers)
     order = list(dict(skeleton.model.named_modules()))

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-# A Gram diagonal at or below this fraction of the largest one counts as a feature that never fired.
-DEAD_FEATURE_TOLERANCE = 1e-12
+from mergecli.stats.grams import never_fired
+
 RIDGES = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)  # relative to the (unit) diagonal
 
 
@@ -50,12 +50,6 @@ def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
 def dead_features(gram: torch.Tensor) -> torch.Tensor:
     """Indices of input features whose Gram diagonal is (numerically) zero: never activated."""
     return never_fired(gram.diagonal())
-
-
-def never_fired(diagonal: torch.Tensor) -> torch.Tensor:
-    """Indices of the (numerically) zero entries of a Gram's diagonal `(d_in,)`."""
-    largest = float(diagonal.abs().max()) if diagonal.numel() else 0.0
-    return torch.nonzero(diagonal.abs() <= DEAD_FEATURE_TOLERANCE * largest).flatten()
 
 
 class Factor:

@@ -33,9 +33,8 @@ from mergecli.io.safetensors import (
     sync_file,
     tensor_bytes,
 )
-from mergecli.methods.regmean import never_fired
-from mergecli.regmean.grams import GRAM_DTYPE, UpperTriangle, packed_size
-from mergecli.regmean.layers import LinearLayer, Orientation
+from mergecli.stats.grams import GRAM_DTYPE, UpperTriangle, never_fired, packed_size
+from mergecli.stats.layers import LinearLayer, Orientation
 
 STATS_FORMAT = "mergecli-regmean-stats"
 STATS_FORMAT_VERSION = 2  # 2: upper triangles, one file per stage; 1: full matrices

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from mergecli.errors import StatsError, UsageError
 from mergecli.io.atomic import atomic_directory, check_output_path
-from mergecli.regmean.grams import Packed
-from mergecli.regmean.store import ModelStats, StatsFiles, load_stats, statistics_directory
+from mergecli.stats.grams import Packed
+from mergecli.stats.store import ModelStats, StatsFiles, load_stats, statistics_directory
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: s
              f"A {method.label(recipe)} of {count} model{'s' * (count != 1)}, made with [mergecli]({MERGECLI_URL}) "
              f"{__version__}.", "", "## Models", "",
              "| model | weight | source |", "|---|---:|---|"]
-    for spec, weight in zip(recipe.models, recipe.weights):
+    for spec, weight in zip(recipe.models, method.weights(recipe)):
         lines.append(f"| {_cell(spec.name)} | {weight:.4g} | {_source(spec, sizes.get(spec.name))} |")
     lines.append("")
     if recipe.base:

@@ -17,6 +17,7 @@ import torch
 from mergecli.errors import StatsError
 from mergecli.io.architecture import model_class, params_on_meta, quiet_transformers
 from mergecli.io.checkpoint import Checkpoint
+from mergecli.stats.layers import LinearLayer, checkpoint_prefixes, stored_name
 
 
 def first_line(exc: BaseException) -> str:
@@ -34,19 +35,6 @@ def find_blocks(model: torch.nn.Module, *, images: bool = False) -> tuple[str, t
     if not found:
         raise StatsError(f"{type(model).__name__} has no list of repeated layers (transformer blocks)")
     return max(found, key=lambda item: (("vision" in item[0]) == images, len(item[1])))
-
-
-def _checkpoint_name(name: str, shape: tuple[int, ...], tensors: dict[str, Any], prefixes: list[str]) -> str | None:
-    """The checkpoint tensor stored for the model's parameter or buffer `name`: the loaded class may
-    add or drop a prefix (`bert.`, `model.`) relative to the class the checkpoint was saved from."""
-    parts = name.split(".")
-    candidates = [name, *(".".join(parts[k:]) for k in range(1, len(parts))),
-                  *(f"{prefix}.{name}" for prefix in prefixes)]
-    for candidate in candidates:
-        info = tensors.get(candidate)
-        if info is not None and tuple(info.shape) == tuple(shape):
-            return candidate
-    return None
 
 
 @dataclass
@@ -74,7 +62,7 @@ class Skeleton:
         except StatsError as exc:
             raise StatsError(f"{self.label}: {exc.message}") from None
         tensors = self.checkpoint.tensors
-        prefixes = sorted({name.split(".", 1)[0] for name in tensors if "." in name})
+        prefixes = checkpoint_prefixes(tensors)
         canonical: dict[int, str] = {}
         for module_name, module in self.model.named_modules(remove_duplicate=False):
             owned = [(attr, p, False) for attr, p in module._parameters.items() if p is not None]
@@ -84,7 +72,7 @@ class Skeleton:
                 full = f"{module_name}.{attr}" if module_name else attr
                 key = canonical.setdefault(id(tensor), full)
                 self._places.setdefault(key, []).append((module, attr, is_buffer))
-                stored = _checkpoint_name(full, tuple(tensor.shape), tensors, prefixes)
+                stored = stored_name(full, tuple(tensor.shape), tensors, prefixes)
                 if stored and key not in self.stored:
                     self.stored[key] = stored
         missing = [key for key, places in self._places.items() if key not in self.stored and not places[0][2]]
@@ -177,3 +165,38 @@ def build_skeleton(directory: Path, checkpoint: Checkpoint, *, device: str, labe
             if buffer is not None:
                 module._buffers[attr] = buffer.to(device)
     return Skeleton(model, checkpoint, dtype, device, label, images)
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """How many tokens the model's position embeddings allow (None: no limit)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def forward_of(model: torch.nn.Module, kind: str) -> Any:
+    """What runs the model on a batch: a dual encoder (CLIP) given images runs its image tower only."""
+    if kind == "image" and hasattr(model, "get_image_features"):
+        return model.get_image_features
+    return model
+
+
+def stage_layers(skeleton: Skeleton, layers: list[LinearLayer]) -> tuple[list[LinearLayer], list[list[LinearLayer]]]:
+    """The layers outside the blocks, and those of each block."""
+    prefix = skeleton.blocks_path + "."
+    blocks: list[list[LinearLayer]] = [[] for _ in skeleton.blocks]
+    outside = []
+    for layer in layers:
+        if layer.module.startswith(prefix):
+            blocks[int(layer.module[len(prefix):].split(".", 1)[0])].append(layer)
+        else:
+            outside.append(layer)
+    return outside, blocks
+
+
+def hooked(skeleton: Skeleton, layers: list[LinearLayer]) -> dict[str, torch.nn.Module]:
+    """The modules of `layers`, by their path: what a Gram collector hooks."""
+    modules = dict(skeleton.model.named_modules())
+    return {layer.module: modules[layer.module] for layer in layers}

@@ -4,47 +4,40 @@ the weighted average for everything else; with `[regmean] sequential = true`, Re
 
 from __future__ import annotations
 
-from mergecli.errors import UsageError
 from mergecli.methods.base import Inputs, Method, Stage, TensorTask, register
+from mergecli.methods.regmean.plusplus import plusplus_stages
+from mergecli.methods.regmean.settings import RegMeanSettings
+from mergecli.methods.regmean.tasks import regmean_tasks
 from mergecli.recipe import Recipe
-from mergecli.regmean.plusplus import plusplus_stages
-from mergecli.regmean.tasks import regmean_tasks
+from mergecli.stats.settings import require_data
 
 REGMEAN_PAPER = "https://arxiv.org/abs/2212.09849"
 REGMEAN_PLUSPLUS_PAPER = "https://arxiv.org/abs/2508.03121"
-
-
-def require_data(recipe: Recipe) -> None:
-    """Every model of a RegMean recipe needs calibration `data`."""
-    missing = [f"models.{i} ({m.name})" for i, m in enumerate(recipe.models) if not m.data]
-    if missing:
-        raise UsageError(f"{', '.join(missing)}: no calibration `data`",
-                         hint="regmean needs `data` for every model (a .jsonl / .txt file or an image folder)")
 
 
 class RegMean(Method):
     name = "regmean"
     title = "RegMean merge"
     command = "regmean merge"
-    table = "regmean"
+    settings = RegMeanSettings
     kinds = {"regmean": "RegMean (linear weights)", "regmean++": "RegMean++ (linear weights)"}
 
     def check(self, recipe: Recipe) -> None:
-        require_data(recipe)
+        require_data(list(enumerate(recipe.models)))
 
     def tasks(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[TensorTask]:
         return regmean_tasks(recipe, inputs, tasks, warnings)
 
     def stages(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[Stage]:
-        if recipe.regmean.sequential:
+        if recipe.settings.sequential:
             return plusplus_stages(recipe, inputs, tasks, warnings)
         return super().stages(recipe, inputs, tasks, warnings)
 
     def label(self, recipe: Recipe) -> str:
-        return "RegMean++ merge" if recipe.regmean.sequential else self.title
+        return "RegMean++ merge" if recipe.settings.sequential else self.title
 
     def describe(self, recipe: Recipe) -> list[str]:
-        settings = recipe.regmean
+        settings = recipe.settings
         if settings.sequential:
             lead = [f"**RegMean++** ([Nguyen et al., TMLR 2026]({REGMEAN_PLUSPLUS_PAPER})), RegMean "
                     f"([Jin et al., ICLR 2023]({REGMEAN_PAPER})) block by block: block l's Gram matrices come "

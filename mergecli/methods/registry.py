@@ -1,0 +1,81 @@
+"""The methods recipes may name: the built-in ones, found by module name and imported the first time
+one is asked for, and those registered by plugins; and binding a recipe to its method, which
+validates the method's own keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+from pydantic import BaseModel, ValidationError
+
+from mergecli.errors import RecipeError, UsageError
+from mergecli.methods.base import Method, registered
+from mergecli.recipe import ModelSpec, Recipe, scaled_weights, unknown_key, validation_problems
+
+# Methods that ship with mergecli, as module names: a module registers its method when imported, like
+# pytest's built-in plugins, so that looking up a method never loads the others.
+BUILTIN_METHODS = {"average": "mergecli.methods.average", "regmean": "mergecli.methods.regmean.method"}
+
+
+def method_names() -> list[str]:
+    """Every method a recipe may name."""
+    return sorted({*BUILTIN_METHODS, *registered})
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`.
+
+    Raises:
+        UsageError: no method has that name.
+    """
+    if name not in registered and name in BUILTIN_METHODS:
+        importlib.import_module(BUILTIN_METHODS[name])
+    if name not in registered:
+        raise UsageError(f"unknown method {name!r}", hint=f"methods: {', '.join(method_names())}")
+    return registered[name]
+
+
+def method_of(recipe: Recipe) -> Method:
+    """The method a recipe names, with the recipe bound to it: the method's own keys validated and
+    kept in the recipe (`recipe.settings`, `recipe.models[i].settings`).
+
+    Raises:
+        RecipeError: no method has that name, or its keys do not validate (one line per problem,
+            naming the recipe file).
+    """
+    try:
+        method = get_method(recipe.method)
+    except UsageError:
+        raise RecipeError(recipe.source, [f"method: unknown method {recipe.method!r}; methods: "
+                                          f"{', '.join(method_names())}"]) from None
+    problems = [f"{name}: {unknown_key(name, [*Recipe.model_fields, *method_names()])}"
+                for name in recipe.tables if name not in method_names()]
+    context = {"base_dir": recipe.base_dir}
+    settings, problems = _validated(method.settings, recipe.tables.get(method.name), (method.name,), context,
+                                    problems, [])
+    model_settings = []
+    for index, spec in enumerate(recipe.models):
+        options, problems = _validated(method.model_settings, spec.options, ("models", index), context, problems,
+                                       list(ModelSpec.model_fields))
+        model_settings.append(options)
+    if method.normalize(recipe) and math.fsum(scaled_weights(recipe.models)[0]) == 0.0:
+        fix = "--set normalize=false" if recipe.source == "command line" else "normalize = false in the recipe"
+        problems.append(f"(recipe): weights sum to 0, so they cannot be normalized (set {fix}?)")
+    if problems:
+        raise RecipeError(recipe.source, problems)
+    recipe.bind(settings, model_settings)
+    return method
+
+
+def _validated(model: type[BaseModel] | None, data: dict | None, where: tuple, context: dict, problems: list[str],
+               common: list[str]) -> tuple[BaseModel | None, list[str]]:
+    """`data` (a method's table, or a model's method keys) validated by `model`, or the problems."""
+    if model is None:
+        return None, problems + [f"{'.'.join(map(str, (*where, key)))}: {unknown_key(key, common)}"
+                                 for key in data or {}]
+    try:
+        return model.model_validate(data or {}, context=context), problems
+    except ValidationError as exc:
+        return None, problems + validation_problems(exc, prefix=where, known=[*common, *model.model_fields])
