@@ -1,4 +1,4 @@
-"""Typed errors. The library raises these with fields; the CLI words them (cli/app.py).
+"""Typed errors. The library raises these with fields; the CLI words them (cli/_errors.py).
 
 Exit codes follow the spec: 2 means "fix your command or recipe", 1 means "the inputs or the
 machine failed the merge".
@@ -102,13 +102,27 @@ class StatsError(MergecliError):
 
 
 class HubError(MergecliError):
-    """The Hugging Face Hub refused or could not be reached (network, server error, cache)."""
+    """The Hugging Face Hub refused or could not be reached (network, server error, cache).
 
-    def __init__(self, message: str, *, hint: str | None = None, repo_id: str | None = None,
-                 status: int | None = None):
+    `problem` says what happened in a word (`gated`, `repo-not-found`, `unreachable`, ...: the CLI
+    words each, cli/_hub.py); the fields hold the facts, never a token.
+    """
+
+    def __init__(self, problem: str, *, repo_id: str | None = None, revision: str | None = None,
+                 status: int | None = None, detail: str = "", writing: bool = False, token: bool = False,
+                 endpoint: str = "", files: tuple[str, ...] = ()):
+        self.problem = problem
         self.repo_id = repo_id
+        self.revision = revision
         self.status = status  # the HTTP status, when the hub answered
-        super().__init__(message, hint=hint)
+        self.detail = detail  # what the server or the network said (token-free)
+        self.writing = writing  # a push, not a download
+        self.token = token  # a token was sent
+        self.endpoint = endpoint
+        self.files = files  # the files concerned (missing from a cached snapshot, ...)
+        self.local_path_tried = False  # the repo id was first looked for as a local path
+        what = f"{repo_id}: " if repo_id else ""
+        super().__init__(f"{what}{problem.replace('-', ' ')}{f' ({detail})' if detail else ''}")
 
 
 class HubNotFoundError(HubError):

@@ -180,7 +180,7 @@ def test_a_bare_name_that_is_no_local_path_comes_from_the_hub(fake_hub: FakeHub,
     assert "gpt2: no such local path, so it was taken from the Hugging Face Hub" in result.stderr
     missing = cli("average", "-m", "nosuchmodel", "-m", "gpt2", "-o", tmp_path / "out2")
     assert missing.exit_code == 2
-    assert "nosuchmodel" in missing.stderr and "nor is it a local path" in missing.stderr
+    assert "nosuchmodel: no such local path, and as a hub repo id: no such model repo" in missing.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import TypeVar
 import typer
 
 from mergecli.cli._console import emit_json, err_console, mode, set_mode
-from mergecli.errors import MergecliError, OutputInPlace, interrupted_exit_code
+from mergecli.cli._hub import hub_message
+from mergecli.errors import HubError, MergecliError, OutputInPlace, interrupted_exit_code
 
 F = TypeVar("F", bound=Callable)
 
@@ -34,7 +35,7 @@ def report_errors(command: F) -> F:
         except MergecliError as exc:
             if debug_enabled():
                 raise
-            _print_error(exc.message, exc.hint)
+            _print_error(*(hub_message(exc) if isinstance(exc, HubError) else (exc.message, exc.hint)))
             raise typer.Exit(exc.exit_code) from None
         except OutputInPlace as done:
             err_console.print(f"interrupted once the output was complete: {done.output} is finished",

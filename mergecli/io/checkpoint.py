@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mergecli.errors import CheckpointError, HubNotFoundError, InputNotFoundError
+from mergecli.errors import CheckpointError, HubError, InputNotFoundError
 from mergecli.io import hub
 from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, weight_map, within
 from mergecli.io.safetensors import DTYPE_CODES, TensorInfo, header_length, parse_header, pread_into, read_header
@@ -245,9 +245,9 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
         raise InputNotFoundError(path)
     try:
         snapshot = hub.resolve(path, revision=revision)
-    except HubNotFoundError as exc:
-        raise HubNotFoundError(f"{exc.message}; nor is it a local path", hint=exc.hint, repo_id=path,
-                               status=exc.status) from None
+    except HubError as exc:
+        exc.local_path_tried = True  # the message says first that no such local path exists
+        raise
     if headers_only and not snapshot.cached and all(name.endswith(".safetensors") for name in snapshot.weights):
         from huggingface_hub import constants
 

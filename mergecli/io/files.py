@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mergecli.errors import CheckpointError
+from mergecli.recipe import WEIGHT_SUFFIXES
 
 SINGLE_SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 STATE_DICT_FILES = ("pytorch_model.bin", "model.pt", "model.pth")
-STATE_DICT_SUFFIXES = (".bin", ".pt", ".pth")
-WEIGHT_SUFFIXES = (".safetensors", *STATE_DICT_SUFFIXES)
+STATE_DICT_SUFFIXES = tuple(suffix for suffix in WEIGHT_SUFFIXES if suffix != ".safetensors")
 CONFIG_FILES = ("config.json", "generation_config.json")
 MAX_HEADER = 100_000_000  # bytes: the safetensors library's limit on a header
 CARD_FILE = "README.md"  # a model card: its front matter holds the license

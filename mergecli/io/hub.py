@@ -7,7 +7,7 @@ honours them exactly as `hf` does, and the token never passes through mergecli.
 Downloads fetch the weights (safetensors preferred over `.bin`, chosen from the repo's file list
 by io/files.py), config, generation config and tokenizer files. In offline mode the same code works
 from the cache. A plan that reads no tensor (validate, --dry-run) reads the safetensors headers
-alone, with HTTP range requests. Errors come out typed (io/hub_errors.py) and token-free.
+alone, with HTTP range requests. Errors come out typed (io/hub_errors.py) and token-free; the CLI words them.
 """
 
 from __future__ import annotations
@@ -77,15 +77,14 @@ def resolve(repo_id: str, *, revision: str | None = None) -> Snapshot:
         folder = _snapshot(repo_id, revision, metadata)  # also caches the repo's file list
         commit = folder.name
         if not _COMMIT.fullmatch(commit):  # a snapshot directory is always named by its commit
-            raise HubError(f"{repo_id}: unexpected hub cache layout at {folder}", repo_id=repo_id)
+            raise HubError("cache-layout", repo_id=repo_id, detail=str(folder))
         names = _repo_files(repo_id, commit, folder)
         indexes: dict[str, dict[str, str]] = {}
 
         def read_index(name: str) -> list[str]:
             index = _snapshot(repo_id, commit, [name]) / name
             if not index.is_file():
-                raise HubError(f"{repo_id}: {name} is not in the cached snapshot",
-                               hint="run once with network access to complete the download", repo_id=repo_id)
+                raise HubError("snapshot-incomplete", repo_id=repo_id, revision=commit, files=(name,))
             indexes[name] = weight_map(index.read_text(), where=f"{repo_id}/{name}")
             return list(dict.fromkeys(indexes[name].values()))
 
@@ -123,8 +122,7 @@ def remote_header(snapshot: Snapshot, name: str) -> tuple[bytes, bytes, int]:
         hf_raise_for_status(response)
         total = response.headers.get("Content-Range", "").rpartition("/")[2]
         if response.status_code != 206 or not total.isdigit():
-            raise HubError(f"{snapshot.repo_id}: the hub did not answer a range request for {name}",
-                           repo_id=snapshot.repo_id)
+            raise HubError("no-range-requests", repo_id=snapshot.repo_id, files=(name,))
         return response.content, int(total)
 
     with hub_errors(snapshot.repo_id, revision=snapshot.commit):
@@ -156,13 +154,8 @@ def _snapshot(repo_id: str, revision: str | None, names: list[str], *,
             raise
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        where = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub cannot be reached"
-        raise HubError(
-            f"{repo_id}: the cached snapshot {folder.name[:12]} lacks {shown}, and {where}",
-            hint="run once with network access (without HF_HUB_OFFLINE) to complete the download",
-            repo_id=repo_id,
-        )
+        raise HubError("snapshot-incomplete-offline" if constants.is_offline_mode() else "snapshot-incomplete",
+                       repo_id=repo_id, revision=folder.name, files=tuple(missing))
     return folder
 
 

@@ -219,22 +219,6 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, sync: bool = True) -> int:
-    """Write CPU tensors to a new safetensors file, tensor by tensor (and fsync it); returns its size."""
-    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    header, offsets, size = encode_header(specs, metadata)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        pwrite_all(fd, header, 0)
-        for name, tensor in tensors.items():
-            pwrite_all(fd, tensor_bytes(tensor), offsets[name])
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return size
-
-
 def sync_file(path: Path) -> None:
     """Flush a written file to disk (before the directory holding it is renamed into place)."""
     fd = os.open(path, os.O_RDONLY)

@@ -1,2 +1,3 @@
-"""The streaming merge: tasks (tasks.py), one planner for every method (plan.py), the streaming
-loop (stream.py), running a plan (run.py) and the support files of an output (support.py)."""
+"""The streaming merge: the default tasks (tasks.py), one planner for every method (plan.py), the
+streaming loop (stream.py), running a plan (run.py), and what an output holds beside its weights
+(support.py, and the model card, card.py)."""

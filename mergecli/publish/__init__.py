@@ -1,1 +1,1 @@
-"""Publishing a merge: the model card written into every output (card.py), and `push` to the hub (push.py)."""
+"""Publishing a finished merge: `push` to the Hugging Face Hub (push.py)."""

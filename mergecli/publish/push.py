@@ -13,7 +13,7 @@ from mergecli.errors import CheckpointError, HubAccessError, HubError, MergecliE
 from mergecli.io.atomic import is_temporary
 from mergecli.io.files import SAFETENSORS_INDEX, parse_index
 from mergecli.io.hub import looks_like_repo_id
-from mergecli.io.hub_errors import LOGIN_HINT, hub_errors
+from mergecli.io.hub_errors import hub_errors
 from mergecli.io.safetensors import read_header
 from mergecli.methods.registry import get_method
 from mergecli.recipe import Recipe, load_recipe
@@ -182,17 +182,14 @@ def check_access(repo_id: str, *, token: str | None = None) -> None:
     from huggingface_hub import HfApi, constants, get_token
 
     if constants.is_offline_mode():
-        raise HubError("HF_HUB_OFFLINE is set: pushing needs the hub", hint="unset HF_HUB_OFFLINE to push",
-                       repo_id=repo_id)
+        raise HubError("offline", repo_id=repo_id, writing=True)
     if not (token or get_token()):
-        raise HubAccessError("no Hugging Face token: pushing needs one with write access",
-                             hint=LOGIN_HINT, repo_id=repo_id)
+        raise HubAccessError("no-token", repo_id=repo_id, writing=True)
     with hub_errors(repo_id, writing=True):
         account = HfApi(token=token).whoami()
     role = ((account.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
-        raise HubAccessError(f"your token is read-only: pushing to {repo_id} needs write access",
-                             hint=f"use a token with write access: {LOGIN_HINT}", repo_id=repo_id)
+        raise HubAccessError("read-only-token", repo_id=repo_id, writing=True, token=True)
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~@%-])/[\w.@+-]+(?:/[\w.@+-]+)*")

@@ -33,7 +33,7 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 Flag = Annotated[bool, Strict()]  # true or false only: "no" or 0 is not a boolean
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # files that hold weights (io/files.py too)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # files that hold weights
 HEAD_PATTERNS = [r"lm_head\..*", r"score\..*", r"classifier\..*"]  # `head`'s default
 
 

@@ -132,15 +132,6 @@ def _lu(a: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return lambda b: torch.linalg.lu_solve(lu, pivots, b)
 
 
-def solve_regmean(gram_sum: torch.Tensor, rhs: torch.Tensor, *, fallback: torch.Tensor,
-                  psd: bool = True) -> SolveResult:
-    """Solve (Σ G̃) X = Σ G̃ Wᵀ for X = W_Mᵀ `(d_in, d_out)`, without inverting and without NaN
-    (see `Factor`). `gram_sum` and `rhs` are float64 and modified in place."""
-    factor = Factor(gram_sum, psd=psd)
-    solution = factor.solve(rhs, fallback)
-    return SolveResult(solution, int(factor.dead.numel()), float("inf") if factor.failed else factor.ridge)
-
-
 class RegMeanAccumulator:
     """RegMean of one layer, fed one model at a time.
 
