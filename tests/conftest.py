@@ -1,4 +1,5 @@
-"""Shared fixtures: hub isolation for every test, and tiny real checkpoints built once per session."""
+"""Shared fixtures: hub isolation for every test, and tiny real checkpoints and calibration data built once
+per session."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import build_llama
+from builders import build_bert, build_clip_vision, build_gpt2, build_llama
 from fakehub import point_huggingface_hub
+from references import random_texts, write_images, write_jsonl, write_txt
 
 # Where a test that forgets to go offline or to start a FakeHub would send requests: nothing listens.
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"
@@ -59,3 +61,43 @@ def tree_digest(path: Path) -> dict[str, str]:
     """Hash of every file under `path`, to prove that inputs are never modified."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# RegMean: tiny models of each family and calibration data, built once
+
+
+@pytest.fixture(scope="session")
+def rm_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("regmean")
+
+
+def two_models(build, name: str, seed: int):
+    """A session fixture: two tiny models of one family, built with seeds `seed` and `seed + 1`."""
+
+    @pytest.fixture(scope="session")
+    def models(rm_dir) -> list[Path]:
+        return [build(rm_dir / f"{name}-{i}", seed=seed + i) for i in range(2)]
+
+    return models
+
+
+gpt2_models = two_models(build_gpt2, "gpt2", 50)
+bert_models = two_models(build_bert, "bert", 60)
+clip_models = two_models(build_clip_vision, "clip", 70)
+llama_models = two_models(build_llama, "llama", 80)
+
+
+@pytest.fixture(scope="session")
+def text_data(rm_dir) -> list[Path]:
+    """Two calibration files of uneven example lengths: jsonl (with a chat example) and txt."""
+    texts = random_texts(1, 23)
+    records = [{"text": t} for t in texts[:20]]
+    records.insert(3, {"messages": [{"role": "user", "content": texts[20]},
+                                    {"role": "assistant", "content": texts[21]}]})
+    return [write_jsonl(rm_dir / "data-a.jsonl", records), write_txt(rm_dir / "data-b.txt", random_texts(2, 21))]
+
+
+@pytest.fixture(scope="session")
+def image_data(rm_dir) -> list[Path]:
+    return [write_images(rm_dir / f"images-{i}", 7, seed=i) for i in range(2)]

@@ -10,7 +10,7 @@ import torch
 from builders import word_tokenizer
 from mergecli.errors import StatsError, UsageError
 from mergecli.stats.calibration import read_examples, text_batches, tokenize_examples
-from regmean_fixtures import write_images, write_jsonl, write_txt
+from references import write_images, write_jsonl, write_txt
 
 
 def test_jsonl_text_field_and_messages(tmp_path):

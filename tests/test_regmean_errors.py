@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from clirunner import cli
-from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
-from regmean_fixtures import random_texts, write_images, write_recipe, write_txt
+from references import random_texts, write_images, write_recipe, write_txt
 
 SETTINGS = {"num_examples": 8, "batch_size": 4, "max_length": 16}
 

@@ -18,8 +18,7 @@ from mergecli.merge.plan import plan_merge
 from mergecli.merge.run import run_merge
 from mergecli.methods.regmean import solve
 from mergecli.recipe import load_recipe
-from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
-from regmean_fixtures import (
+from references import (
     first_examples,
     image_inputs,
     layer_inputs,

@@ -11,8 +11,7 @@ import transformers
 
 from builders import build_clip_vision, build_llama
 from clirunner import cli
-from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
-from regmean_fixtures import first_examples, image_inputs, load_dir, text_inputs, write_recipe
+from references import first_examples, image_inputs, load_dir, module_inputs, text_inputs, write_recipe
 
 MAX_LENGTH = 16
 SETTINGS = {"num_examples": 16, "batch_size": 4, "max_length": MAX_LENGTH, "sequential": True,
@@ -36,21 +35,6 @@ def hybrid(merged: Path, candidate: Path, prefixes: tuple[str, ...]) -> torch.nn
     return model
 
 
-def inputs_of(model: torch.nn.Module, modules: list[str], examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Each named linear module's input rows over the examples, run one by one (no padding)."""
-    found = dict(model.named_modules())
-    rows: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    handles = [found[name].register_forward_pre_hook(
-        lambda m, args, name=name: rows[name].append(args[0].reshape(-1, args[0].shape[-1]).double()))
-        for name in modules]
-    with torch.no_grad():
-        for example in examples:
-            model(**example)
-    for handle in handles:
-        handle.remove()
-    return {name: torch.cat(parts) for name, parts in rows.items()}
-
-
 def least_squares(xs: list[torch.Tensor], targets: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """argmin_W Σ_i (w_i / n_i) ‖X_i W − T_i‖², by lstsq on rows scaled by sqrt(w_i / n_i)."""
     scales = [(w / x.shape[0]) ** 0.5 for x, w in zip(xs, weights)]
@@ -62,7 +46,7 @@ def least_squares(xs: list[torch.Tensor], targets: list[torch.Tensor], weights: 
 def check_stage(out: Path, models: list[Path], examples: list[list[dict]], prefixes: tuple[str, ...],
                 linears: list[str], weights: list[float]) -> None:
     merged = load_dir(out)
-    xs = [inputs_of(hybrid(out, model, prefixes), linears, ex) for model, ex in zip(models, examples)]
+    xs = [module_inputs(hybrid(out, model, prefixes), linears, ex) for model, ex in zip(models, examples)]
     for module in linears:
         name = f"{module}.weight"
         own = [load_dir(m)[name].double() for m in models]

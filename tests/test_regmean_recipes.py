@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from clirunner import cli
-from regmean_fixtures import load_dir
+from references import load_dir
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -12,8 +12,7 @@ import torch
 
 from builders import build_llama
 from clirunner import cli
-from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
-from regmean_fixtures import first_examples, layer_inputs, read_stats, text_inputs, write_recipe
+from references import first_examples, layer_inputs, read_stats, text_inputs, write_recipe
 
 
 def test_two_ranks_equal_one_process(tmp_path, text_data):

@@ -23,7 +23,7 @@ from builders import build_bert, build_gpt2, build_llama
 from clirunner import cli, cli_process
 from fakehub import FakeHub
 from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
-from regmean_fixtures import minilm_dir
+from references import minilm_dir
 
 # huggingface_hub's own LFS PUT (data=<file>) triggers this httpx2 deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

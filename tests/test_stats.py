@@ -13,8 +13,7 @@ from clirunner import cli
 from mergecli.io.checkpoint import open_checkpoint
 from mergecli.stats import grams
 from mergecli.stats.grams import GramCollector
-from regmean_fixtures import *  # noqa: F403  (the session fixtures: tiny models and data)
-from regmean_fixtures import (
+from references import (
     first_examples,
     image_inputs,
     layer_inputs,

@@ -55,12 +55,11 @@ def stream_into(tmp_path, tasks: list[TensorTask]) -> dict[str, torch.Tensor]:
     return load_file(out / "model.safetensors")
 
 
-def recording_sum(seen: list[tuple[int, int]], delay: float = 0.0):
+def recording_sum(seen: list[tuple[int, int]]):
     """A combine that sums the blocks and records (thread, first row) of each."""
 
     def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         seen.append((threading.get_ident(), int(blocks[0][0, 0])))
-        time.sleep(delay)  # long enough for the other workers to take blocks too
         return torch.add(blocks[0], blocks[1], out=out)
 
     return combine
@@ -73,12 +72,25 @@ def task(name: str, sources, combine, *, independent: bool) -> TensorTask:
 
 
 def test_independent_blocks_run_on_several_threads(tmp_path, sources, four_cores):
+    """The first block is held until another worker combines a block at the same time: with one
+    worker, that never happens (the wait times out and the test fails), however busy the machine."""
     seen: list[tuple[int, int]] = []
-    merged = stream_into(tmp_path, [task("w", sources, recording_sum(seen, 0.001), independent=True)])
+    record = recording_sum(seen)
+    second_worker = threading.Event()
+
+    def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        merged = record(blocks, out)
+        if seen[0][0] != threading.get_ident():
+            second_worker.set()
+        elif int(blocks[0][0, 0]) == 0:
+            second_worker.wait(timeout=60)
+        return merged
+
+    merged = stream_into(tmp_path, [task("w", sources, combine, independent=True)])
     expected = sources[0].read("w") + sources[1].read("w")
     assert torch.equal(merged["w"], expected)
     assert sorted(row for _, row in seen) == list(range(0, ROWS, BLOCK_ROWS))  # each block once
-    assert len({thread for thread, _ in seen}) >= 2
+    assert second_worker.is_set() and len({thread for thread, _ in seen}) >= 2
 
 
 def test_a_stateful_task_gets_its_blocks_in_order_on_one_thread(tmp_path, sources, four_cores):
@@ -94,13 +106,20 @@ def test_a_stateful_task_gets_its_blocks_in_order_on_one_thread(tmp_path, source
 
 
 def test_the_first_failure_is_raised_and_stops_every_worker(tmp_path, sources, four_cores):
+    """Blocks after the failing one wait until it has failed, then a while longer, so that the other
+    workers cannot race through the tensor before the failure is known."""
     calls = []
+    failed = threading.Event()
 
     def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        calls.append(int(blocks[0][0, 0]))
-        time.sleep(0.001)
-        if int(blocks[0][0, 0]) == 10:
+        row = int(blocks[0][0, 0])
+        calls.append(row)
+        if row == 10:
+            failed.set()
             raise ValueError("block at row 10")
+        if row > 10:
+            failed.wait(timeout=60)
+            time.sleep(0.01)
         return torch.add(blocks[0], blocks[1], out=out)
 
     with pytest.raises(ValueError, match="row 10"):

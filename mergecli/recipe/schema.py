@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -81,6 +82,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _split(data: Any, method_key: Callable[[str, Any], bool]) -> tuple[dict[str, Any], Any]:
+    """(the keys of a raw table that belong to the recipe's method, the rest)."""
+    if not isinstance(data, dict):
+        return {}, data
+    ours = {key: value for key, value in data.items() if method_key(key, value)}
+    return ours, {key: value for key, value in data.items() if key not in ours}
+
+
 class _RelativePath:
     """Marks a recipe key that holds a path relative to the recipe file (see `RecipePath`)."""
 
@@ -135,10 +144,7 @@ class ModelSpec(StrictModel):
     @model_validator(mode="wrap")
     @classmethod
     def _keep_method_keys(cls, data: Any, handler: Any) -> ModelSpec:
-        options = {}
-        if isinstance(data, dict):
-            options = {k: v for k, v in data.items() if k not in cls.model_fields}
-            data = {k: v for k, v in data.items() if k not in options}
+        options, data = _split(data, lambda key, value: key not in cls.model_fields)
         spec = handler(data)
         spec._options = options
         return spec
@@ -193,10 +199,7 @@ class Recipe(StrictModel):
     @model_validator(mode="wrap")
     @classmethod
     def _keep_method_tables(cls, data: Any, handler: Any) -> Recipe:
-        tables = {}
-        if isinstance(data, dict):
-            tables = {k: v for k, v in data.items() if k not in cls.model_fields and isinstance(v, dict)}
-            data = {k: v for k, v in data.items() if k not in tables}
+        tables, data = _split(data, lambda key, value: key not in cls.model_fields and isinstance(value, dict))
         recipe = handler(data)
         recipe._tables = tables
         return recipe

@@ -119,6 +119,16 @@ def _forward_error(label: str, exc: BaseException) -> StatsError:
                       hint="lower regmean.batch_size or max_length" if memory else None)
 
 
+def _run(skeleton: Skeleton, forward: Forward, batch: Batch) -> None:
+    """The model's forward on one batch, until a catcher or a hook stops it."""
+    try:
+        forward(**batch.inputs)
+    except _Stop:
+        pass
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise _forward_error(skeleton.label, exc) from None
+
+
 def run_prefix(skeleton: Skeleton, batches: list[Batch], forward: Forward, budget: MemoryBudget, name: str, *,
                collector: GramCollector | None = None) -> Activations:
     """Run the modules before the first block on every batch and capture the first block's inputs."""
@@ -143,12 +153,7 @@ def run_prefix(skeleton: Skeleton, batches: list[Batch], forward: Forward, budge
             calls.append([])
             if collector is not None:
                 collector.begin_batch(batch.mask)
-            try:
-                forward(**batch.inputs)
-            except _Stop:
-                pass
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                raise _forward_error(skeleton.label, exc) from None
+            _run(skeleton, forward, batch)
             if len(calls[-1]) != count:
                 raise StatsError(f"{skeleton.label}: the model did not run its {count} blocks in order")
     return Activations(batches, hidden, calls, ran, tokens)
@@ -202,12 +207,7 @@ def run_tail(skeleton: Skeleton, acts: Activations, forward: Forward, *, collect
             for number, batch in enumerate(acts.batches):
                 replay.output = acts.hidden.get(number)
                 collector.begin_batch(batch.mask)
-                try:
-                    forward(**batch.inputs)
-                except _Stop:
-                    pass
-                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                    raise _forward_error(skeleton.label, exc) from None
+                _run(skeleton, forward, batch)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,4 +1,4 @@
-"""Tiny models, calibration data and independent float64 references for the RegMean tests.
+"""Calibration data and independent float64 references for the RegMean tests.
 
 The references here share no code with mergecli: they run every example alone (so there is no
 padding at all), capture each linear layer's input with a forward pre-hook, and compute in
@@ -13,18 +13,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import transformers
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from builders import WORDS, build_bert, build_clip_vision, build_gpt2, build_llama
-
-# `from regmean_fixtures import *` brings the session fixtures into a test module.
-__all__ = ["rm_dir", "gpt2_models", "bert_models", "clip_models", "llama_models", "text_data", "image_data"]
-
+from builders import WORDS
 
 
 def minilm_dir() -> Path:
@@ -132,12 +127,16 @@ def image_inputs(path: Path, folder: Path) -> list[dict[str, torch.Tensor]]:
 def layer_inputs(path: Path, inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Each linear module's input rows `(tokens, d_in)` in float64, over all examples run one by one."""
     model = load_reference_model(path)
+    return module_inputs(model, list(linear_modules(model)), inputs)
+
+
+def module_inputs(model: torch.nn.Module, modules: list[str], inputs: list[dict]) -> dict[str, torch.Tensor]:
+    """Each named module's input rows `(tokens, d_in)` in float64, over the examples run one by one."""
+    found = dict(model.named_modules())
     rows: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, module in linear_modules(model).items():
-        def hook(module, args, name=name):
-            rows.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
-        handles.append(module.register_forward_pre_hook(hook))
+    handles = [found[name].register_forward_pre_hook(
+        lambda m, args, name=name: rows.setdefault(name, []).append(args[0].detach().reshape(
+            -1, args[0].shape[-1]).double())) for name in modules]
     with torch.no_grad():
         for example in inputs:
             model(**example)
@@ -197,43 +196,3 @@ def perturbed_copy(source: Path, target: Path, *, seed: int, scale: float = 0.02
         edit(tensors)
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
     return target
-
-
-# ---------------------------------------------------------------------------------------------
-# Session fixtures: tiny models of each family, built once
-
-
-@pytest.fixture(scope="session")
-def rm_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("regmean")
-
-
-def two_models(build, name: str, seed: int):
-    """A session fixture: two tiny models of one family, built with seeds `seed` and `seed + 1`."""
-
-    @pytest.fixture(scope="session")
-    def models(rm_dir) -> list[Path]:
-        return [build(rm_dir / f"{name}-{i}", seed=seed + i) for i in range(2)]
-
-    return models
-
-
-gpt2_models = two_models(build_gpt2, "gpt2", 50)
-bert_models = two_models(build_bert, "bert", 60)
-clip_models = two_models(build_clip_vision, "clip", 70)
-llama_models = two_models(build_llama, "llama", 80)
-
-
-@pytest.fixture(scope="session")
-def text_data(rm_dir) -> list[Path]:
-    """Two calibration files of uneven example lengths: jsonl (with a chat example) and txt."""
-    texts = random_texts(1, 23)
-    records = [{"text": t} for t in texts[:20]]
-    records.insert(3, {"messages": [{"role": "user", "content": texts[20]},
-                                    {"role": "assistant", "content": texts[21]}]})
-    return [write_jsonl(rm_dir / "data-a.jsonl", records), write_txt(rm_dir / "data-b.txt", random_texts(2, 21))]
-
-
-@pytest.fixture(scope="session")
-def image_data(rm_dir) -> list[Path]:
-    return [write_images(rm_dir / f"images-{i}", 7, seed=i) for i in range(2)]
