@@ -47,8 +47,8 @@ def test_three_fp32_models_weighted(llama_fp32, tmp_path):
     assert result.exit_code == 0, result.output
     assert_matches(out, reference_average(llama_fp32, [0.2, 0.3, 0.5]), torch.float32)
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "README.md", "chat_template.jinja", "config.json", "generation_config.json", "mergecli.toml",
-        "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+        ".mergecli-manifest.json", "README.md", "chat_template.jinja", "config.json", "generation_config.json",
+        "mergecli.toml", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left
 
 
@@ -202,10 +202,11 @@ def test_resolved_recipe_reproduces_bit_for_bit(llama_fp32, tmp_path):
 def test_force_replaces_output(llama_fp32, tmp_path):
     out = tmp_path / "out"
     assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", out).exit_code == 0
-    (out / "old.txt").write_text("old")
+    before = load_file(out / "model.safetensors")
     result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", out, "--force")
     assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -47,8 +47,8 @@ def wait_for_partial(out: Path, process: subprocess.Popen) -> None:
 def test_sigterm_cleans_up_and_keeps_existing_output(big_pair, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("previous merge")
-    (out / "mergecli.toml").write_text('output = "."\n')  # what a merge writes: --force may replace it
+    (out / "config.json").write_text("{}")
+    (out / "mergecli.toml").write_text('output = "."\n')  # an earlier merge's files: --force may replace them
     before = {str(p): p.stat().st_mtime_ns for p in big_pair}
     process = start_merge(big_pair, out, "--force")
     wait_for_partial(out, process)
@@ -56,7 +56,7 @@ def test_sigterm_cleans_up_and_keeps_existing_output(big_pair, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143, stderr  # 128 + SIGTERM
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "mergecli.toml"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "mergecli.toml"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert {str(p): p.stat().st_mtime_ns for p in big_pair} == before
 

@@ -16,37 +16,33 @@ from safetensors.torch import load_file
 from clirunner import cli
 from conftest import tree_digest
 
-# Runs `mergecli average A B -o OUT --force` in a fresh process whose filesystem steps, once the
-# output starts being put in place, are counted: the process SIGKILLs itself just before step KILL_AT
-# (and, with NO_EXCHANGE, behaves as on a system without renameat2's atomic exchange).
+# Runs `mergecli average A B -o OUT --force` in a fresh process whose filesystem steps, from the moment
+# the finished output starts being synced to disk, are counted: the process sends itself SIGNAL (KILL by
+# default) just before step KILL_AT (and, with NO_EXCHANGE, behaves as on a system without renameat2's
+# atomic exchange). Step 0 is the sync, before the swap; then the renames (or the exchange), the sync of
+# the parent, and the removal of the old output.
 DRIVER = """
 import os, shutil, signal, sys
 from mergecli.io import atomic
 kill_at, exchange = int(os.environ["KILL_AT"]), os.environ.get("NO_EXCHANGE") != "1"
+signum = getattr(signal, "SIG" + os.environ.get("SIGNAL", "KILL"))
 steps = [0]
 counting = [False]
 
-def step(function):
+def step(function, starts=False):
     def counted(*args, **kwargs):
+        counting[0] = counting[0] or starts
         if counting[0]:
             if steps[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signum)
             steps[0] += 1
         return function(*args, **kwargs)
     return counted
 
 os.rename, shutil.rmtree = step(os.rename), step(shutil.rmtree)
 atomic._exchange = step(atomic._exchange if exchange else (lambda a, b: False))
-put = atomic._put_in_place
-
-def put_counted(temporary, output):
-    counting[0] = True
-    put(temporary, output)
-    counting[0] = False
-    if os.environ.get("SIGNAL_AFTER") == "1":
-        os.kill(os.getpid(), signal.SIGINT)  # arrives while the swap holds signals
-
-atomic._put_in_place = put_counted
+atomic.sync_tree = step(atomic.sync_tree, starts=True)
+atomic.sync_directory = step(atomic.sync_directory)
 sys.argv = ["mergecli", *sys.argv[1:]]
 from mergecli.__main__ import main
 main()
@@ -66,7 +62,7 @@ def old_output(llama_fp32, tmp_path) -> Path:
     return out
 
 
-NAMED_BY_PLACE = ("README.md", "mergecli.toml")  # they hold the output's name and relative paths
+NAMED_BY_PLACE = ("README.md", "mergecli.toml", ".mergecli-manifest.json")  # name, relative paths, their sizes
 
 
 def content(out: Path) -> dict[str, str]:
@@ -87,7 +83,7 @@ def test_a_kill_at_any_step_of_the_replacement_loses_nothing(llama_fp32, old_out
     assert new != old and set(new) == set(old)
     args = ["average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", old_output, "--force", "--quiet"]
     seen = set()
-    for kill_at in range(6):
+    for kill_at in range(10):
         if state(old_output, old, new) != "old":  # start each round from the old output
             assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", old_output, "--force").exit_code == 0
         run = run_driver(*args, KILL_AT=str(kill_at), NO_EXCHANGE="1" if exchange == "0" else "0")
@@ -107,13 +103,35 @@ def test_a_kill_at_any_step_of_the_replacement_loses_nothing(llama_fp32, old_out
     assert {"old", "new", "finished"} <= seen or {"old", "finished"} <= seen, seen
 
 
-def test_a_signal_during_the_final_swap_reports_success(llama_fp32, tmp_path):
-    out = tmp_path / "out"
-    run = run_driver("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", out, "--quiet",
-                     KILL_AT="99", SIGNAL_AFTER="1")
-    assert run.returncode == 0, run.stderr
-    assert "interrupted once the output was complete" in run.stderr and "Traceback" not in run.stderr
-    assert load_file(out / "model.safetensors") and (out / "mergecli.toml").is_file()
+@pytest.mark.parametrize("exchange", ["1", "0"], ids=["renameat2-exchange", "rename-fallback"])
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_a_signal_at_any_step_of_the_swap_completes_it_or_never_starts_it(llama_fp32, old_output, tmp_path, exchange,
+                                                                         sig):
+    """SIGTERM or SIGINT at each step: before the swap (the sync) it is refused and the old output stays,
+    with 143 / 130; once the swap started, it completes and the exit code is 0. A rerun is bit-identical."""
+    old = content(old_output)
+    reference = tmp_path / "reference"
+    assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", reference).exit_code == 0
+    new = content(reference)
+    args = ["average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", old_output, "--force", "--quiet"]
+    interrupted = {"TERM": 143, "INT": 130}[sig]
+    outcomes = []
+    for kill_at in range(5 if exchange == "0" else 4):
+        if state(old_output, old, new) != "old":
+            assert cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", old_output, "--force").exit_code == 0
+        run = run_driver(*args, KILL_AT=str(kill_at), SIGNAL=sig, NO_EXCHANGE="1" if exchange == "0" else "0")
+        now = state(old_output, old, new)
+        outcomes.append((kill_at, run.returncode, now))
+        assert "Traceback" not in run.stderr, run.stderr
+        if kill_at == 0:  # before the swap: nothing changed, and the exit code says so
+            assert (run.returncode, now) == (interrupted, "old"), (run.returncode, now, run.stderr)
+        else:  # the swap had started: it completed
+            assert (run.returncode, now) == (0, "new"), (kill_at, run.returncode, now, run.stderr)
+            assert "interrupted once the output was complete" in run.stderr
+        again = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[2], "-o", old_output, "--force")
+        assert again.exit_code == 0 and content(old_output) == new  # a rerun is bit-identical
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"], kill_at
+    assert {code for _, code, _ in outcomes} == {0, interrupted}, outcomes
 
 
 def test_force_refuses_a_directory_mergecli_did_not_write(llama_fp32, tmp_path):
@@ -123,7 +141,8 @@ def test_force_refuses_a_directory_mergecli_did_not_write(llama_fp32, tmp_path):
     before = tree_digest(victim)
     result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", victim, "--force")
     assert result.exit_code == 2, result.output
-    assert f"--force does not replace {victim}: it is not a mergecli output" in result.stderr
+    assert f"--force does not replace {victim}: it holds .git/" in result.stderr or \
+        f"--force does not replace {victim}: it holds " in result.stderr
     assert tree_digest(victim) == before and (victim / ".git").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]
 

@@ -23,7 +23,9 @@ REPO = "fake-user/llama-avg"
 
 
 def local_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """What push uploads: every file but the hidden ones (the manifest that --force reads)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
 
 
 def remote_files(hub: FakeHub, revision: str = "main") -> dict[str, bytes]:

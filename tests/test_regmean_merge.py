@@ -3,8 +3,10 @@ activations (computed here, in float64, from unpadded forward passes), the rest 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -251,14 +253,14 @@ def test_stats_of_another_model_are_refused(tmp_path, llama_recipe, llama_models
     assert_fails(tmp_path, recipe, 1, "models.0 (m0)", "models.1 (m1)", "another model")
 
 
-@pytest.mark.parametrize("version", [0, 1])
+@pytest.mark.parametrize("version", [0, 1, 2])
 def test_stats_of_an_older_format_version_are_refused(tmp_path, llama_recipe, version):
     recipe = copy_recipe(tmp_path, llama_recipe)
     index = tmp_path / "stats" / "m1" / "stats.json"
     meta = json.loads(index.read_text())
     meta["format_version"] = version
     index.write_text(json.dumps(meta))
-    assert_fails(tmp_path, recipe, 1, f"format version {version}", "this mergecli reads version 2",
+    assert_fails(tmp_path, recipe, 1, f"format version {version}", "this mergecli reads version 3",
                  "collect them again", "mergecli regmean collect-stats RECIPE", "--force")
 
 
@@ -278,6 +280,71 @@ def test_corrupt_or_missing_stats_are_refused(tmp_path, llama_recipe, damage):
         words = ["no RegMean statistics", "collect-stats"]
     assert_fails(tmp_path, recipe, 1, "models.0 (m0)", *words)
     assert_fails(tmp_path, recipe, 1, *words, command=("validate",))
+
+
+def first_gram_offset(path: Path) -> int:
+    """Where the first Gram's data starts in a statistics file (read from its header here)."""
+    length = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + length])
+    first = min((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+    return 8 + length + first[0]
+
+
+def resealed(directory: Path, gram_file: str) -> None:
+    """Make stats.json agree with a damaged Gram file again (its sha256, then its own checksum), computed
+    here independently: what a corruption that keeps every checksum consistent looks like."""
+    path = directory / gram_file
+    length = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + length])
+    meta = json.loads((directory / "stats.json").read_text())
+    for key, entry in header.items():
+        if key != "__metadata__":
+            begin, end = entry["data_offsets"]
+            meta["grams"][key]["sha256"] = hashlib.sha256(path.read_bytes()[8 + length + begin:8 + length + end]
+                                                           ).hexdigest()
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    meta["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (directory / "stats.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", ["off-diagonal nan", "off-diagonal inf, resealed", "zeroed", "copied",
+                                    "linked", "tokens x1000", "dead features"])
+def test_corrupt_statistics_are_never_merged(tmp_path, llama_recipe, damage):
+    """Each corruption that a fault-injection run merged without a word now fails, naming the file."""
+    recipe = copy_recipe(tmp_path, llama_recipe)
+    directory = tmp_path / "stats" / "m1"
+    grams = directory / "grams-00001.safetensors"
+    meta = json.loads((directory / "stats.json").read_text())
+    named = str(grams)
+    if damage.startswith("off-diagonal"):
+        data = bytearray(grams.read_bytes())
+        value = float("nan") if "nan" in damage else float("inf")
+        offset = first_gram_offset(grams) + 8  # row 0, column 1 of the first Gram's upper triangle
+        data[offset:offset + 8] = struct.pack("<d", value)
+        grams.write_bytes(bytes(data))
+        if "resealed" in damage:
+            resealed(directory, grams.name)
+    elif damage == "zeroed":
+        data = bytearray(grams.read_bytes())
+        start = first_gram_offset(grams)
+        data[start:] = bytes(len(data) - start)
+        grams.write_bytes(bytes(data))
+    elif damage in ("copied", "linked"):
+        other = tmp_path / "stats" / "m0" / "grams-00001.safetensors"
+        grams.unlink()
+        shutil.copyfile(other, grams) if damage == "copied" else grams.symlink_to(other)
+    elif damage == "tokens x1000":
+        for entry in meta["grams"].values():
+            entry["tokens"] *= 1000
+        for entry in meta["layers"].values():
+            entry["tokens"] *= 1000
+        (directory / "stats.json").write_text(json.dumps(meta))
+        named = str(directory / "stats.json")
+    else:
+        next(iter(meta["grams"].values()))["dead_features"] = [0, 1, 2]
+        (directory / "stats.json").write_text(json.dumps(meta))
+        named = str(directory / "stats.json")
+    assert_fails(tmp_path, recipe, 1, named, "corrupt" if damage != "copied" and damage != "linked" else "not one of")
 
 
 def test_average_recipe_is_refused(tmp_path, llama_models):

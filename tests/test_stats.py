@@ -98,9 +98,9 @@ def test_clip_vision_stats_from_image_folder(tmp_path, clip_models, image_data):
 def test_stats_metadata_and_one_file_per_stage(tmp_path, llama_models, text_data):
     recipe = write_recipe(tmp_path / "recipe.toml", list(zip(llama_models, text_data)),
                           settings={"num_examples": 5, "max_length": 8})
-    result = cli("regmean", "collect-stats", recipe, "--model", "m1")
+    result = cli("regmean", "collect-stats", recipe, "--only", "m1")
     assert result.exit_code == 0, result.output
-    assert not (tmp_path / "stats" / "m0").exists()  # --model picks models
+    assert not (tmp_path / "stats" / "m0").exists()  # --only picks models
     directory = tmp_path / "stats" / "m1"
     # block 0, block 1, and lm_head after the last block (the embeddings have no linear layer)
     files = sorted(p.name for p in directory.glob("*.safetensors"))
@@ -110,13 +110,13 @@ def test_stats_metadata_and_one_file_per_stage(tmp_path, llama_models, text_data
     with open_checkpoint(str(llama_models[1])) as checkpoint:
         fingerprint = checkpoint.fingerprint()
     assert meta["fingerprint"] == fingerprint
-    assert meta["format_version"] == 2 and meta["packing"] == "upper" and meta["mergecli_version"]
+    assert meta["format_version"] == 3 and meta["packing"] == "upper" and meta["mergecli_version"]
     assert meta["data"]["num_examples"] == 5 and meta["data"]["max_length"] == 8
     for file in directory.glob("*.safetensors"):  # upper triangles: d(d+1)/2 float64 values each
         assert all(t.dtype == torch.float64 and t.shape in ((32 * 33 // 2,), (64 * 65 // 2,))
                    for t in load_file(file).values())
     header = shard_metadata(directory)
-    assert header["fingerprint"] == fingerprint and header["mergecli_stats_format"] == "2"
+    assert header["fingerprint"] == fingerprint and header["mergecli_stats_format"] == "3"
     assert [p.name for p in (tmp_path / "stats").iterdir()] == ["m1"]  # no temporary directory left
 
 
@@ -262,5 +262,5 @@ def test_combine_refuses_other_models_and_an_existing_output(tmp_path, llama64, 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     result = cli("regmean", "combine-stats", tmp_path / "notes", mine, "--force")
-    assert result.exit_code == 2 and "not a statistics directory" in result.stderr
+    assert result.exit_code == 2 and "it holds todo.txt, which mergecli did not write" in result.stderr
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"

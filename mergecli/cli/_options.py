@@ -23,6 +23,9 @@ MemoryBudgetOpt = Annotated[
     str | None, typer.Option("--memory-budget", metavar="SIZE",
                              help="RAM for calibration hidden states (e.g. 4GB); beyond it they spill to disk. "
                                   "Sets regmean.memory_budget.")]
+NoSyncOpt = Annotated[bool, typer.Option(
+    "--no-sync", help="Do not wait for the output to reach the disk before putting it in place (for scratch "
+                      "outputs: after a power loss it may hold zeros).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]

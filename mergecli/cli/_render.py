@@ -88,7 +88,8 @@ def _print_plan(plan: MergePlan, title: str) -> None:
 
 def print_report(report: MergeReport, method: Method, reference: str) -> None:
     """A finished merge: a summary on stdout (or its --json), warnings on stderr."""
-    files = sorted(p.name for p in report.output.iterdir()) if report.output.is_dir() else []
+    files = sorted(p.name for p in report.output.iterdir() if not p.name.startswith(".")) \
+        if report.output.is_dir() else []
     data = {"output": str(report.output), "files": files, "tensors": report.tensors, "counts": report.counts,
             "shards": report.shards, "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
             "seconds": round(report.seconds, 3), "warnings": report.warnings}

@@ -15,6 +15,7 @@ from mergecli.cli._options import (
     ForceOpt,
     JsonOpt,
     ModelOpt,
+    NoSyncOpt,
     OptionalRecipeArg,
     OutputOpt,
     QuietOpt,
@@ -74,6 +75,7 @@ def average(
     set_: SetOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
+    no_sync: NoSyncOpt = False,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -94,4 +96,4 @@ def average(
       mergecli average recipe.toml --dry-run --json
     """
     spec = recipe_from_options(recipe, model or [], weights, name or [], base, set_ or [])
-    plan_and_run(spec, "average", output=output, force=force, dry_run=dry_run)
+    plan_and_run(spec, "average", output=output, force=force, dry_run=dry_run, sync=not no_sync)

@@ -18,6 +18,7 @@ from mergecli.cli._options import (
     ForceOpt,
     JsonOpt,
     MemoryBudgetOpt,
+    NoSyncOpt,
     OutputOpt,
     QuietOpt,
     RecipeArg,
@@ -122,6 +123,7 @@ def merge(
     force: ForceOpt = False,
     memory_budget: MemoryBudgetOpt = None,
     dry_run: DryRunOpt = False,
+    no_sync: NoSyncOpt = False,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -139,7 +141,7 @@ def merge(
     from mergecli.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides=with_budget(set_, memory_budget))
-    plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run)
+    plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run, sync=not no_sync)
 
 
 @regmean_app.command("combine-stats")

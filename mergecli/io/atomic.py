@@ -1,12 +1,13 @@
-"""Output directories written atomically: into a hidden temporary sibling, put in place only when
-complete, so that an interrupted run never leaves a directory that looks finished, and never loses
-the output it was replacing.
+"""Output directories written atomically: into a hidden temporary sibling, synced to disk and put in
+place only when complete, so that an interrupted run (or a power loss) never leaves a directory that
+looks finished, and never loses the output it was replacing.
 
-An existing output is replaced only when `--force` is given and it is an empty directory or one
-this tool wrote (a merge output, a statistics directory). On Linux the new directory is swapped
-with the old one by one `renameat2(RENAME_EXCHANGE)`: at no moment is neither in place. Elsewhere
-the old one is first renamed to `.NAME.replaced-PID`, a record the next run uses to restore it.
-Each run first restores or removes what killed runs left (`.NAME.partial-PID`, `.NAME.replaced-PID`).
+An existing output is replaced only when `--force` is given and it holds only what mergecli wrote
+there (io/manifest.py). On Linux the new directory is swapped with the old one by one
+`renameat2(RENAME_EXCHANGE)`: at no moment is neither in place. Elsewhere the old one is first
+renamed to `.NAME.replaced-PID`, a record the next run uses to restore it. Ctrl-C and SIGTERM wait
+while the output is swapped: once the swap starts, it completes. Each run first restores or removes
+what killed runs left (`.NAME.partial-PID`, `.NAME.replaced-PID`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import re
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from mergecli.errors import OutputInPlace, UsageError
+from mergecli.io.durable import sync_directory, sync_tree
+from mergecli.io.files import SAFETENSORS_INDEX, SINGLE_SAFETENSORS, TOKENIZER_FILES
 from mergecli.io.linux import exchange as _exchange
+from mergecli.io.manifest import MANIFEST, foreign_file, write_manifest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,23 +33,23 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _TEMPORARY = re.compile(r"\..+\.(partial|replaced)-\d+")
-Replaceable = Callable[[Path], "str | None"]  # why an existing directory may not be replaced, or None
+MERGE_OUTPUT, STATISTICS = "merge output", "statistics"
+# What a directory of each kind written before manifests existed may hold (file name patterns).
+_LEGACY = {MERGE_OUTPUT: (SINGLE_SAFETENSORS, "model-*-of-*.safetensors", SAFETENSORS_INDEX, "config.json",
+                          "README.md", "mergecli.toml", *TOKENIZER_FILES),
+           STATISTICS: ("stats.json", "grams-*.safetensors")}
 
 
-def finished_output(path: Path) -> str | None:
-    """None when `path` may be replaced by a merge: empty, or a finished mergecli output."""
-    if not any(path.iterdir()):
-        return None
-    recipe = path / "mergecli.toml"
-    if not recipe.is_file():
-        return "it is not a mergecli output (it has no mergecli.toml)"
-    try:
-        written = tomllib.loads(recipe.read_text(encoding="utf-8")).get("output") == "."
-    except (OSError, ValueError):
+def replace_problem(path: Path, kind: str) -> str | None:
+    """Why `--force` may not replace the directory `path` by a new `kind` directory, or None."""
+    problem = foreign_file(path, kind, legacy=_LEGACY[kind])
+    if problem or kind != MERGE_OUTPUT or (path / MANIFEST).exists() or not any(path.iterdir()):
+        return problem
+    try:  # a merge output from before manifests: its mergecli.toml is the record of a merge
+        written = tomllib.loads((path / "mergecli.toml").read_text(encoding="utf-8")).get("output") == "."
+    except (OSError, ValueError, RecursionError):
         written = False
-    if not written:  # a recipe of the user's own, not the resolved recipe a merge writes
-        return "its mergecli.toml is a recipe, not the record of a merge (which says output = \".\")"
-    return None
+    return None if written else "it has no record of a merge (mergecli.toml with output = \".\")"
 
 
 def _alive(pid: int) -> bool:
@@ -60,14 +64,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _leftovers(output: Path, kind: str) -> list[Path]:
-    """`.NAME.KIND-PID` beside `output` whose process is gone (a prefix test per entry: a glob
+def _dead(directory: Path, prefix: str) -> list[Path]:
+    """Entries `PREFIX<pid>` of `directory` whose process is gone (a prefix test per entry: a glob
     would fnmatch every name of a crowded directory such as /tmp)."""
-    prefix, found = f".{output.name}.{kind}-", []
     try:
-        entries = list(os.scandir(output.parent))
+        entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return []
+    found = []
     for entry in entries:
         pid = entry.name[len(prefix):]
         if entry.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
@@ -83,28 +87,43 @@ def recover(output: Path) -> list[str]:
     complete as far as anyone can tell: removed.
     """
     notes = []
-    for replaced in _leftovers(output, "replaced"):
-        if not output.exists():
+    for replaced in _dead(output.parent, f".{output.name}.replaced-"):
+        if not os.path.lexists(output):
             os.rename(replaced, output)
             notes.append(f"restored {output}, which an interrupted replacement had moved aside to {replaced.name}")
         else:
             shutil.rmtree(replaced, ignore_errors=True)
             notes.append(f"removed {replaced.name}, the previous output left by an interrupted replacement")
-    for partial in _leftovers(output, "partial"):
+    for partial in _dead(output.parent, f".{output.name}.partial-"):
         shutil.rmtree(partial, ignore_errors=True)
         notes.append(f"removed {partial.name}, left by an interrupted run")
     return notes
 
 
-def remove_dead_siblings(path: Path) -> None:
-    """Delete the siblings of `path` named like it, `NAME-PID`, whose process is gone (scratch
-    directories of killed runs)."""
-    prefix = path.name.rsplit("-", 1)[0] + "-"
-    if path.parent.is_dir():
-        for stale in path.parent.glob(f"{prefix}*"):
-            pid = stale.name[len(prefix):]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
+SCRATCH = (".plusplus-", ".spill-")  # `.KIND-PID` scratch directories that runs make under stats_dir
+
+
+def scratch_directory(directory: Path, kind: str) -> Path:
+    """This process's scratch directory of `kind` ("plusplus", "spill") under `directory`."""
+    return directory / f".{kind}-{os.getpid()}"
+
+
+def clean_directory(directory: Path) -> list[str]:
+    """Remove what dead runs of any kind left in `directory` (scratch directories, partial outputs)
+    and restore what an interrupted replacement moved aside; say what was done."""
+    notes = []
+    for prefix in SCRATCH:
+        for stale in _dead(directory, prefix):
+            shutil.rmtree(stale, ignore_errors=True)
+            notes.append(f"removed {stale}, left by an interrupted run")
+    try:
+        names = {match.group(1) for entry in os.scandir(directory)
+                 if (match := re.fullmatch(r"\.(.+)\.(?:partial|replaced)-\d+", entry.name))}
+    except (FileNotFoundError, NotADirectoryError):
+        return notes
+    for name in sorted(names):
+        notes += recover(directory / name)
+    return notes
 
 
 def is_temporary(path: Path) -> bool:
@@ -112,32 +131,41 @@ def is_temporary(path: Path) -> bool:
     return _TEMPORARY.fullmatch(path.name) is not None
 
 
-def check_output_path(output: Path, inputs: list[Path], *, force: bool,
-                      replaceable: Replaceable = finished_output) -> None:
-    """Refuse an existing output without `force`, one that `--force` may not replace, and any
-    output that overlaps an input."""
+def _overlap(output: Path, path: Path) -> str | None:
+    """How `output` and the input `path` overlap (symlinks resolved on both sides), or None."""
+    real_output, real = Path(os.path.realpath(output)), Path(os.path.realpath(path))
+    through = f" (through links: it is {real})" if real != Path(os.path.abspath(path)) else ""
+    if real_output == real:
+        return f"output {output} is one of the inputs{through}"
+    if real in real_output.parents:
+        return f"output {output} is inside the input {path}{through}"
+    if real_output in real.parents:
+        return f"the input {path}{through} is inside the output {output}; replacing the output would delete it"
+    return None
+
+
+def check_output_path(output: Path, inputs: list[Path], *, force: bool, kind: str = MERGE_OUTPUT) -> None:
+    """Refuse an output that is a link, one that exists (without `force`), one that `--force` may not
+    replace (it holds files mergecli did not write), and any output that overlaps an input, symlinks
+    resolved on both sides."""
     output = Path(os.path.abspath(output))
+    if os.path.islink(output):
+        raise UsageError(f"output {output} is a symbolic link (to {os.readlink(output)})",
+                         hint="give the directory itself: mergecli does not write through links")
     for path in inputs:
-        path = Path(os.path.abspath(path))
-        if output == path:
-            raise UsageError(f"output {output} is one of the inputs",
-                             hint="choose an output directory outside every input")
-        if path in output.parents:
-            raise UsageError(f"output {output} is inside the input {path}",
-                             hint="choose an output directory outside every input")
-        if output in path.parents:
-            raise UsageError(f"input {path} is inside the output {output}",
-                             hint="replacing the output would delete that input; choose another output")
-    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        problem = _overlap(output, path)
+        if problem:
+            raise UsageError(problem, hint="choose an output directory outside every input")
+    if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} exists and is not a directory", hint="choose another output")
     _check_writable_parent(output)
     if output.exists():
         if not force:
             raise UsageError(f"output {output} already exists", hint="pass --force to replace it")
-        reason = replaceable(output)
+        reason = replace_problem(output, kind)
         if reason:
             raise UsageError(f"--force does not replace {output}: {reason}",
-                             hint="--force replaces only an empty directory or an earlier output of mergecli; "
+                             hint=f"--force replaces only an empty directory or what mergecli wrote as a {kind}; "
                                   "choose another output, or remove that directory yourself")
 
 
@@ -148,59 +176,71 @@ def _check_writable_parent(output: Path) -> None:
     problem = None
     if not ancestor.is_dir():
         problem = f"{ancestor} is a file, not a directory"
+    elif os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+        problem = f"{ancestor} is on a read-only file system"
+    elif os.statvfs(ancestor).f_blocks == 0:
+        problem = f"{ancestor} is on a virtual file system, which cannot hold files"
     elif not os.access(ancestor, os.W_OK | os.X_OK):
         problem = f"no permission to write in {ancestor}"
-    else:
-        stats = os.statvfs(ancestor)
-        if stats.f_flag & os.ST_RDONLY:
-            problem = f"{ancestor} is on a read-only file system"
-        elif stats.f_blocks == 0:
-            problem = f"{ancestor} is on a virtual file system, which cannot hold files"
     if problem:
         raise UsageError(f"cannot create output {output}: {problem}", hint="choose another output directory")
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while the output is swapped: once started, the swap completes."""
+def signals_deferred() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM for a moment that must not be cut: their Python handlers (which run on
+    the main thread, whichever thread the signal reached) only note them, in the list yielded; the
+    caller acts on them afterwards. Outside the main thread nothing can be held."""
+    pending: list[int] = []
+
+    def remember(signum: int, frame: object) -> None:
+        pending.append(signum)
+
     try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (ValueError, OSError, AttributeError):  # not the main thread, or no such call
-        yield
+        previous = {number: signal.signal(number, remember) for number in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield pending
         return
     try:
-        yield
+        yield pending
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
-def _put_in_place(temporary: Path, output: Path) -> None:
-    if not output.exists():
+def _put_in_place(temporary: Path, output: Path) -> Path | None:
+    """Rename `temporary` to `output`, swapping out an existing one; the parent is synced after the
+    rename. Returns the old output's new place, for the caller to delete (None when there was none)."""
+    if not os.path.lexists(output):
         os.rename(temporary, output)
-        return
+        sync_directory(output.parent)
+        return None
     if _exchange(temporary, output):
-        shutil.rmtree(temporary)  # the old output, now in the temporary's place
-        return
+        sync_directory(output.parent)
+        return temporary  # the old output, now in the temporary's place
     retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
     os.rename(output, retired)  # a kill here: the next run restores `retired`
     os.rename(temporary, output)
-    shutil.rmtree(retired)
+    sync_directory(output.parent)
+    return retired
 
 
 @contextmanager
-def atomic_directory(output: Path, *, force: bool = False, replaceable: Replaceable = finished_output,
-                     notes: list[str] | None = None) -> Iterator[Path]:
+def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUTPUT,
+                     notes: list[str] | None = None, sync: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of `output`; put it in place only if the block succeeds.
 
     Args:
-        force: replace an existing `output`, if `replaceable` says it may be.
+        force: replace an existing `output`, if it holds only what mergecli wrote as a `kind`.
         notes: where to say what was recovered from killed runs.
+        sync: every file and the directory reach the disk before the rename that publishes them
+            (the default); False for scratch outputs.
 
     On any failure (including Ctrl-C) the temporary directory is removed and an existing output is
     left untouched. A killed process leaves only hidden `.NAME.partial-PID` (and, on systems
     without an atomic exchange, `.NAME.replaced-PID`) directories, which the next run handles.
-    Ctrl-C and SIGTERM wait while the output is put in place; one that came then raises
-    `OutputInPlace`: the directory is complete.
+    Ctrl-C and SIGTERM wait while the output is swapped; one that came then raises `OutputInPlace`:
+    the directory is complete.
     """
     output = Path(os.path.abspath(output))
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -209,18 +249,22 @@ def atomic_directory(output: Path, *, force: bool = False, replaceable: Replacea
         notes.extend(recovered)
     temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
     temporary.mkdir()
-    placed = False
+    old = None
     try:
         yield temporary
-        with _signals_held():
-            check_output_path(output, [], force=force, replaceable=replaceable)
-            _put_in_place(temporary, output)
-            placed = True
-    except KeyboardInterrupt as interruption:
-        if placed:  # the signal came while the output was being put in place: it is complete
-            raise OutputInPlace(output) from interruption
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        write_manifest(temporary, kind)
+        if sync:
+            sync_tree(temporary)
+        with signals_deferred() as pending:
+            check_output_path(output, [], force=force, kind=kind)
+            old = _put_in_place(temporary, output)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    try:
+        if old is not None:
+            shutil.rmtree(old)
+    except KeyboardInterrupt as interruption:  # the next run removes what is left of the old output
+        raise OutputInPlace(output) from interruption
+    if pending:
+        raise OutputInPlace(output)

@@ -15,7 +15,7 @@ import torch
 from mergecli.errors import MergecliError
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import SAFETENSORS_INDEX, SINGLE_SAFETENSORS
-from mergecli.io.linux import preallocate
+from mergecli.io.linux import preallocate, start_writeback
 from mergecli.io.safetensors import TensorInfo, TensorSpec, encode_header, pwrite_all, tensor_bytes
 
 OUTPUT_METADATA = {"format": "pt"}
@@ -58,6 +58,7 @@ class ShardWriter:
     directory: Path
     shards: list[ShardPlan]
     tensors: dict[str, TensorSpec]
+    sync: bool = False  # start each block's writeback as it is written (the final fsync then waits little)
     _fds: dict[str, int] = field(default_factory=dict)
     _where: dict[str, tuple[str, int]] = field(default_factory=dict)
     _written: dict[str, int] = field(default_factory=dict)
@@ -79,7 +80,10 @@ class ShardWriter:
             raise ValueError(f"{name}: block is {block.dtype}, planned {spec.dtype}")
         filename, offset = self._where[name]
         data = tensor_bytes(block)
-        pwrite_all(self._fds[filename], data, offset + row_start * spec.row_bytes)
+        fd, start = self._fds[filename], offset + row_start * spec.row_bytes
+        pwrite_all(fd, data, start)
+        if self.sync:
+            start_writeback(fd, start, len(data))
         with self._lock:
             self._written[name] = self._written.get(name, 0) + len(data)
 

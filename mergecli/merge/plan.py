@@ -6,6 +6,7 @@ tensor's task, and lay out the output shards. Nothing is read yet, so a plan is 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class MergePlan:
     shards: list[ShardPlan]
     support: SupportFiles
     warnings: list[str] = field(default_factory=list)
+    sync: bool = True  # the output reaches the disk before it is put in place (--no-sync: not)
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -164,7 +166,7 @@ def resolve_output(recipe: Recipe, output: Path | str | None) -> Path:
     target = output if output is not None else recipe.output
     if target is None:
         raise UsageError("no output directory", hint="set `output` in the recipe or pass -o DIR")
-    return Path(target).expanduser().resolve()
+    return Path(os.path.abspath(Path(target).expanduser()))  # a link is not followed: it is refused
 
 
 def inputs_order(stages: list[Stage], inputs: Inputs) -> list[TensorTask]:
@@ -188,7 +190,7 @@ def check_digests(recipe: Recipe, inputs: Inputs) -> None:
 
 
 def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool = False,
-               dry_run: bool = False) -> MergePlan:
+               dry_run: bool = False, sync: bool = True) -> MergePlan:
     """Open and check the inputs of a recipe, let its method plan every tensor, and lay out the
     output; read no tensor. Unless `dry_run`, first restore or remove what killed runs left beside
     the output (said in the plan's warnings). With `dry_run`, hub inputs are planned from their
@@ -224,7 +226,7 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
         check_output_path(target, input_paths(inputs), force=force)
         shards = plan_shards([task.out for task in inputs_order(stages, inputs)], recipe.shard_size)
         support = plan_support(recipe, inputs, warnings)
-        return MergePlan(recipe, method, target, force, inputs, stages, shards, support, warnings)
+        return MergePlan(recipe, method, target, force, inputs, stages, shards, support, warnings, sync)
     except BaseException:
         inputs.close()
         raise

@@ -83,8 +83,8 @@ def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -
         check_disk_space(plan)
         # the digests: before any write
         recipe = resolved_recipe(plan.recipe, plan.inputs, plan.output, normalize=plan.method.normalize(plan.recipe))
-        with atomic_directory(plan.output, force=plan.force, notes=plan.warnings) as directory:
-            writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks})
+        with atomic_directory(plan.output, force=plan.force, notes=plan.warnings, sync=plan.sync) as directory:
+            writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks}, sync=plan.sync)
             try:
                 done = Progress(on_progress)
                 non_finite = NonFinite(plan.recipe.allow_non_finite, plan.warnings)

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from mergecli.errors import OutputInPlace, StatsError, UsageError
-from mergecli.io.atomic import atomic_directory
+from mergecli.io.atomic import STATISTICS, atomic_directory, clean_directory, scratch_directory
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.memory import give_back_memory
 from mergecli.recipe import ModelSpec, model_label
@@ -35,7 +35,7 @@ from mergecli.stats.hidden import MemoryBudget
 from mergecli.stats.layers import LinearLayer, find_linear_layers
 from mergecli.stats.settings import CalibrationSettings, require_data
 from mergecli.stats.skeleton import Skeleton, build_skeleton, forward_of, hooked, max_positions, stage_layers
-from mergecli.stats.store import StatsFiles, statistics_directory, stats_meta, stats_problem
+from mergecli.stats.store import StatsFiles, stats_meta, stats_problem
 
 StatsProgress = Callable[[int, int], None]  # (stages done, stages in all): prefix, each block, tail
 
@@ -155,6 +155,7 @@ def plan_stats(models: list[ModelSpec], settings: CalibrationSettings, *, only: 
         raise UsageError(f"--only {unknown[0]}: no such model in the recipe", hint=f"models: {', '.join(names)}")
     selected = [(i, m) for i, m in enumerate(models) if not only or m.name in only]
     require_data(selected)
+    cleaned = clean_directory(Path(settings.stats_dir))  # what killed runs left
     jobs = []
     try:
         for index, spec in selected:
@@ -178,6 +179,8 @@ def plan_stats(models: list[ModelSpec], settings: CalibrationSettings, *, only: 
         raise
     for job in jobs:
         job.checkpoint.close()  # only its headers, fingerprint and digest were needed
+    if jobs:
+        jobs[0].warnings[:0] = cleaned
     return jobs
 
 
@@ -247,14 +250,15 @@ class StatsSession:
         warnings = list(job.warnings)
         with contextlib.ExitStack() as stack:
             checkpoint = stack.enter_context(open_checkpoint(job.spec.path, revision=job.spec.revision))
-            budget = MemoryBudget(job.settings.memory_budget, job.directory.parent / f".spill-{os.getpid()}")
+            budget = MemoryBudget(job.settings.memory_budget, scratch_directory(job.directory.parent, "spill"))
             stack.callback(budget.close)
             skeleton, layers, batches, max_length = self._prepare(job, checkpoint, warnings)
             files = None
             if self.rank == 0:  # written into a temporary sibling, renamed into place when complete
                 temporary = stack.enter_context(atomic_directory(job.directory, force=True, notes=warnings,
-                                                                 replaceable=statistics_directory))
-                files = StatsFiles(temporary, fingerprint=job.fingerprint, model=job.name)
+                                                                 kind=STATISTICS))
+                files = StatsFiles(temporary, fingerprint=job.fingerprint, model=job.name,
+                                   data_sha256=job.data.sha256)
                 stack.callback(files.close)
             reached = self._run_stages(skeleton, layers, batches, forward_of(skeleton.model, job.data.kind),
                                        budget, job.name, files, on_progress, share_inputs)

@@ -9,13 +9,14 @@ the running sum and the part being added), so combining needs no more memory tha
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from mergecli.errors import StatsError, UsageError
-from mergecli.io.atomic import atomic_directory, check_output_path
+from mergecli.io.atomic import STATISTICS, atomic_directory, check_output_path
 from mergecli.stats.grams import Packed
-from mergecli.stats.store import ModelStats, StatsFiles, load_stats, statistics_directory
+from mergecli.stats.store import ModelStats, StatsFiles, load_stats
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def combine_stats(output: Path | str, inputs: list[Path | str], *, force: bool =
     paths = [Path(p) for p in inputs]
     if not paths:
         raise UsageError("nothing to combine", hint="give the statistics directories to add up")
-    check_output_path(output, paths, force=force, replaceable=statistics_directory)
+    check_output_path(output, paths, force=force, kind=STATISTICS)
     parts = [load_stats(path, label=str(path)) for path in paths]
     first = parts[0]
     for path, other in zip(paths[1:], parts[1:]):
@@ -65,8 +66,9 @@ def combine_stats(output: Path | str, inputs: list[Path | str], *, force: bool =
     meta["tokens"] = sum(p.tokens for p in parts)
     for weight, entry in meta["layers"].items():
         entry["tokens"] = sum(p.layers[weight].tokens for p in parts)
-    with atomic_directory(output, force=force, replaceable=statistics_directory) as temporary:
-        files = StatsFiles(temporary, fingerprint=first.fingerprint, model=first.model)
+    with atomic_directory(output, force=force, kind=STATISTICS) as temporary:
+        parts_digest = hashlib.sha256("|".join(p.meta.get("data_sha256", "") for p in parts).encode()).hexdigest()
+        files = StatsFiles(temporary, fingerprint=first.fingerprint, model=first.model, data_sha256=parts_digest)
         by_file: dict[Path, list[str]] = {}
         for key, entry in first.grams.items():
             by_file.setdefault(entry.file, []).append(key)

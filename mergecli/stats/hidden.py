@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from mergecli.io.atomic import remove_dead_siblings
 from mergecli.io.safetensors import pread_into, pwrite_all, tensor_bytes
 
 
@@ -38,7 +37,6 @@ class MemoryBudget:
 
     def spill_file(self, name: str) -> Path:
         if not self._created:
-            remove_dead_siblings(self.spill_dir)
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             self._created = True
         return self.spill_dir / name

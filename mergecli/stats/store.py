@@ -6,11 +6,17 @@ Each Gram is symmetric, so only its upper triangle is stored (float64, row by ro
 columns i..d-1), which is lossless and half the bytes. `stats.json` records the format version,
 mergecli version, the checkpoint's fingerprint and a hash of its hooked weights, the data
 settings, and per layer: orientation, input size, Gram key and token count. Grams are sums, not
-means, so that statistics of several processes or machines add up (regmean/combine.py).
+means, so that statistics of several processes or machines add up (stats/combine.py).
+
+Nothing corrupt is merged: `stats.json` carries a checksum of itself, each Gram the sha256 of its
+bytes (checked as the Gram is read, before its layer is solved), and each Gram file the fingerprint,
+model name, data digest and token counts that `stats.json` records (checked when they are loaded). A
+Gram holding NaN or inf is an error naming its file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,24 +36,16 @@ from mergecli.io.safetensors import (
     pread_into,
     pwrite_all,
     read_header,
-    sync_file,
     tensor_bytes,
 )
 from mergecli.stats.grams import GRAM_DTYPE, UpperTriangle, never_fired, packed_size
 from mergecli.stats.layers import LinearLayer, Orientation
 
 STATS_FORMAT = "mergecli-regmean-stats"
-STATS_FORMAT_VERSION = 2  # 2: upper triangles, one file per stage; 1: full matrices
+STATS_FORMAT_VERSION = 3  # 3: checksums; 2: upper triangles, one file per stage; 1: full matrices
 STATS_FILE = "stats.json"
 DATA_KEYS = ("kind", "sha256", "num_examples", "max_length", "text_field")  # what makes stats stale
 RERUN = "recompute them: mergecli regmean collect-stats RECIPE --force"
-
-
-def statistics_directory(path: Path) -> str | None:
-    """None when `path` may be replaced by new statistics: empty, or statistics already."""
-    if (path / STATS_FILE).is_file() or not any(path.iterdir()):
-        return None
-    return "it is not a statistics directory (it has no stats.json)"
 
 
 def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: str, weights_sha256: str,
@@ -80,10 +78,11 @@ class StatsFiles:
     the Grams go to disk row by row from where they were summed, with no packed copy.
     """
 
-    def __init__(self, directory: Path, *, fingerprint: str, model: str):
+    def __init__(self, directory: Path, *, fingerprint: str, model: str, data_sha256: str = ""):
         self.directory = directory
         self.metadata = {"format": "pt", "mergecli_stats_format": str(STATS_FORMAT_VERSION),
-                         "mergecli_version": __version__, "fingerprint": fingerprint, "model": model}
+                         "mergecli_version": __version__, "fingerprint": fingerprint, "model": model,
+                         "data_sha256": data_sha256}
         self.grams: dict[str, dict[str, Any]] = {}
         self.bytes = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-stats-writer")
@@ -105,17 +104,19 @@ class StatsFiles:
         self._writing = self._pool.submit(_write_grams, self.directory / filename, header, offsets, grams)
 
     def wait(self) -> None:
-        """Until the file being written is complete (its errors are raised here)."""
+        """Until the file being written is complete (its errors are raised here); its Grams' sha256
+        go into their entries."""
         if self._writing is not None:
             writing, self._writing = self._writing, None
-            writing.result()
+            for key, digest in writing.result().items():
+                self.grams[key]["sha256"] = digest
 
     def finish(self, meta: dict[str, Any]) -> int:
-        """Write `stats.json` (once every file is complete and synced); returns the directory's bytes."""
+        """Write `stats.json` (with its checksum) once every file is complete; returns the directory's
+        bytes. (The directory is synced to disk by `atomic_directory` before it is put in place.)"""
         self.close()
-        for path in self.directory.iterdir():  # written long ago, most of it is on disk already
-            sync_file(path)
-        text = json.dumps({**meta, "grams": self.grams}, indent=1) + "\n"
+        record = {**meta, "data_sha256": self.metadata["data_sha256"], "grams": self.grams}
+        text = json.dumps({**record, "checksum": checksum(record)}, indent=1) + "\n"
         (self.directory / STATS_FILE).write_text(text)
         return self.bytes + len(text)
 
@@ -126,14 +127,26 @@ class StatsFiles:
             self._pool.shutdown()
 
 
-def _write_grams(path: Path, header: bytes, offsets: dict[str, int], grams: dict[str, UpperTriangle]) -> None:
+def checksum(record: dict[str, Any]) -> str:
+    """sha256 of a `stats.json` record (without its own checksum), keys sorted."""
+    text = json.dumps({k: v for k, v in record.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_grams(path: Path, header: bytes, offsets: dict[str, int],
+                 grams: dict[str, UpperTriangle]) -> dict[str, str]:
+    """Write a Gram file; returns each Gram's sha256 (of its packed bytes, as written)."""
+    digests = {}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         pwrite_all(fd, header, 0)
         for key, gram in grams.items():
             offset = offsets[key]
+            digest = hashlib.sha256()
             for rows in gram.chunks():  # one pwritev per block row
                 views = [tensor_bytes(row) for row in rows]
+                for view in views:
+                    digest.update(view)
                 for start in range(0, len(views), 512):  # at most IOV_MAX buffers per call
                     batch = views[start:start + 512]
                     written = os.pwritev(fd, batch, offset)
@@ -141,8 +154,10 @@ def _write_grams(path: Path, header: bytes, offsets: dict[str, int], grams: dict
                     if written != total:  # a short write: finish it buffer by buffer
                         pwrite_all(fd, b"".join(bytes(v) for v in batch)[written:], offset + written)
                     offset += total
+            digests[key] = digest.hexdigest()
     finally:
         os.close(fd)
+    return digests
 
 
 @dataclass(frozen=True)
@@ -162,6 +177,7 @@ class GramEntry:
     in_features: int
     tokens: int
     dead_features: tuple[int, ...]
+    sha256: str  # of the packed upper triangle's bytes
 
 
 @dataclass(frozen=True)
@@ -187,37 +203,44 @@ class ModelStats:
         return len(self.data.get("parts", [])) or 1
 
     def read_packed(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The upper triangle `(d(d+1)/2,)` float64 stored under `key` (read with pread, no mmap)."""
+        """The upper triangle `(d(d+1)/2,)` float64 stored under `key` (read with pread, no mmap),
+        checked against its sha256 and for NaN / inf."""
         entry = self.grams[key]
         out = out if out is not None else torch.empty(packed_size(entry.in_features), dtype=GRAM_DTYPE)
-        with _opened(entry.file) as fd:
-            try:
-                pread_into(fd, out, entry.offset, path=entry.file)
-            except CheckpointError as exc:
-                raise StatsError(f"{exc.message} ({key})", hint=RERUN) from None
+        self._read(entry, [out])
         return out
 
     def read_gram(self, key: str) -> torch.Tensor:
-        """The Gram sum `(d_in, d_in)` float64 stored under `key`, made whole from its upper triangle."""
+        """The Gram sum `(d_in, d_in)` float64 stored under `key`, made whole from its upper triangle
+        (checked against its sha256 and for NaN / inf)."""
         entry = self.grams[key]
         d = entry.in_features
         out = torch.empty((d, d), dtype=GRAM_DTYPE)
-        offset = entry.offset
-        with _opened(entry.file) as fd:
-            try:
-                for i in range(d):  # row i of the triangle is out[i, i:], contiguous: read in place
-                    pread_into(fd, out[i, i:], offset, path=entry.file)
-                    offset += (d - i) * GRAM_DTYPE.itemsize
-            except CheckpointError as exc:
-                raise StatsError(f"{exc.message} ({key})", hint=RERUN) from None
+        self._read(entry, [out[i, i:] for i in range(d)])  # row i of the triangle is out[i, i:]: read in place
         for start in range(0, d, 256):  # the lower triangle mirrors the upper, a block at a time
             stop = min(d, start + 256)
             out[start:stop, :start].copy_(out[:start, start:stop].T)
             block = out[start:stop, start:stop]
             block.copy_(torch.triu(block) + torch.triu(block, diagonal=1).T)
-        if not bool(torch.isfinite(out.diagonal()).all()):
-            raise StatsError(f"{entry.file}: Gram matrix {key} holds NaN or inf (corrupt statistics)", hint=RERUN)
         return out
+
+    def _read(self, entry: GramEntry, parts: list[torch.Tensor]) -> None:
+        """Read a Gram's packed bytes into the contiguous `parts`, in order; refuse what was not written
+        (its sha256) and what is not finite."""
+        digest, offset = hashlib.sha256(), entry.offset
+        with _opened(entry.file) as fd:
+            try:
+                for part in parts:
+                    pread_into(fd, part, offset, path=entry.file)
+                    digest.update(tensor_bytes(part))
+                    offset += part.nbytes
+            except CheckpointError as exc:
+                raise StatsError(f"{exc.message} ({entry.key})", hint=RERUN) from None
+        if digest.hexdigest() != entry.sha256:
+            raise StatsError(f"{entry.file}: Gram matrix {entry.key} is not what collect-stats wrote (its sha256 "
+                             "differs): corrupt statistics", hint=RERUN)
+        if not all(bool(torch.isfinite(part).all()) for part in parts):
+            raise StatsError(f"{entry.file}: Gram matrix {entry.key} holds NaN or inf (corrupt statistics)", hint=RERUN)
 
 
 class _opened:
@@ -260,29 +283,37 @@ def load_stats(directory: Path, *, label: str = "") -> ModelStats:
         raise StatsError(
             f"{prefix}statistics in {directory} have format version {version} "
             f"(mergecli {meta.get('mergecli_version', '?')}); this mergecli reads version {STATS_FORMAT_VERSION}"
-            + (": collect them again, they are stored in half the space now" if older else ""),
+            + (": collect them again, they are checksummed now" if older else ""),
             hint=RERUN if older or not isinstance(version, int) else "upgrade mergecli to read them",
         )
+    if meta.get("checksum") != checksum(meta):
+        raise StatsError(f"{prefix}{index} has been changed since collect-stats wrote it (its checksum "
+                         "differs): corrupt statistics", hint=RERUN)
     try:
         layers = {
             weight: LayerStats(weight, str(e["gram"]), e["orientation"], int(e["in_features"]), int(e["tokens"]))
             for weight, e in meta["layers"].items()
         }
         files: dict[str, dict[str, TensorInfo]] = {}
+        metadata_of: dict[str, dict[str, str]] = {}
         grams = {}
         for key, e in meta["grams"].items():
             path = directory / str(e["file"])
             if path.parent != directory or not path.is_file():
                 raise StatsError(f"{prefix}{directory}: Gram shard {e['file']} is missing", hint=RERUN)
             if e["file"] not in files:
-                infos, _ = read_header(path)
-                files[e["file"]] = {info.name: info for info in infos}
+                infos, metadata = read_header(path)
+                _check_file_metadata(path, metadata, meta, prefix)
+                files[e["file"]], metadata_of[e["file"]] = {info.name: info for info in infos}, metadata
             info = files[e["file"]].get(key)
             d = int(e["in_features"])
             if info is None or info.shape != (packed_size(d),) or info.dtype != GRAM_DTYPE:
                 raise StatsError(f"{prefix}{path}: Gram matrix {key} is missing or has the wrong shape", hint=RERUN)
+            if json.loads(metadata_of[e["file"]].get("tokens", "{}")).get(key) != int(e["tokens"]):
+                raise StatsError(f"{prefix}{path}: the token count of Gram matrix {key} differs from {index}'s",
+                                 hint=RERUN)
             grams[key] = GramEntry(key, path, info.offset, d, int(e["tokens"]),
-                                   tuple(int(i) for i in e.get("dead_features", [])))
+                                   tuple(int(i) for i in e.get("dead_features", [])), str(e["sha256"]))
         stats = ModelStats(directory, str(meta["model"]), str(meta["fingerprint"]), str(meta["weights_sha256"]),
                            version, str(meta.get("mergecli_version", "?")), dict(meta.get("data") or {}),
                            int(meta["examples"]), int(meta["tokens"]), layers, grams, meta)
@@ -297,6 +328,16 @@ def load_stats(directory: Path, *, label: str = "") -> ModelStats:
         if layer.tokens <= 0:
             raise StatsError(f"{prefix}{index}: layer {layer.weight} has no tokens", hint=RERUN)
     return stats
+
+
+def _check_file_metadata(path: Path, metadata: dict[str, str], meta: dict[str, Any], prefix: str) -> None:
+    """A Gram file must be one of this model's statistics: its fingerprint, model name and data digest
+    are those of `stats.json` (a file copied or linked from another model's statistics is refused)."""
+    for key, expected in (("fingerprint", meta["fingerprint"]), ("model", meta["model"]),
+                          ("data_sha256", meta.get("data_sha256", ""))):
+        if metadata.get(key) != str(expected):
+            raise StatsError(f"{prefix}{path} is not one of these statistics' files (its {key} "
+                             f"{str(metadata.get(key))[:16]!r} is not {str(expected)[:16]!r})", hint=RERUN)
 
 
 def source_problem(stats: ModelStats, checkpoint: Checkpoint) -> str | None:

@@ -4,6 +4,9 @@ the weighted average for everything else; with `[regmean] sequential = true`, Re
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from mergecli.io.atomic import clean_directory
 from mergecli.methods.base import Inputs, Method, Stage, TensorTask, register
 from mergecli.methods.regmean.plusplus import plusplus_stages
 from mergecli.methods.regmean.settings import RegMeanSettings
@@ -29,6 +32,7 @@ class RegMean(Method):
         return regmean_tasks(recipe, inputs, tasks, warnings)
 
     def stages(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[Stage]:
+        warnings += clean_directory(Path(recipe.settings.stats_dir))  # what killed runs left
         if recipe.settings.sequential:
             return plusplus_stages(recipe, inputs, tasks, warnings)
         return super().stages(recipe, inputs, tasks, warnings)

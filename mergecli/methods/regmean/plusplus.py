@@ -17,7 +17,6 @@ one model's block Grams while they are collected; it does not grow with depth.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from mergecli.io.atomic import scratch_directory
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.memory import give_back_memory
 from mergecli.methods.base import Inputs, Stage, TensorTask
@@ -79,8 +79,8 @@ class SequentialMerge:
         """Build every model without weights and prepare its calibration batches."""
         settings = self.recipe.settings
         self.created_stats_dir = not Path(settings.stats_dir).exists()
-        self.scratch = Path(settings.stats_dir) / f".plusplus-{os.getpid()}"
-        self.budget = MemoryBudget(settings.memory_budget, Path(settings.stats_dir) / f".spill-{os.getpid()}")
+        self.scratch = scratch_directory(Path(settings.stats_dir), "plusplus")
+        self.budget = MemoryBudget(settings.memory_budget, scratch_directory(Path(settings.stats_dir), "spill"))
         dtype = compute_dtype(self.inputs.models[0], self.device)
         for index, (spec, checkpoint) in enumerate(zip(self.recipe.models, self.inputs.models)):
             label = model_label(index, spec)
