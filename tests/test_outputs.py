@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,3 +174,55 @@ def test_leftovers_of_killed_runs_are_restored_or_removed_and_reported(llama_fp3
     assert f"removed .out.partial-{dead}, left by an interrupted run" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert json.loads((old_output / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --force and links: nothing of an input or of a user's own is ever deleted
+
+
+def test_force_never_deletes_an_input_reached_through_a_link(llama_fp32, old_output, tmp_path):
+    shutil.copytree(llama_fp32[0], old_output / "inner")
+    alias = tmp_path / "alias"
+    alias.symlink_to(old_output / "inner")
+    before = tree_digest(old_output / "inner")
+    result = cli("average", "-m", alias, "-m", llama_fp32[1], "-o", old_output, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"the input {alias} (through links: it is {old_output / 'inner'}) is inside the output" in result.stderr
+    assert tree_digest(old_output / "inner") == before
+
+
+@pytest.mark.parametrize("target", ["a directory", "nothing"])
+def test_an_output_that_is_a_link_is_refused(llama_fp32, tmp_path, target):
+    real = tmp_path / "real"
+    if target == "a directory":
+        real.mkdir()
+        (real / "mine.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", link, "--force")
+    assert result.exit_code == 2 and f"output {link} is a symbolic link" in result.stderr, result.output
+    assert sorted(p.name for p in real.iterdir()) == ["mine.txt"] if target == "a directory" else not real.exists()
+
+
+def test_force_refuses_a_folder_whose_recipe_says_output_is_itself(llama_fp32, tmp_path):
+    """A recipe kept beside its outputs says `output = "."`: that does not make the folder mergecli's."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "mergecli.toml").write_text(f'output = "."\n[[models]]\npath = "{llama_fp32[0]}"\n'
+                                           f'[[models]]\npath = "{llama_fp32[1]}"\n')
+    (project / "thesis.txt").write_text("four years of work")
+    result = cli("average", project / "mergecli.toml", "--force")
+    assert result.exit_code == 2, result.output
+    assert f"--force does not replace {project}: it holds thesis.txt, which mergecli did not write" in result.stderr
+    assert (project / "thesis.txt").read_text() == "four years of work"
+
+
+def test_force_refuses_an_output_with_a_file_added_or_changed(llama_fp32, old_output):
+    (old_output / "notes.md").write_text("my notes")
+    result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", old_output, "--force")
+    assert result.exit_code == 2 and "it holds notes.md, which mergecli did not write" in result.stderr
+    (old_output / "notes.md").unlink()
+    with open(old_output / "config.json", "a") as config:
+        config.write("\n")
+    result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", old_output, "--force")
+    assert result.exit_code == 2 and "config.json has changed since mergecli wrote it" in result.stderr

@@ -264,3 +264,25 @@ def test_combine_refuses_other_models_and_an_existing_output(tmp_path, llama64, 
     result = cli("regmean", "combine-stats", tmp_path / "notes", mine, "--force")
     assert result.exit_code == 2 and "it holds todo.txt, which mergecli did not write" in result.stderr
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["collect-stats", "merge"])
+def test_scratch_of_dead_runs_is_removed_by_the_next_run_of_any_kind(tmp_path, llama_models, text_data, command):
+    """A killed RegMean++ merge leaves `.plusplus-PID`, a killed collect-stats `.spill-PID` (and a
+    partial statistics directory): whichever command uses stats_dir next removes them all."""
+    dead = 2**22 + 4321  # above the default pid_max: no such process
+    recipe = write_recipe(tmp_path / "recipe.toml", list(zip(llama_models, text_data)),
+                          settings={"num_examples": 4, "max_length": 8})
+    stats = tmp_path / "stats"
+    if command == "merge":
+        assert cli("regmean", "collect-stats", recipe).exit_code == 0
+    for leftover in (f".plusplus-{dead}/m0", f".spill-{dead}", f".m0.partial-{dead}"):
+        (stats / leftover).mkdir(parents=True)
+        (stats / leftover / "scratch.bin").write_bytes(b"x" * 100)
+    alive = stats / ".spill-1"  # a live process's scratch (pid 1 runs as long as the machine) is left alone
+    alive.mkdir()
+    args = ["-o", tmp_path / "out"] if command == "merge" else []
+    result = cli("regmean", command, recipe, *args)
+    assert result.exit_code == 0, result.output
+    assert f".plusplus-{dead}" in result.stderr and "left by an interrupted run" in result.stderr
+    assert sorted(p.name for p in stats.iterdir()) == sorted(["m0", "m1", alive.name])

@@ -1,18 +1,37 @@
 """Rich consoles and the output mode of a run: results to stdout (or one JSON object with --json),
-progress / warnings / errors to stderr; --quiet leaves only errors."""
+progress / warnings / errors to stderr; --quiet leaves only errors.
+
+No text is read as Rich markup (paths and names hold square brackets), and messages lose every escape
+sequence and control character they carry (an error from torch or a server may hold ANSI colours):
+the consoles style only what mergecli styles itself, with `Text`.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
-out_console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+# ANSI / VT escape sequences (CSI, OSC, and two-byte ones), then any other control character but \n and \t
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def clean(text: object) -> str:
+    """`text` without escape sequences or control characters: what a message may show."""
+    return _ESCAPES.sub("", str(text))
+
+
+def labelled(label: str, style: str, message: object) -> Text:
+    """`label: message`, the label styled, the message as it is (cleaned, never markup)."""
+    return Text.assemble((f"{label}:", style), " ", clean(message))
 
 
 @dataclass
@@ -42,12 +61,12 @@ def interactive() -> bool:
 
 def warn(message: str) -> None:
     if not mode.quiet:
-        err_console.print(f"[yellow]warning:[/] {message}", markup=True, soft_wrap=True)
+        err_console.print(labelled("warning", "yellow", message), soft_wrap=True)
 
 
 def info(message: str) -> None:
     if not mode.quiet:
-        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        err_console.print(clean(message), highlight=False, soft_wrap=True)
 
 
 def result(data: dict[str, Any], human: Callable[[], None], *, key: str | None = None) -> None:
@@ -69,7 +88,7 @@ def emit_json() -> None:
 def say(text: str) -> None:
     """A line of a command's human result on stdout (not with --quiet or --json)."""
     if not (mode.quiet or mode.json):
-        out_console.print(text, markup=False, highlight=False, soft_wrap=True)
+        out_console.print(clean(text), highlight=False, soft_wrap=True)
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import typer
 
-from mergecli.cli._console import emit_json, err_console, mode, set_mode
+from mergecli.cli._console import emit_json, err_console, labelled, mode, set_mode
 from mergecli.cli._hub import hub_message
 from mergecli.errors import HubError, MergecliError, OutputInPlace, interrupted_exit_code
 
@@ -66,6 +66,6 @@ def report_errors(command: F) -> F:
 
 
 def _print_error(message: str, hint: str | None = None) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    err_console.print(labelled("error", "bold red", message), highlight=False, soft_wrap=True)
     if hint:
-        err_console.print(f"[yellow]hint:[/] {hint}", markup=True, highlight=False, soft_wrap=True)
+        err_console.print(labelled("hint", "yellow", hint), highlight=False, soft_wrap=True)

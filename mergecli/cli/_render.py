@@ -130,8 +130,8 @@ def progress(description: str, *, total: int, unit: str = "bytes", what: str = "
             counter: tuple = (DownloadColumn(), TransferSpeedColumn())
         else:
             counter = (MofNCompleteColumn(), TextColumn(unit))
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), *counter,
-                   TextColumn("{task.fields[detail]}"), TimeRemainingColumn())
+        columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(), *counter,
+                   TextColumn("{task.fields[detail]}", markup=False), TimeRemainingColumn())
         with Progress(*columns, console=err_console, transient=False) as bar:
             task = bar.add_task(description, total=total or None, detail="")
 

@@ -28,6 +28,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+# Tensors one file may list. Real shards hold hundreds to a few thousand (a 671B MoE: about 560 in each
+# of 163 shards); a header of hundreds of thousands of empty tensors only costs time and memory to read.
+MAX_TENSORS = 100_000
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,12 @@ def header_length(path: Path, prefix: bytes, size: int) -> int:
 
 def parse_header(path: Path, raw: bytes, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
     """Check the JSON header `raw` of a safetensors file of `size` bytes (local or remote): its
-    tensors must tile the data section exactly."""
+    tensors must tile the data section exactly. A header that lists more tensors than any checkpoint
+    file holds is refused before it is parsed (a scan of its bytes, not a Python object per tensor)."""
+    listed = raw.count(b'"data_offsets"')  # at least the number of tensors (a key or value may say it too)
+    if listed > MAX_TENSORS:
+        raise CheckpointError(path, f"its header lists {listed:,} tensors; no checkpoint file holds more than "
+                                    f"{MAX_TENSORS:,} (a corrupt or hostile file)")
     try:
         header = _strict_json(raw.decode("utf-8"))
     except UnicodeDecodeError:

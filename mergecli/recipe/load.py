@@ -74,6 +74,8 @@ def _parse_value(key: str, text: str, source: str) -> Any:
     """A `--set` value: a TOML value (number, bool, string, list) or else a bare string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
+    except RecursionError:
+        raise RecipeError(source, [f"--set {key}: the value is nested too deeply"]) from None
     except tomllib.TOMLDecodeError as exc:
         if text.strip().startswith(("[", "{", '"', "'")):
             raise RecipeError(source, [f"--set {key}: not a valid TOML value ({exc}); "
@@ -149,6 +151,8 @@ def recipe_from_data(data: dict[str, Any], *, source: str, base_dir: Path,
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(source, validation_problems(exc)) from None
+    except RecursionError:
+        raise RecipeError(source, ["invalid recipe: its values are nested too deeply"]) from None
     recipe._source = source
     recipe._base_dir = base_dir
     return recipe
@@ -182,4 +186,6 @@ def load_recipe(path: str | Path, *, overrides: list[str] = ()) -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(source, [f"invalid TOML: {exc}"]) from None
+    except RecursionError:  # arrays or tables nested thousands deep: no recipe looks like that
+        raise RecipeError(source, ["invalid recipe: its values are nested too deeply"]) from None
     return recipe_from_data(data, source=source, base_dir=Path(os.path.abspath(path)).parent, overrides=overrides)

@@ -1,0 +1,82 @@
+"""Messages say what the user wrote and nothing else: no text read as markup, no escape codes from
+libraries, no traceback for absurd input, and the real cause of a refused output."""
+
+from __future__ import annotations
+
+import collections
+import json
+import struct
+import subprocess
+
+import pytest
+import torch
+
+from clirunner import cli, cli_process
+
+
+def test_an_output_path_with_brackets_is_a_finished_merge(llama_fp32, tmp_path):
+    out = tmp_path / "out" / "[" / "y]"
+    result = cli_process("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and (out / "model.safetensors").is_file()
+    assert str(out) in result.stdout
+
+
+def test_brackets_in_a_path_or_a_hint_are_shown_as_written(tmp_path):
+    result = cli("average", "-m", "./exp[bold]x", "-m", "./other", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "exp[bold]x: no such file or directory" in result.stderr, result.stderr
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('push_to_hub = true\n[[models]]\npath = "a"\n')
+    result = cli("validate", recipe)
+    assert result.exit_code == 2 and "needs [push] repo_id" in result.stderr, result.stderr
+
+
+def test_no_escape_code_from_a_library_reaches_a_non_terminal(tmp_path):
+    """torch's refusal of an unsafe pickle carries ANSI bold: it is stripped."""
+    unsafe = tmp_path / "unsafe.bin"
+    torch.save({"a": collections.OrderedDict(x=torch.ones(1)), "b": torch.nn.Linear(1, 1)}, unsafe)
+    result = cli_process("average", "-m", unsafe, "-m", unsafe, "--name", "a", "--name", "b", "-o", tmp_path / "o")
+    assert result.returncode == 1 and "cannot load as a PyTorch state dict" in result.stderr, result.stderr
+    assert "\x1b" not in result.stderr and "\x1b" not in result.stdout
+
+
+def test_a_deeply_nested_recipe_is_one_line(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    result = cli_process("validate", recipe)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {recipe}: invalid recipe: its values are nested too deeply"]
+
+
+def test_a_header_of_countless_empty_tensors_is_refused(tmp_path):
+    """400,000 empty tensors (29 MB of header) were read into Python objects for minutes before being
+    refused: the header is now refused from a scan of its bytes."""
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(400_000)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    paths = [tmp_path / f"empty{i}.safetensors" for i in range(2)]
+    for path in paths:
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    result = cli("average", "-m", paths[0], "-m", paths[1], "-o", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "its header lists 400,000 tensors" in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A real read-only tmpfs (needs root, which CI has); skipped where mounting is not allowed."""
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_read_only_mount_is_called_read_only(llama_fp32, read_only_mount):
+    result = cli("average", "-m", llama_fp32[0], "-m", llama_fp32[1], "-o", read_only_mount / "out")
+    assert result.exit_code == 2, result.output
+    assert f"{read_only_mount} is on a read-only file system" in result.stderr
+    assert "permission" not in result.stderr
