@@ -6,12 +6,14 @@ vocab 32000, 500 MB input shards) and three with a 128256-token vocabulary, then
 every contender in turn, REPEATS rounds (each round starting with the next contender), each in a
 child process started by `/usr/bin/time -v` in the work directory:
 
-  - mergecli average (one 5 GB output shard, like the floor);
+  - mergecli average (one 5 GB output shard, like the floor), durable by default (fsync before the
+    output is put in place), and with --no-sync;
   - the copy floor: one process that reads every byte of every input file (`readinto` one reused
     1 MB buffer) and writes an output of the same size (the first input's bytes as read), nothing
     parsed or computed: the least any merge must do. (Reading "every tensor with safetensors" is no
     floor: `get_tensor` maps the file and reads nothing until touched, and copying each mapped
-    tensor out is slower than `read`.);
+    tensor out is slower than `read`.); and the same floor with an fsync of its output at the end,
+    the floor of a durable merge;
   - mergekit's linear merge (`mergekit-yaml`), when a separate venv has it (`MERGEKIT_VENV`,
     default bench-out/mergekit-venv; kept out of mergecli's dependencies);
   - the naive merge (load every state dict, average, save_file).
@@ -78,6 +80,9 @@ with open(out, "wb", buffering=0) as sink:
                 while read := source.readinto(buffer):
                     if index == 0:
                         sink.write(buffer[:read])
+    if os.environ.get("BENCH_SYNC") == "1":  # on disk before it is called done, as mergecli's output
+        os.fsync(sink.fileno())
+        os.fsync(os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY))
 open(os.environ["BENCH_WORK_FILE"], "w").write(str(time.perf_counter() - started))
 """
 
@@ -203,10 +208,13 @@ def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[li
     out = work / f"out-{label}"
     args = [a for m in models for a in ("-m", str(m))]
     merge = ["average", *args, "--quiet", "--set", "shard_size=5GB", "-o"]
+    floor = [py, "-c", COPY_FLOOR, *map(str, models), str(out / "copy.bin")]
     runs = {
         "mergecli average": ([py, "-c", MERGECLI, *merge, str(out / "mergecli")], out / "mergecli", {}),
-        "copy floor (read all, write one)": ([py, "-c", COPY_FLOOR, *map(str, models), str(out / "copy.bin")],
-                                             out / "copy.bin", {}),
+        "copy floor (read all, write one)": (floor, out / "copy.bin", {}),
+        "mergecli average --no-sync": ([py, "-c", MERGECLI, *merge, str(out / "nosync"), "--no-sync"],
+                                       out / "nosync", {}),
+        "copy floor, fsync at the end": (floor, out / "copy.bin", {"BENCH_SYNC": "1"}),
     }
     before = os.environ.get("MERGECLI_BEFORE")  # a checkout of an earlier mergecli, to compare with
     if before:
@@ -329,6 +337,13 @@ def main() -> None:
     for label, inputs, name, wall, wall_ratio, work_s, work_ratio, rss in rows:
         print(f"| {label} | {inputs} | {name} | {wall:.2f} | {wall_ratio:.2f} | {work_s:.2f} | {work_ratio:.2f} "
               f"| {rss:.0f} |")
+    for label in dict.fromkeys(row[0] for row in rows):
+        walls = {name: wall for set_label, _, name, wall, *_ in rows if set_label == label}
+        if "copy floor, fsync at the end" in walls:
+            print(f"\n{label}: mergecli average (durable) ÷ copy floor with fsync = "
+                  f"{walls['mergecli average'] / walls['copy floor, fsync at the end']:.2f}; "
+                  f"mergecli average ÷ mergecli average --no-sync = "
+                  f"{walls['mergecli average'] / walls['mergecli average --no-sync']:.2f}")
     timings = hot_path()
     print("\nThe combine alone, in memory, one thread, per block of 4M elements of three bf16 inputs (best of 30):\n")
     print("| combine | ms per block | ÷ copies |")
