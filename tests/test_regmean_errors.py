@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from clirunner import cli
@@ -96,11 +97,32 @@ def test_unknown_model_name_and_device(tmp_path, llama_models, text_data):
     result = run(recipe, "--model", "nope")  # its name before 0.3
     assert result.exit_code == 2 and "--model is now --only" in result.output
     result = run(recipe, "--device", "tpu")
-    assert result.exit_code == 2 and "expected cpu or cuda" in result.output
+    assert result.exit_code == 2 and "expected cpu, cuda or cuda:N" in result.output
     if not torch.cuda.is_available():
         result = run(recipe, "--device", "cuda")
         assert result.exit_code == 2 and "no CUDA device" in result.output
     assert_no_stats(tmp_path)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_both_merges_take_the_device_of_collect_stats(tmp_path, llama_models, text_data, sequential):
+    """`regmean merge --device` (RegMean++ runs every model during the merge): checked like
+    collect-stats', before anything runs; on the CPU it gives the same merge as without the flag."""
+    recipe = write_recipe(tmp_path / "r.toml", list(zip(llama_models, text_data)),
+                          settings={**SETTINGS, "sequential": sequential})
+    if not sequential:
+        assert run(recipe).exit_code == 0
+    for device, words in (("tpu", "expected cpu, cuda or cuda:N"), ("cuda:7", "CUDA device")):
+        if device.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        result = cli("regmean", "merge", recipe, "-o", tmp_path / "bad", "--device", device)
+        assert result.exit_code == 2 and words in result.stderr, result.output
+        assert not (tmp_path / "bad").exists()
+    plain = cli("regmean", "merge", recipe, "-o", tmp_path / "plain")
+    on_cpu = cli("regmean", "merge", recipe, "-o", tmp_path / "cpu", "--device", "cpu:0")
+    assert plain.exit_code == 0 and on_cpu.exit_code == 0, on_cpu.output
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("plain", "cpu")]
+    assert weights[0] == weights[1]
 
 
 def test_text_data_for_an_image_model(tmp_path, clip_models, text_data):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -279,7 +280,22 @@ def test_corrupt_or_missing_stats_are_refused(tmp_path, llama_recipe, damage):
         shutil.rmtree(directory)
         words = ["no RegMean statistics", "collect-stats"]
     assert_fails(tmp_path, recipe, 1, "models.0 (m0)", *words)
-    assert_fails(tmp_path, recipe, 1, *words, command=("validate",))
+    if damage != "missing":
+        assert_fails(tmp_path, recipe, 1, *words, command=("validate",))
+
+
+def test_validate_before_collect_stats_checks_everything_and_notes_what_to_collect(tmp_path, llama_recipe):
+    """validate → collect-stats → merge: before any statistics exist, validate passes and says which
+    statistics are still to be collected (and a RegMean plan counts the linear layers)."""
+    recipe = copy_recipe(tmp_path, llama_recipe)
+    shutil.rmtree(tmp_path / "stats")
+    result = cli("validate", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "statistics still to be collected for m0, m1" in result.stderr
+    assert "15 tensors RegMean" in result.stdout
+    broken = recipe.read_text().replace(".jsonl", ".missing.jsonl")
+    recipe.write_text(broken)
+    assert_fails(tmp_path, recipe, 2, "calibration data", "does not exist", command=("validate",))
 
 
 def first_gram_offset(path: Path) -> int:
@@ -345,6 +361,29 @@ def test_corrupt_statistics_are_never_merged(tmp_path, llama_recipe, damage):
         (directory / "stats.json").write_text(json.dumps(meta))
         named = str(directory / "stats.json")
     assert_fails(tmp_path, recipe, 1, named, "corrupt" if damage != "copied" and damage != "linked" else "not one of")
+
+
+@pytest.mark.parametrize("change", ["num_examples", "data"])
+def test_a_merge_with_other_data_settings_than_the_statistics_is_refused(tmp_path, llama_recipe, change):
+    """The output's mergecli.toml would record data the statistics did not come from: refused, with both
+    digests (or values) and the two ways out."""
+    recipe = copy_recipe(tmp_path, llama_recipe)
+    if change == "num_examples":
+        args, words = ["--set", "regmean.num_examples=3"], ["num_examples 16 → 3"]
+    else:
+        text = recipe.read_text()
+        data = Path(re.search(r'data = "([^"]+)"', text).group(1))
+        copy = tmp_path / ("other" + data.suffix)
+        copy.write_text(data.read_text().replace("the", "a"))
+        recipe.write_text(text.replace(str(data), str(copy)))
+        old = json.loads((tmp_path / "stats" / "m0" / "stats.json").read_text())["data"]["sha256"]
+        args, words = [], [f"sha256 {old[:12]}… → "]
+    result = cli("regmean", "merge", recipe, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 1, result.output
+    for word in [*words, "collected from other data than the recipe's", "collect them again",
+                 "set the recipe's data settings to those"]:
+        assert word in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_average_recipe_is_refused(tmp_path, llama_models):

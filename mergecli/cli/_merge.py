@@ -28,7 +28,7 @@ def require_command(recipe: Recipe, command: str) -> None:
 
 
 def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bool, dry_run: bool,
-                 sync: bool = True) -> None:
+                 sync: bool = True, device: str = "cpu") -> None:
     """Dry run: print the plan. Otherwise merge, report, and push if the recipe asks."""
     import_torch()
     from mergecli.merge.plan import plan_merge
@@ -38,7 +38,7 @@ def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bo
         from mergecli.publish.push import check_access
 
         check_access(recipe.push.repo_id)  # before the merge: a token problem found after it wastes the merge
-    plan = plan_merge(recipe, output=output, force=force or dry_run, dry_run=dry_run, sync=sync)
+    plan = plan_merge(recipe, output=output, force=force or dry_run, dry_run=dry_run, sync=sync, device=device)
     if dry_run:
         try:
             print_plan(plan, title=f"{recipe.method} (dry run: nothing written)")

@@ -39,7 +39,8 @@ regmean_app = typer.Typer(
 OnlyOpt = Annotated[list[str] | None, typer.Option("--only", metavar="NAME",
                                                    help="Only this model of the recipe, by name (repeat).")]
 OldModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", hidden=True)]  # before 0.3: --only
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="cpu|cuda", help="Where to run the models.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="cpu|cuda[:N]",
+                                        help="Where to run the models (RegMean++ runs them during the merge).")]
 
 
 def with_budget(overrides: list[str] | None, memory_budget: str | None) -> list[str]:
@@ -122,6 +123,7 @@ def merge(
     set_: SetOpt = None,
     force: ForceOpt = False,
     memory_budget: MemoryBudgetOpt = None,
+    device: DeviceOpt = "cpu",
     dry_run: DryRunOpt = False,
     no_sync: NoSyncOpt = False,
     quiet: QuietOpt = False,
@@ -135,13 +137,14 @@ def merge(
     \b
       mergecli regmean merge recipes/regmean-llama.toml
       mergecli regmean merge recipe.toml -o merged/ --set regmean.reduce_non_diagonal_ratio=0.9
-      mergecli regmean merge recipes/regmean-plusplus.toml --memory-budget 2GB
+      mergecli regmean merge recipes/regmean-plusplus.toml --memory-budget 2GB --device cuda
       mergecli regmean merge recipe.toml --dry-run --json
     """
     from mergecli.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides=with_budget(set_, memory_budget))
-    plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run, sync=not no_sync)
+    plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run, sync=not no_sync,
+                 device=device)
 
 
 @regmean_app.command("combine-stats")

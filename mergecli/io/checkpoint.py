@@ -234,14 +234,19 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
             safetensors headers are read with range requests and its weights are not downloaded
             (its `read` then fails).
 
+    A relative path that may be a repo id (`org/name`, `gpt2`) is one: it is never looked up in the
+    current directory, which would make a recipe mean something else wherever it runs (a recipe's
+    local paths are absolute by the time they get here, load_recipe makes them so).
+
     Raises:
         InputNotFoundError: neither a local path nor a hub repo id.
         CheckpointError: the files are corrupt, truncated or of an unsupported kind.
     """
     local = Path(path).expanduser()
-    if os.path.lexists(local):
-        return open_local(local, source=path)
-    if not hub.looks_like_repo_id(path):
+    is_repo_id = not local.is_absolute() and hub.looks_like_repo_id(path)
+    if not is_repo_id:
+        if os.path.lexists(local):
+            return open_local(local, source=path)
         raise InputNotFoundError(path)
     try:
         snapshot = hub.resolve(path, revision=revision)

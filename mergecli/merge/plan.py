@@ -190,7 +190,7 @@ def check_digests(recipe: Recipe, inputs: Inputs) -> None:
 
 
 def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool = False,
-               dry_run: bool = False, sync: bool = True) -> MergePlan:
+               dry_run: bool = False, sync: bool = True, device: str = "cpu") -> MergePlan:
     """Open and check the inputs of a recipe, let its method plan every tensor, and lay out the
     output; read no tensor. Unless `dry_run`, first restore or remove what killed runs left beside
     the output (said in the plan's warnings). With `dry_run`, hub inputs are planned from their
@@ -210,6 +210,7 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
     target = resolve_output(recipe, output)
     recovered = [] if dry_run else recover(target)
     inputs = open_inputs(recipe, headers_only=dry_run)
+    inputs.dry_run, inputs.device = dry_run, device
     try:
         warnings: list[str] = list(recovered)
         dropped = check_compatible(recipe, inputs, warnings)

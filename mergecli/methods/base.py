@@ -73,10 +73,14 @@ class Stage:
 
 @dataclass
 class Inputs:
-    """The opened checkpoints of a recipe: `models` in recipe order, and the optional `base`."""
+    """The opened checkpoints of a recipe: `models` in recipe order, and the optional `base`; and how
+    this run uses them: `dry_run` (a plan only: nothing will be read, what a real run needs first,
+    such as RegMean statistics, may be missing) and the `device` that models run on."""
 
     models: list[Checkpoint]
     base: Checkpoint | None = None
+    dry_run: bool = False
+    device: str = "cpu"
 
     @property
     def reference(self) -> Checkpoint:

@@ -29,6 +29,7 @@ from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.memory import give_back_memory
 from mergecli.recipe import ModelSpec, model_label
 from mergecli.stats.calibration import Batch, CalibrationData, model_batches, read_examples
+from mergecli.stats.device import resolve_device
 from mergecli.stats.engine import Forward, advance, run_block, run_prefix, run_tail
 from mergecli.stats.grams import GramCollector
 from mergecli.stats.hidden import MemoryBudget
@@ -206,22 +207,16 @@ class StatsSession:
     """
 
     def __init__(self, device: str = "cpu"):
-        if device not in ("cpu", "cuda"):
-            raise UsageError(f"--device {device}: expected cpu or cuda")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available", hint="use --device cpu")
+        self.device = resolve_device(device)
         self.rank, self.world = process_rank()
-        self.device = device
         self._group = False
-        if device == "cuda":
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local_rank)
-            self.device = f"cuda:{local_rank}"
+        if self.device != "cpu":
+            torch.cuda.set_device(self.device)
         if self.world > 1:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+                dist.init_process_group(backend="gloo" if self.device == "cpu" else "nccl")
                 self._group = True
 
     def __enter__(self) -> StatsSession:

@@ -364,7 +364,10 @@ def data_changes(stats: ModelStats, data: dict[str, Any]) -> list[str]:
     statistics combined from parts, whose data differs from the recipe's on purpose."""
     if stats.parts > 1:
         return []
-    return [f"{key} {stats.data.get(key)!r} → {data.get(key)!r}" for key in DATA_KEYS
+    def shown(key: str, value: Any) -> str:
+        return f"{str(value)[:12]}…" if key == "sha256" and value else repr(value)
+
+    return [f"{key} {shown(key, stats.data.get(key))} → {shown(key, data.get(key))}" for key in DATA_KEYS
             if key in data and stats.data.get(key) != data[key]]
 
 

@@ -12,6 +12,7 @@ from mergecli.methods.regmean.plusplus import plusplus_stages
 from mergecli.methods.regmean.settings import RegMeanSettings
 from mergecli.methods.regmean.tasks import regmean_tasks
 from mergecli.recipe import Recipe
+from mergecli.stats.device import resolve_device
 from mergecli.stats.settings import require_data
 
 REGMEAN_PAPER = "https://arxiv.org/abs/2212.09849"
@@ -32,6 +33,7 @@ class RegMean(Method):
         return regmean_tasks(recipe, inputs, tasks, warnings)
 
     def stages(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[Stage]:
+        resolve_device(inputs.device)  # a wrong --device is refused before anything runs
         warnings += clean_directory(Path(recipe.settings.stats_dir))  # what killed runs left
         if recipe.settings.sequential:
             return plusplus_stages(recipe, inputs, tasks, warnings)

@@ -31,6 +31,7 @@ from mergecli.methods.base import Inputs, Stage, TensorTask
 from mergecli.methods.regmean.solve import regmean_task
 from mergecli.recipe import Recipe, model_label
 from mergecli.stats.calibration import Batch, model_batches, read_examples
+from mergecli.stats.device import resolve_device
 from mergecli.stats.engine import Activations, Forward, advance, run_block, run_prefix, run_tail
 from mergecli.stats.grams import GramCollector
 from mergecli.stats.hidden import MemoryBudget
@@ -158,7 +159,7 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
     order = list(dict(skeleton.model.named_modules()))
     tail = [layer for layer in outside if order.index(layer.module) > order.index(skeleton.blocks_path)]
     prefix = [layer for layer in outside if layer not in tail]
-    state = SequentialMerge(recipe, inputs)
+    state = SequentialMerge(recipe, inputs, device=resolve_device(inputs.device))
 
     by_name = {task.out.name: task for task in tasks}
     linear = {layer.weight: layer for layer in layers if by_name.get(layer.weight, None) is not None

@@ -18,27 +18,52 @@ from mergecli.methods.base import Inputs, TensorTask
 from mergecli.methods.regmean.solve import regmean_task
 from mergecli.recipe import Recipe, model_label
 from mergecli.stats.calibration import read_examples
-from mergecli.stats.store import DATA_KEYS, LayerStats, ModelStats, check_source, data_changes, load_stats
+from mergecli.stats.layers import find_linear_layers
+from mergecli.stats.skeleton import build_skeleton
+from mergecli.stats.store import (
+    DATA_KEYS,
+    STATS_FILE,
+    LayerStats,
+    ModelStats,
+    check_source,
+    data_changes,
+    load_stats,
+)
 
 
-def load_recipe_stats(recipe: Recipe, checkpoints: list[Checkpoint]) -> tuple[list[ModelStats], list[str]]:
-    """Every model's statistics, checked against its checkpoint; all problems reported at once.
+def load_recipe_stats(recipe: Recipe, checkpoints: list[Checkpoint], *,
+                      planning: bool = False) -> tuple[list[ModelStats | None], list[str]]:
+    """Every model's statistics, checked against its checkpoint and the recipe's data settings; all
+    problems reported at once.
+
+    Args:
+        planning: a plan only (validate, --dry-run): statistics not collected yet are None, with a
+            note, not an error (their data is checked instead).
 
     Returns:
-        The statistics in recipe order, and warnings (data settings changed since collection).
+        The statistics in recipe order, and notes (data that is gone, statistics still to collect).
 
     Raises:
-        StatsError: statistics missing, corrupt, of another format version or of another model.
+        StatsError: statistics missing (unless planning), corrupt, of another format version, of
+            another model, or collected from other data settings than the recipe's.
     """
     settings = recipe.settings
     problems: list[str] = []
     warnings: list[str] = []
-    loaded = []
+    loaded: list[ModelStats | None] = []
+    to_collect = []
     for index, (spec, checkpoint) in enumerate(zip(recipe.models, checkpoints)):
         label = model_label(index, spec)
         data_exists = Path(spec.data).exists()
+        directory = Path(settings.stats_dir) / spec.name
+        if planning and not (directory / STATS_FILE).exists():
+            read_examples(spec.data, num_examples=settings.num_examples, text_field=settings.text_field,
+                          label=f"{label}.data")  # the data a collection will read must be good
+            loaded.append(None)
+            to_collect.append(spec.name)
+            continue
         try:
-            stats = load_stats(Path(settings.stats_dir) / spec.name, label=label)
+            stats = load_stats(directory, label=label)
             check_source(stats, checkpoint, label=label)
         except StatsError as exc:
             extra = "" if data_exists else f" (and its data {spec.data} does not exist)"
@@ -58,12 +83,17 @@ def load_recipe_stats(recipe: Recipe, checkpoints: list[Checkpoint]) -> tuple[li
         current = {"kind": data.kind, "sha256": data.sha256, "num_examples": settings.num_examples,
                    "max_length": settings.max_length, "text_field": settings.text_field}
         changes = data_changes(stats, {k: current[k] for k in DATA_KEYS})
-        if changes:
-            warnings.append(f"{label}: the statistics were collected with other data settings "
-                            f"({'; '.join(changes)}); rerun collect-stats to use the recipe's")
+        if changes:  # the output's mergecli.toml would record data the statistics did not come from
+            problems.append(f"{label}: the statistics in {directory} were collected from other data than the "
+                            f"recipe's ({'; '.join(changes)}): collect them again, or set the recipe's data "
+                            "settings to those they were collected with")
     if problems:
         raise StatsError("\n".join(problems), hint="mergecli regmean collect-stats RECIPE "
                                                    "(add --force to recompute existing statistics)")
+    if to_collect:
+        warnings.append(f"regmean: statistics still to be collected for {', '.join(to_collect)} "
+                        "(mergecli regmean collect-stats RECIPE); the plan counts every linear layer as merged "
+                        "by RegMean")
     return loaded, warnings
 
 
@@ -85,8 +115,10 @@ def regmean_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warni
     Raises:
         StatsError: statistics missing, stale, corrupt or of another model.
     """
-    stats, stats_warnings = load_recipe_stats(recipe, inputs.models)
+    stats, stats_warnings = load_recipe_stats(recipe, inputs.models, planning=inputs.dry_run)
     warnings.extend(stats_warnings)
+    if any(s is None for s in stats):
+        return _planned_tasks(recipe, inputs, tasks, stats, warnings)
     tasks = list(tasks)
     hooked = set.intersection(*(set(s.layers) for s in stats))
     some = sorted(set.union(*(set(s.layers) for s in stats)) - hooked)
@@ -113,3 +145,27 @@ def regmean_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warni
                         f"model's calibration data; their weight columns are the weighted average: "
                         f"{', '.join(dead[:5])}{' ...' if len(dead) > 5 else ''}")
     return tasks
+
+
+def _not_collected(name: str) -> tuple[torch.Tensor, int]:
+    raise StatsError(f"no statistics for {name}", hint="mergecli regmean collect-stats RECIPE")
+
+
+def _planned_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], stats: list[ModelStats | None],
+                   warnings: list[str]) -> list[TensorTask]:
+    """The tasks of a plan made before every model's statistics exist: every linear layer of the model
+    (found on the meta device, no weight read) is planned as merged by RegMean."""
+    reference = inputs.models[0]
+    skeleton = build_skeleton(reference.directory, reference, device="cpu", label=model_label(0, recipe.models[0]))
+    layers = {layer.weight: layer for layer in find_linear_layers(skeleton.model, reference.tensors)[0]}
+    planned = []
+    for task in tasks:
+        layer = layers.get(task.out.name)
+        if task.kind != "average" or layer is None:
+            planned.append(task)
+            continue
+        sources = [partial(_read_gram, s, s.layers[layer.weight]) if s is not None and layer.weight in s.layers
+                   else partial(_not_collected, task.out.name) for s in stats]
+        planned.append(regmean_task(task, sources, recipe, warnings, orientation=layer.orientation,
+                                    in_features=layer.in_features))
+    return planned
