@@ -350,8 +350,9 @@ def test_hub_failing_with_500(fake_hub, llama_repos, tmp_path, monkeypatch):
 def test_local_directory_named_like_a_repo_id_stays_local(fake_hub, tmp_path, monkeypatch):
     build_llama(tmp_path / "org" / "llama-a", seed=3)
     monkeypatch.chdir(tmp_path)
-    with open_checkpoint("org/llama-a") as checkpoint:
-        assert checkpoint.commit is None
+    result = cli("average", "-m", "org/llama-a", "-m", "org/llama-a", "--name", "a", "--name", "b", "-o", "out")
+    assert result.exit_code == 0, result.output  # -m paths are relative to where mergecli runs
+    assert "taken from the Hugging Face Hub" not in result.stderr
     assert not fake_hub.requests
 
 
