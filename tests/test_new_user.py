@@ -28,3 +28,33 @@ def test_a_mistyped_local_folder_says_no_such_path_before_the_hub(llama_fp32, tm
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("error: minilm-sentimnet: no such local path, and as a hub repo id: ")
     assert "cannot reach the hub" not in result.stderr.splitlines()[0].split("as a hub repo id")[0]
+
+
+def test_progress_without_a_terminal_names_the_block_and_estimates_from_the_work(tmp_path, llama_models, text_data):
+    """RegMean++ says which block it is on; a RegMean plan counts its solves, not only its bytes."""
+    from clirunner import cli_process
+    from mergecli.merge.plan import plan_merge
+    from mergecli.recipe import load_recipe
+    from references import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.toml", list(zip(llama_models, text_data)),
+                          settings={"num_examples": 4, "max_length": 8, "sequential": True})
+    result = cli_process("regmean", "merge", recipe, "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("merging:")]
+    assert any("block 1/2" in line for line in lines) and any("block 2/2" in line for line in lines), lines
+    plan = plan_merge(load_recipe(recipe), output=tmp_path / "plan", dry_run=True)
+    try:
+        solves = [task for task in plan.tasks if task.kind == "regmean++"]
+        assert solves and all(task.work > task.bytes_read for task in solves)
+        assert plan.work > plan.bytes_read + sum(stage.hook_cost for stage in plan.stages) - 1
+    finally:
+        plan.inputs.close()
+
+
+def test_the_time_left_follows_the_rate_so_far():
+    from mergecli.cli._render import _left
+
+    assert _left(10.0, 0.25, 1.0) == ", about 30 s left"
+    assert _left(60.0, 0.2, 1.0) == ", about 4 min left"
+    assert _left(0.5, 0.25, 1.0) == ""  # too early to tell

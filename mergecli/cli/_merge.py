@@ -58,8 +58,9 @@ def merge_and_report(plan: MergePlan) -> None:
     from mergecli.merge.run import run_merge
 
     tensors = len(plan.tasks)
-    with progress("merging", total=plan.bytes_read, what=plural(tensors, "tensor")) as update:
-        report = run_merge(plan, on_progress=lambda done, read: update(read, f"{done}/{tensors} tensors"))
+    with progress("merging", total=plan.work, unit="work", what=plural(tensors, "tensor")) as update:
+        report = run_merge(plan, on_progress=lambda done, work, stage: update(work, f"{done}/{tensors} tensors",
+                                                                             step=stage))
     try:
         print_report(report, plan.method, plan.reference_name)
         say(f"\nmerged model: {report.output}")

@@ -12,6 +12,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -31,7 +32,7 @@ KIND_LABELS = {
     "exclude": "excluded, copied from {ref}",
     "integer": "integer, copied from {ref}",
 }
-Update = Callable[..., None]  # (units done, a few words on the rest[, units in all when it changes])
+Update = Callable[..., None]  # (units done, a few words[, units in all when it changes][, step=the step running])
 
 
 def human_bytes(count: float) -> str:
@@ -112,14 +113,23 @@ def _print_report(report: MergeReport, method: Method, reference: str) -> None:
     out_console.print(table)
 
 
+def _left(elapsed: float, done: float, total: float) -> str:
+    """", about 12 s left", from the rate so far (once there is one to go by)."""
+    if not total or done <= 0 or done >= total or elapsed < 1:
+        return ""
+    left = elapsed * (total - done) / done
+    return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
+
+
 @contextmanager
-def progress(description: str, *, total: int, unit: str = "bytes", what: str = "") -> Iterator[Update]:
+def progress(description: str, *, total: float, unit: str = "bytes", what: str = "") -> Iterator[Update]:
     """Yield `update(done, detail)`: a Rich bar on a terminal, else a plain line per tenth (and at
-    least every 10 s), or nothing with --quiet.
+    least every 10 s) with the time left, or nothing with --quiet.
 
     Args:
         total: how many units make the whole job (0: not known yet; `update` can tell it later).
-        unit: "bytes" (sizes and a transfer rate) or a counted noun ("blocks").
+        unit: "bytes" (sizes and a transfer rate), "work" (an estimate of the work, in no unit of its
+            own: shown as a share), or a counted noun ("blocks").
         what: a few words on the whole job, for the first plain line ("8 tensors").
     """
     if mode.quiet:
@@ -128,6 +138,8 @@ def progress(description: str, *, total: int, unit: str = "bytes", what: str = "
     if interactive():
         if unit == "bytes":
             counter: tuple = (DownloadColumn(), TransferSpeedColumn())
+        elif unit == "work":
+            counter = (TaskProgressColumn(),)
         else:
             counter = (MofNCompleteColumn(), TextColumn(unit))
         columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(), *counter,
@@ -135,33 +147,36 @@ def progress(description: str, *, total: int, unit: str = "bytes", what: str = "
         with Progress(*columns, console=err_console, transient=False) as bar:
             task = bar.add_task(description, total=total or None, detail="")
 
-            def draw(done: int, detail: str, total: int | None = None) -> None:
-                bar.update(task, completed=done, detail=detail, **({"total": total} if total else {}))
+            def draw(done: float, detail: str, total: float | None = None, step: str = "") -> None:
+                words = ", ".join(filter(None, (detail, step)))
+                bar.update(task, completed=done, detail=words, **({"total": total} if total else {}))
 
             yield draw
         return
 
     started = time.monotonic()
-    state = {"time": started, "tenth": -1, "total": total}
+    state = {"time": started, "tenth": -1, "total": total, "step": ""}
 
     def opening() -> None:
-        size = human_bytes(state["total"]) if unit == "bytes" else f"{state['total']} {unit}"
-        info(f"{description}: {what + ', ' if what else ''}{size}")
+        size = {"bytes": human_bytes(state["total"]), "work": ""}.get(unit, f"{state['total']} {unit}")
+        info(f"{description}: {', '.join(filter(None, (what, size)))}")
 
     if total:
         opening()
 
-    def log(done: int, detail: str, total: int | None = None) -> None:
+    def log(done: float, detail: str, total: float | None = None, step: str = "") -> None:
         if total and not state["total"]:
             state["total"] = total
             opening()
         total = state["total"]
         tenth = int(10 * done / total) if total else 10
         now = time.monotonic()
-        if done >= total or (tenth > state["tenth"] and now - state["time"] >= 1) or now - state["time"] >= 10:
-            state.update(time=now, tenth=tenth)
-            amount = human_bytes(done) if unit == "bytes" else f"{done}/{total} {unit}"
-            words = f", {detail}" if detail else ""
-            info(f"{description}: {100 * done / max(total, 1):3.0f}% ({amount}{words}, {now - started:.0f} s)")
+        finished = done >= total * (1 - 1e-9)
+        if finished or step != state["step"] or (tenth > state["tenth"] and now - state["time"] >= 1) \
+                or now - state["time"] >= 10:
+            state.update(time=now, tenth=tenth, step=step)
+            amount = {"bytes": human_bytes(done), "work": ""}.get(unit, f"{done}/{total} {unit}")
+            words = ", ".join(filter(None, (amount, detail, step, f"{now - started:.0f} s")))
+            info(f"{description}: {100 * done / max(total, 1):3.0f}% ({words}{_left(now - started, done, total)})")
 
     yield log

@@ -53,6 +53,11 @@ class MergePlan:
         return sum(task.bytes_read for task in self.tasks)
 
     @property
+    def work(self) -> float:
+        """All the work of the merge, in the units of `TensorTask.work` (what progress counts)."""
+        return sum(task.work for task in self.tasks) + sum(stage.hook_cost for stage in self.stages)
+
+    @property
     def bytes_written(self) -> int:
         return sum(shard.size for shard in self.shards)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from mergecli.errors import MergecliError
 from mergecli.io.atomic import atomic_directory
 from mergecli.io.writer import ShardWriter
 from mergecli.merge.plan import MergePlan
-from mergecli.merge.stream import NonFinite, ProgressCallback, stream_tasks
+from mergecli.merge.stream import NonFinite, stream_tasks
 from mergecli.merge.support import resolved_recipe, write_support_files
+from mergecli.methods.base import Stage
 
 
 def config_dtype(plan: MergePlan) -> str:
@@ -26,23 +28,38 @@ def config_dtype(plan: MergePlan) -> str:
     return str(common).removeprefix("torch.")
 
 
+MergeProgress = Callable[[int, float, str], None]  # (tensors done, work done, the stage running)
+
+
 class Progress:
-    """Adds up the stages' progress: (tensors done, bytes read) since the merge started."""
+    """Adds up the stages' progress since the merge started: tensors done, and the work done (bytes
+    read, solves and forward passes, in the units of `TensorTask.work`), for an estimate of the time
+    left that follows the work rather than the bytes."""
 
-    def __init__(self, callback: ProgressCallback | None):
+    def __init__(self, callback: MergeProgress | None):
         self.callback = callback
-        self.tensors = self.bytes = 0
-        self.stage = (0, 0)
+        self.tensors, self.work = 0, 0.0
+        self.stage = (0, 0.0)
+        self.label = ""
 
-    def update(self, tensors: int, read: int) -> None:
-        self.stage = (tensors, read)
+    def update(self, tensors: int, work: float) -> None:
+        self.stage = (tensors, work)
         if self.callback:
-            self.callback(self.tensors + tensors, self.bytes + read)
+            self.callback(self.tensors + tensors, self.work + work, self.label)
+
+    def start(self, stage: Stage) -> None:
+        self.label = stage.label
+        self.update(0, 0.0)
+
+    def advance(self, work: float) -> None:
+        """Work done outside the stream (a stage's forward passes)."""
+        self.work += work
+        self.update(*self.stage)
 
     def stage_done(self) -> None:
         self.tensors += self.stage[0]
-        self.bytes += self.stage[1]
-        self.stage = (0, 0)
+        self.work += self.stage[1]
+        self.stage = (0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -69,7 +86,7 @@ def check_disk_space(plan: MergePlan) -> None:
             f"{free / 1e9:.2f} GB are free", hint="free some space or choose another output directory")
 
 
-def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -> MergeReport:
+def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> MergeReport:
     """Stream the planned merge into the output directory, atomically.
 
     Returns:
@@ -89,12 +106,15 @@ def run_merge(plan: MergePlan, *, on_progress: ProgressCallback | None = None) -
                 done = Progress(on_progress)
                 non_finite = NonFinite(plan.recipe.allow_non_finite, plan.warnings)
                 for stage in plan.stages:
+                    done.start(stage)
                     if stage.before:
                         stage.before()
+                        done.advance(stage.hook_cost / 2)
                     stream_tasks(stage.tasks, writer, done.update, non_finite=non_finite)
                     done.stage_done()
                     if stage.after:
                         stage.after(writer.checkpoint())
+                        done.advance(stage.hook_cost / 2)
                 writer.finish()
             finally:
                 writer.close()

@@ -23,7 +23,7 @@ from mergecli.methods.average import CHUNK_ELEMENTS
 from mergecli.methods.base import TensorTask
 
 MAX_WORKERS = 4  # past a few threads, the copies in and out of the page cache share one memory bus
-ProgressCallback = Callable[[int, int], None]  # (tensors done, bytes read so far)
+ProgressCallback = Callable[[int, float], None]  # (tensors done, work done so far: TensorTask.work)
 
 
 def rows_elements(info: TensorInfo, block_elements: int) -> Iterator[int]:
@@ -142,13 +142,15 @@ class _Stream:
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.blocks_left: dict[str, int] = {}  # per tensor, set as its blocks are handed out
+        self.block_work: dict[str, float] = {}  # per tensor, the work of one of its blocks
         self.blocks = self._blocks(tasks)
-        self.tensors_done = self.bytes_done = 0
+        self.tensors_done, self.work_done = 0, 0.0
 
     def _blocks(self, tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, tuple[int, int] | None]]:
         for task in tasks:
             blocks = list(iter_row_blocks(task.sources[0].tensors[task.out.name], task.block_elements))
             self.blocks_left[task.out.name] = len(blocks)
+            self.block_work[task.out.name] = task.work / len(blocks)
             for rows in blocks:
                 yield task, rows
 
@@ -182,8 +184,8 @@ class _Stream:
                 self.non_finite.found(task, blocks)
         self.writer.write(name, out, rows[0] if rows else 0)
         with self.lock:
-            self.bytes_done += sum(b.nbytes for b in blocks)
+            self.work_done += self.block_work[name]
             self.blocks_left[name] -= 1
             self.tensors_done += self.blocks_left[name] == 0
             if self.on_progress:
-                self.on_progress(self.tensors_done, self.bytes_done)
+                self.on_progress(self.tensors_done, self.work_done)

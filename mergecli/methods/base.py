@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 # buffer, filled, or another tensor that the streaming loop copies (and casts) into it
 Combine = Callable[[list["torch.Tensor"], "torch.Tensor"], "torch.Tensor"]
 
+# A CPU core reads and sums about 1 GB/s from the page cache, and does some 30 GFLOP/s of float64
+# linear algebra: for progress estimates, one byte read takes as long as about 30 flops.
+FLOPS_PER_BYTE = 30
 BLOCK_ELEMENTS = 2**18  # elements per row block a task reads: bounds memory for any tensor size, and
 # keeps a block of three bf16 inputs and its merge (~2 MB) in a core's cache from read to write
 registered: dict[str, Method] = {}  # by name: the built-in methods once asked for, and plugins
@@ -52,10 +55,16 @@ class TensorTask:
     # True: each row block is combined on its own, so blocks may run on several threads in any
     # order; False (a combine that keeps state from one block to the next): in order, on one thread
     independent_blocks: bool = False
+    cost: float = 0.0  # work beyond reading, in bytes read that take as long (a solve's flops / FLOPS_PER_BYTE)
 
     @property
     def bytes_read(self) -> int:
         return sum(source.tensors[self.out.name].nbytes for source in self.sources)
+
+    @property
+    def work(self) -> float:
+        """What progress and its time estimate count: the bytes read, plus the `cost` of computing."""
+        return self.bytes_read + self.cost
 
 
 @dataclass
@@ -69,6 +78,8 @@ class Stage:
     after: Callable[[Checkpoint], None] | None = None
     cleanup: Callable[[], None] | None = None  # run when the merge ends, whether it succeeded or not
     work_bytes: int = 0
+    label: str = ""  # what progress calls the stage ("block 3/12")
+    hook_cost: float = 0.0  # the work of `before` and `after` (forward passes), in the units of TensorTask.work
 
 
 @dataclass

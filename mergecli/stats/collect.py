@@ -38,7 +38,7 @@ from mergecli.stats.settings import CalibrationSettings, require_data
 from mergecli.stats.skeleton import Skeleton, build_skeleton, forward_of, hooked, max_positions, stage_layers
 from mergecli.stats.store import StatsFiles, stats_meta, stats_problem
 
-StatsProgress = Callable[[int, int], None]  # (stages done, stages in all): prefix, each block, tail
+StatsProgress = Callable[[int, int], None]  # (blocks done, blocks in all)
 
 
 @dataclass
@@ -299,7 +299,7 @@ class StatsSession:
         """The prefix, every block and the tail, each with Gram hooks on its layers and written when done."""
         outside, per_block = stage_layers(skeleton, layers)
         reached = _Reached()
-        total = len(per_block) + 2
+        total = len(per_block)
         with GramCollector(hooked(skeleton, outside), share_inputs=share_inputs) as collector:
             acts = run_prefix(skeleton, batches, forward, budget, name, collector=collector)
         reached.tokens = acts.tokens
@@ -332,7 +332,7 @@ class StatsSession:
         reached.stages += 1
         give_back_memory()
         if on_progress:
-            on_progress(reached.stages, total)
+            on_progress(min(reached.stages - 1, total), total)  # the prefix is block 0 of them, the tail the last
 
     def _all_reduce(self, collector: GramCollector) -> None:
         import torch.distributed as dist

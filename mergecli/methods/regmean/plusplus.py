@@ -27,7 +27,7 @@ import torch
 from mergecli.io.atomic import scratch_directory
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.memory import give_back_memory
-from mergecli.methods.base import Inputs, Stage, TensorTask
+from mergecli.methods.base import FLOPS_PER_BYTE, Inputs, Stage, TensorTask
 from mergecli.methods.regmean.solve import regmean_task
 from mergecli.recipe import Recipe, model_label
 from mergecli.stats.calibration import Batch, model_batches, read_examples
@@ -192,14 +192,24 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
             candidate.acts = run_prefix(merged, candidate.batches, forward_of(merged.model, candidate.kind),
                                         state.budget, f"m{index}")
 
-    stages = [Stage(tasks_of([n for n in by_name if n not in block_of and n not in tail_names]),
-                    before_prefix, after_prefix)]
+    settings = recipe.settings
+    tokens = len(recipe.models) * settings.num_examples * settings.max_length / 2  # a guess: half-full examples
+
+    def forward_cost(stage_tasks: list[TensorTask], layers: list[LinearLayer]) -> float:
+        """Each model's own modules and the merged ones run over its tokens, with Gram products."""
+        flops = 2 * sum(task.out.numel for task in stage_tasks) + sum(layer.in_features ** 2 for layer in layers)
+        return 2 * tokens * flops / FLOPS_PER_BYTE
+
+    first = tasks_of([n for n in by_name if n not in block_of and n not in tail_names])
+    stages = [Stage(first, before_prefix, after_prefix, label="prefix", hook_cost=forward_cost(first, prefix))]
     for index, block_layers in enumerate(per_block):
-        stages.append(Stage(tasks_of([n for n in by_name if block_of.get(n) == index]),
-                            *_block_hooks(state, index, block_layers)))
+        block = tasks_of([n for n in by_name if block_of.get(n) == index])
+        stages.append(Stage(block, *_block_hooks(state, index, block_layers),
+                            label=f"block {index + 1}/{len(per_block)}", hook_cost=forward_cost(block, block_layers)))
     collect_tail = (lambda: state.collect(tail, lambda c, collector: run_tail(
         c.skeleton, c.acts, c.forward, collector=collector, stop_after={t.module for t in tail}))) if tail else None
-    stages.append(Stage(tasks_of([n for n in by_name if n in tail_names]), collect_tail, cleanup=state.close))
+    last = tasks_of([n for n in by_name if n in tail_names])
+    stages.append(Stage(last, collect_tail, cleanup=state.close, label="tail", hook_cost=forward_cost(last, tail) / 2))
     return stages
 
 

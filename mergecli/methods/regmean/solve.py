@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergecli.methods.base import Combine, TensorTask
+from mergecli.methods.base import FLOPS_PER_BYTE, Combine, TensorTask
 from mergecli.methods.regmean.math import RegMeanAccumulator
 from mergecli.recipe import Recipe
 from mergecli.stats.layers import Orientation
@@ -103,4 +103,13 @@ def regmean_task(task: TensorTask, sources: list[GramSource], recipe: Recipe, wa
     streamed = orientation == "out_in"
     block = BLOCK_ROWS * in_features if streamed else WHOLE_TENSOR
     work = work_bytes(in_features, d_out, len(sources), streamed=streamed, block_rows=max(1, block // in_features))
-    return TensorTask(task.out, kind, task.sources, combine, block, work)
+    return TensorTask(task.out, kind, task.sources, combine, block, work,
+                      cost=solve_cost(in_features, d_out, len(sources)))
+
+
+def solve_cost(d_in: int, d_out: int, models: int) -> float:
+    """The work of one layer's solve beyond reading its weights, for progress: reading the n float64
+    Grams, the Cholesky factorization (d³/3 flops), the right-hand sides Σ G̃ Wᵀ and the two triangular
+    solves, flops counted as FLOPS_PER_BYTE bytes read."""
+    flops = d_in ** 3 / 3 + (2 * models + 4) * d_in ** 2 * d_out
+    return 8 * models * d_in ** 2 + flops / FLOPS_PER_BYTE
