@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import torch
+
 from clirunner import cli
 
 
@@ -58,3 +60,26 @@ def test_the_time_left_follows_the_rate_so_far():
     assert _left(10.0, 0.25, 1.0) == ", about 30 s left"
     assert _left(60.0, 0.2, 1.0) == ", about 4 min left"
     assert _left(0.5, 0.25, 1.0) == ""  # too early to tell
+
+
+def test_a_sentence_transformers_model_keeps_its_pipeline(tmp_path):
+    """all-MiniLM-L6-v2 pools the mean and normalizes (modules.json, 1_Pooling/, 2_Normalize): the merge
+    keeps that pipeline, so SentenceTransformer(out) embeds as the inputs do (here: the model merged with
+    itself, which must give the model's own embeddings)."""
+    from sentence_transformers import SentenceTransformer
+
+    from references import minilm_dir
+
+    out = tmp_path / "out"
+    result = cli("average", "-m", minilm_dir(), "-m", minilm_dir(), "--name", "a", "--name", "b", "-o", out)
+    assert result.exit_code == 0, result.output
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                 "1_Pooling/config.json"):
+        assert (out / name).is_file(), name
+    sentences = ["the model merges weights", "a layer of data"]
+    original = SentenceTransformer(str(minilm_dir()), device="cpu").encode(sentences, convert_to_tensor=True)
+    merged = SentenceTransformer(str(out), device="cpu").encode(sentences, convert_to_tensor=True)
+    torch.testing.assert_close(merged, original, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(merged.norm(dim=-1), torch.ones(2), atol=1e-5)  # normalized, as the original
+    card = (out / "README.md").read_text()
+    assert "library_name: sentence-transformers" in card and "SentenceTransformer(" in card

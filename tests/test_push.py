@@ -22,10 +22,21 @@ TOKEN = "hf_SECRET_push_7c1e44b2a9f0d3"
 REPO = "fake-user/llama-avg"
 
 
-def local_files(folder: Path) -> dict[str, bytes]:
-    """What push uploads: every file but the hidden ones (the manifest that --force reads)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
+def local_files(folder: Path, repo: str = REPO) -> dict[str, bytes]:
+    """What push uploads: every file but the hidden ones (the manifest that --force reads), the card's
+    usage snippet naming the repo instead of the local folder."""
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+             if p.is_file() and not p.name.startswith(".")}
+    files["README.md"] = files["README.md"].replace(f'"path/to/{folder.name}"'.encode(), f'"{repo}"'.encode())
+    return files
+
+
+def test_the_pushed_card_loads_the_model_from_the_repo(hub, merged):
+    result = cli("push", merged, "--repo-id", REPO)
+    assert result.exit_code == 0, result.output
+    card = remote_files(hub)["README.md"].decode()
+    assert f'from_pretrained("{REPO}")' in card and "path/to/" not in card
+    assert "path/to/" in (merged / "README.md").read_text()  # the output on disk is as the merge wrote it
 
 
 def remote_files(hub: FakeHub, revision: str = "main") -> dict[str, bytes]:

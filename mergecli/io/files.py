@@ -22,6 +22,7 @@ STATE_DICT_SUFFIXES = tuple(suffix for suffix in WEIGHT_SUFFIXES if suffix != ".
 CONFIG_FILES = ("config.json", "generation_config.json")
 MAX_HEADER = 100_000_000  # bytes: the safetensors library's limit on a header
 CARD_FILE = "README.md"  # a model card: its front matter holds the license
+USAGE_PLACEHOLDER = "path/to/"  # the card's usage snippet names the model so until it has a repo id (push)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",

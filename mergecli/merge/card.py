@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from mergecli import __version__
+from mergecli.io.files import USAGE_PLACEHOLDER
 from mergecli.io.hub import looks_like_repo_id
 from mergecli.methods.base import Method
 from mergecli.recipe import BaseSpec, ModelSpec, Recipe, dump_recipe
@@ -52,9 +53,11 @@ def loader_class(config: dict | None) -> str:
 
 
 def hub_ids(recipe: Recipe) -> list[str]:
-    """Hub repo ids among the base and the models, in recipe order, without duplicates."""
+    """Hub repo ids among the base and the models (a local copy's declared `hub_id`), in recipe order,
+    without duplicates."""
     specs = ([recipe.base] if recipe.base else []) + list(recipe.models)
-    return list(dict.fromkeys(spec.path for spec in specs if looks_like_repo_id(spec.path)))
+    ids = [spec.hub_id or spec.path for spec in specs]
+    return list(dict.fromkeys(repo for repo in ids if looks_like_repo_id(repo)))
 
 
 def _yaml(value: str) -> str:
@@ -62,7 +65,8 @@ def _yaml(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def front_matter(recipe: Recipe, config: dict | None, license: str | None = None) -> str:
+def front_matter(recipe: Recipe, config: dict | None, license: str | None = None, *,
+                 sentence_transformers: bool = False) -> str:
     """The YAML metadata block, `---` lines included."""
     lines = ["---", *([f"license: {_yaml(license)}"] if license else [])]
     parents = hub_ids(recipe)
@@ -70,12 +74,13 @@ def front_matter(recipe: Recipe, config: dict | None, license: str | None = None
         lines.append("base_model:")
         lines.extend(f"- {_yaml(repo)}" for repo in parents)
         lines.append("base_model_relation: merge")
-    if config is not None:
+    if sentence_transformers:
+        lines += ["library_name: sentence-transformers", "pipeline_tag: sentence-similarity"]
+    elif config is not None:
         lines.append("library_name: transformers")
-    tag = pipeline_tag(config)
-    if tag:
-        lines.append(f"pipeline_tag: {tag}")
-    lines += ["tags:", "- merge", "- mergecli", "---"]
+        if pipeline_tag(config):
+            lines.append(f"pipeline_tag: {pipeline_tag(config)}")
+    lines += ["tags:", "- merge", "- mergecli", *(["- sentence-transformers"] if sentence_transformers else []), "---"]
     return "\n".join(lines)
 
 
@@ -125,9 +130,14 @@ def _method(recipe: Recipe, method: Method, config: dict | None) -> list[str]:
     return lines
 
 
-def _usage(recipe: Recipe, config: dict | None, title: str) -> list[str]:
+def _usage(recipe: Recipe, config: dict | None, title: str, *, sentence_transformers: bool = False) -> list[str]:
+    where = recipe.push.repo_id if recipe.push and recipe.push.repo_id else f"{USAGE_PLACEHOLDER}{title}"
+    if sentence_transformers:  # the pipeline (pooling, normalization) is in modules.json: the library reads it
+        code = ["```python", "from sentence_transformers import SentenceTransformer", "",
+                f"model = SentenceTransformer({_yaml(where)})",
+                'embeddings = model.encode(["A sentence to embed.", "Another one."])']
+        return ["## Use", "", *code, "```", ""]
     loader = loader_class(config)
-    where = recipe.push.repo_id if recipe.push and recipe.push.repo_id else f"path/to/{title}"
     code = ["```python", f"from transformers import {loader}", "",
             f"model = {loader}.from_pretrained({_yaml(where)})"]
     if recipe.copy_tokenizer and pipeline_tag(config) and pipeline_tag(config) != "image-classification":
@@ -138,7 +148,8 @@ def _usage(recipe: Recipe, config: dict | None, title: str) -> list[str]:
 
 def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: str = "merged-model",
                 config_from: str | None = None, tokenizer_from: str | None = None,
-                sizes: dict[str, int] | None = None, license: str | None = None) -> str:
+                sizes: dict[str, int] | None = None, license: str | None = None,
+                pipeline_from: str | None = None) -> str:
     """A model card: front matter, models and weights, method, usage, and the recipe that made it.
 
     Args:
@@ -149,12 +160,20 @@ def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: s
         config_from, tokenizer_from: which input ("base" or a model's name) they were copied from.
         sizes: each input's bytes, by the same names.
         license: the license id of the inputs' cards (the base's, else the first model's that has one).
+        pipeline_from: where a sentence-transformers pipeline was copied from (None: there is none).
     """
     sizes = sizes or {}
     count = len(recipe.models)
-    lines = [front_matter(recipe, config, license), "", f"# {title}", "",
+    st = pipeline_from is not None
+    architecture = ", ".join(f"`{a}`" for a in (config or {}).get("architectures") or [])
+    names = ", ".join(f"`{_cell(spec.name)}`" for spec in recipe.models)
+    reference = "the base model" if recipe.base else f"`{_cell(recipe.models[0].name)}`"
+    kind = " (a sentence-transformers embedding model)" if st else ""
+    lines = [front_matter(recipe, config, license, sentence_transformers=st), "", f"# {title}", "",
              f"A {method.label(recipe)} of {count} model{'s' * (count != 1)}, made with [mergecli]({MERGECLI_URL}) "
-             f"{__version__}.", "", "## Models", "",
+             f"{__version__}.", "",
+             f"It combines {names} into one model of their architecture{f' ({architecture})' if architecture else ''}"
+             f"{kind}, used as {reference} is used.", "", "## Models", "",
              "| model | weight | source |", "|---|---:|---|"]
     for spec, weight in zip(recipe.models, method.weights(recipe)):
         lines.append(f"| {_cell(spec.name)} | {weight:.4g} | {_source(spec, sizes.get(spec.name))} |")
@@ -164,12 +183,13 @@ def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: s
             "excluded and integer tensors come from it"
         lines += [f"Base model: {_source(recipe.base, sizes.get('base'))} (never averaged; {role}).", ""]
     provenance = [f"config from {_input(config_from)}" if config_from else "",
-                  f"tokenizer from {_input(tokenizer_from)}" if tokenizer_from else ""]
+                  f"tokenizer from {_input(tokenizer_from)}" if tokenizer_from else "",
+                  f"sentence-transformers pipeline from {_input(pipeline_from)}" if pipeline_from else ""]
     if any(provenance):
         lines += [f"Support files: {'; '.join(p for p in provenance if p)}.", ""]
     lines += ["## Method", "", *_method(recipe, method, config), ""]
     if config is not None:
-        lines += _usage(recipe, config, title)
+        lines += _usage(recipe, config, title, sentence_transformers=st)
     lines += ["## Recipe", "",
               "The recipe as run, with every default filled in and hub revisions pinned to commits. "
               "It is saved next to the weights as `mergecli.toml`; "

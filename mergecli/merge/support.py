@@ -23,7 +23,7 @@ from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import CARD_FILE, TOKENIZER_FILES, regular_file
 from mergecli.merge.card import render_card
 from mergecli.methods.base import Inputs, Method
-from mergecli.recipe import Recipe, dump_recipe, path_keys
+from mergecli.recipe import WEIGHT_SUFFIXES, Recipe, dump_recipe, path_keys
 
 PATH_KEYS = ("_name_or_path", "name_or_path")  # keys transformers fills with the directory it loaded
 
@@ -34,8 +34,9 @@ class SupportFiles:
 
     config: dict[str, Any] | None = None
     config_from: str | None = None
-    copies: dict[str, Path] = field(default_factory=dict)  # output file name → its source
+    copies: dict[str, Path] = field(default_factory=dict)  # output file (relative path) → its source
     tokenizer_from: str | None = None
+    pipeline_from: str | None = None  # where the sentence-transformers pipeline (modules.json) came from
     license: str | None = None  # from the reference's model card (else the first model's that has one)
 
 
@@ -77,6 +78,7 @@ def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> Support
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise CheckpointError(path, "is not a valid config (a JSON object)") from None
             support.config, support.config_from = config, label
+            _plan_pipeline(support, label, checkpoint, warnings)
             break
     support.license = next(filter(None, (card_license(_safe(ckpt, CARD_FILE, warnings)) for _, ckpt in named)), None)
     if not recipe.copy_tokenizer:
@@ -93,6 +95,39 @@ def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> Support
     if support.config is not None:  # a transformers checkpoint without a tokenizer is worth a word
         warnings.append("copy_tokenizer: no input has tokenizer files; none copied")
     return support
+
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _plan_pipeline(support: SupportFiles, label: str, checkpoint: Checkpoint, warnings: list[str]) -> None:
+    """A sentence-transformers model's pipeline (modules.json, and each module's folder: pooling,
+    normalization) goes with the merged weights, from the input that gives the config: without it,
+    `SentenceTransformer(output)` builds another pipeline (no normalization, other pooling)."""
+    modules_file = _safe(checkpoint, "modules.json", warnings)
+    if modules_file is None or checkpoint.directory is None:
+        return
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        folders = [str(m.get("path", "")) for m in modules if isinstance(m, dict)]
+    except (ValueError, UnicodeDecodeError, RecursionError, AttributeError, TypeError):
+        warnings.append(f"{modules_file} is not a sentence-transformers modules list: the pipeline was not copied")
+        return
+    support.pipeline_from = label
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        path = _safe(checkpoint, name, warnings)
+        if path is not None:
+            support.copies[name] = path
+    for folder in folders:
+        if not folder or ".." in Path(folder).parts or Path(folder).is_absolute():
+            continue
+        for path in sorted((checkpoint.directory / folder).rglob("*")):
+            relative = path.relative_to(checkpoint.directory).as_posix()
+            if path.is_file() and _safe(checkpoint, relative, warnings) is not None:
+                support.copies[relative] = path
+                if path.name.endswith(WEIGHT_SUFFIXES):
+                    warnings.append(f"the pipeline module {folder} holds weights of its own ({path.name}), which "
+                                    f"are not merged: copied from {label}")
 
 
 LICENSE_LINE = re.compile(r"""license:[ \t]*["']?([A-Za-z0-9][A-Za-z0-9._+-]*)["']?[ \t]*""")
@@ -174,6 +209,7 @@ def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recip
             config[key] = dtype
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name, source in support.copies.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
         if name.endswith(".json"):
             try:
                 content = scrub(json.loads(source.read_text(encoding="utf-8")))
@@ -185,5 +221,6 @@ def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recip
             shutil.copyfile(source, directory / name)
     (directory / "mergecli.toml").write_text(dump_recipe(recipe))
     card = render_card(recipe, method, config=config, title=directory_name, config_from=support.config_from,
+                       pipeline_from=support.pipeline_from,
                        tokenizer_from=support.tokenizer_from, sizes=sizes, license=support.license)
     (directory / "README.md").write_text(card)

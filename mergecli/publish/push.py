@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import glob
+import fnmatch
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 from mergecli import __version__
 from mergecli.errors import CheckpointError, HubAccessError, HubError, MergecliError, RecipeError, UsageError
 from mergecli.io.atomic import is_temporary
-from mergecli.io.files import SAFETENSORS_INDEX, parse_index
+from mergecli.io.files import CARD_FILE, SAFETENSORS_INDEX, USAGE_PLACEHOLDER, parse_index
 from mergecli.io.hub import looks_like_repo_id
 from mergecli.io.hub_errors import hub_errors
 from mergecli.io.safetensors import read_header
@@ -151,7 +152,7 @@ def push(directory: Path | str, *, repo_id: str | None = None, private: bool | N
     if dry_run:
         return result
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     check_access(repo_id, token=token)
     api = HfApi(token=token)
@@ -163,12 +164,20 @@ def push(directory: Path | str, *, repo_id: str | None = None, private: bool | N
         if private and not before.private:
             raise UsageError(f"{repo_id} exists and is public: --private would not make it private",
                              hint="make the repo private in its settings first, or push without --private")
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=directory, revision=revision, commit_message=message,
-            allow_patterns=[glob.escape(name) for name, _ in files], delete_patterns=STALE_WEIGHTS,
-        )
+        stale = [name for name in api.list_repo_files(repo_id, revision=revision)
+                 if any(fnmatch.fnmatchcase(name, pattern) for pattern in STALE_WEIGHTS) and name not in dict(files)]
+        operations = [CommitOperationAdd(name, _card_for(directory, repo_id) if name == CARD_FILE else directory / name)
+                      for name, _ in files] + [CommitOperationDelete(name) for name in stale]
+        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
     return PushResult(repo_id, revision or "main", message, private, tuple(files), commit=info.oid,
                       commit_url=info.commit_url, changed=info.oid != before.sha)
+
+
+def _card_for(directory: Path, repo_id: str) -> bytes:
+    """The output's model card as pushed: its usage snippet names the repo instead of a local path (the
+    file on disk is left as the merge wrote it)."""
+    card = (directory / CARD_FILE).read_bytes()
+    return card.replace(f'"{USAGE_PLACEHOLDER}{directory.name}"'.encode(), json.dumps(repo_id).encode())
 
 
 def check_access(repo_id: str, *, token: str | None = None) -> None:

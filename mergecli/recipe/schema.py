@@ -126,6 +126,7 @@ class BaseSpec(StrictModel):
     path: str = Field(min_length=1)
     revision: str | None = None
     digest: Digest | None = None  # a local checkpoint's identity, recorded in an output's mergecli.toml
+    hub_id: str | None = None  # the hub repo a local checkpoint is a copy of: the card's base_model
 
 
 class ModelSpec(StrictModel):
@@ -135,6 +136,7 @@ class ModelSpec(StrictModel):
     path: str = Field(min_length=1)
     revision: str | None = None
     digest: Digest | None = None
+    hub_id: str | None = None  # the hub repo a local checkpoint is a copy of: the card's base_model
     name: str = ""
     weight: Annotated[float, Strict()] = Field(default=1.0, allow_inf_nan=False)  # 0.3, never "0.3"
     data: str | None = None
