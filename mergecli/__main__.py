@@ -24,7 +24,7 @@ def main() -> None:
     try:
         from mergecli.cli.app import app
 
-        app()
+        app(prog_name="mergecli")
     except KeyboardInterrupt as interruption:  # before a command ran (or during its setup)
         _interrupted(interruption)
     except SystemExit as exit_:

@@ -51,7 +51,8 @@ class RecipeError(UsageError):
     def __init__(self, source: str, problems: list[str], *, hint: str | None = None):
         self.source = source
         self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems), hint=hint)
+        # a problem with a `--set` key names the flag, not the file it did not come from
+        super().__init__("\n".join(p if p.startswith("--set ") else f"{source}: {p}" for p in problems), hint=hint)
 
 
 class InputNotFoundError(UsageError):
@@ -75,7 +76,7 @@ class ShapeMismatchError(MergecliError):
     """Inputs disagree on tensor names or shapes; `problems` lists every mismatch, `architectures`
     says so first when the inputs are different models altogether."""
 
-    def __init__(self, problems: list[str], *, architectures: str | None = None):
+    def __init__(self, problems: list[str], *, architectures: str | None = None, hint: str | None = None):
         self.problems = problems
         count = f"{len(problems)} mismatch{'es' if len(problems) != 1 else ''}"
         if architectures:
@@ -85,7 +86,7 @@ class ShapeMismatchError(MergecliError):
             more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
             message = (f"the inputs do not have the same tensors ({count}):\n"
                        + "\n".join(f"  {p}" for p in shown) + more)
-        super().__init__(message, hint="merge only checkpoints of the same architecture and vocabulary size")
+        super().__init__(message, hint=hint or "merge only checkpoints of the same architecture and vocabulary size")
 
 
 class NonFiniteError(MergecliError):

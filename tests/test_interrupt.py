@@ -61,12 +61,29 @@ def test_sigterm_cleans_up_and_keeps_existing_output(big_pair, tmp_path):
     assert {str(p): p.stat().st_mtime_ns for p in big_pair} == before
 
 
-@pytest.mark.parametrize("delay", [0.1, 0.5], ids=["while-python-starts", "while-torch-loads"])
+def wait_for_handlers(process: subprocess.Popen) -> None:
+    """Until the process catches SIGINT and SIGTERM (its SigCgt mask in /proc): before that, a signal
+    meets Python's defaults, whatever mergecli does. Waiting for the fact, not for a time, holds on a
+    busy machine."""
+    wanted = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & wanted == wanted:
+            return
+        time.sleep(0.001)
+    raise AssertionError("the process never installed its signal handlers")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.4], ids=["while-python-starts", "while-torch-loads"])
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_while_starting_up_is_one_line_and_its_exit_code(big_pair, tmp_path, sig, code, delay):
+    """From the moment the handlers are in place (the first thing mergecli does), through the imports."""
     command = [sys.executable, "-m", "mergecli", "average", "-m", str(big_pair[0]), "-m", str(big_pair[1]),
                "-o", str(tmp_path / "out")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_handlers(process)
     time.sleep(delay)
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=60)

@@ -18,8 +18,10 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-out_console = Console(highlight=False, soft_wrap=True, markup=False)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+# Without a terminal there is no width to fit: lines (a table's rows, a long path) are never wrapped.
+_WIDTH = {False: 100_000, True: None}
+out_console = Console(highlight=False, soft_wrap=True, markup=False, width=_WIDTH[sys.stdout.isatty()])
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, width=_WIDTH[sys.stderr.isatty()])
 # ANSI / VT escape sequences (CSI, OSC, and two-byte ones), then any other control character but \n and \t
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -62,6 +64,12 @@ def interactive() -> bool:
 def warn(message: str) -> None:
     if not mode.quiet:
         err_console.print(labelled("warning", "yellow", message), soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """Something expected but worth a word (a dropped buffer, a zero weight): not a warning."""
+    if not mode.quiet:
+        err_console.print(labelled("note", "cyan", message), soft_wrap=True)
 
 
 def info(message: str) -> None:

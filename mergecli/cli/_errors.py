@@ -35,7 +35,7 @@ def report_errors(command: F) -> F:
         except MergecliError as exc:
             if debug_enabled():
                 raise
-            _print_error(*(hub_message(exc) if isinstance(exc, HubError) else (exc.message, exc.hint)))
+            print_error(*(hub_message(exc) if isinstance(exc, HubError) else (exc.message, exc.hint)))
             raise typer.Exit(exc.exit_code) from None
         except OutputInPlace as done:
             err_console.print(f"interrupted once the output was complete: {done.output} is finished",
@@ -46,26 +46,26 @@ def report_errors(command: F) -> F:
         except KeyboardInterrupt as interruption:
             if debug_enabled():
                 raise
-            _print_error("interrupted; nothing half-written was left behind "
+            print_error("interrupted; nothing half-written was left behind "
                          "(inputs, existing outputs and finished statistics are untouched)")
             raise typer.Exit(interrupted_exit_code(interruption)) from None
         except OSError as exc:
             if debug_enabled():
                 raise
             where = f": {exc.filename}" if exc.filename else ""
-            _print_error(f"{exc.strerror or exc}{where}", "nothing was written; fix the problem and rerun")
+            print_error(f"{exc.strerror or exc}{where}", "nothing was written; fix the problem and rerun")
             raise typer.Exit(1) from None
         except Exception as exc:  # a bug: say so, briefly
             if debug_enabled():
                 raise
-            _print_error(f"internal error: {type(exc).__name__}: {exc}",
+            print_error(f"internal error: {type(exc).__name__}: {exc}",
                          "rerun with MERGECLI_DEBUG=1 for the traceback, and please report it")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def _print_error(message: str, hint: str | None = None) -> None:
+def print_error(message: str, hint: str | None = None) -> None:
     err_console.print(labelled("error", "bold red", message), highlight=False, soft_wrap=True)
     if hint:
         err_console.print(labelled("hint", "yellow", hint), highlight=False, soft_wrap=True)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-RecipeArg = Annotated[Path, typer.Argument(help="TOML recipe.", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="TOML recipe.", show_default=False)]
 OutputOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Output directory (overrides the recipe's `output`).")
 ]
@@ -16,6 +16,11 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", metavar="KEY=VALUE",
                  help="Override a recipe key, e.g. --set normalize=false --set models.1.weight=0.7."),
+]
+StatsSetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE",
+                 help="Override a recipe key, e.g. --set regmean.num_examples=64 --set models.0.data=more.jsonl."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force",
                                         help="Replace an earlier output of mergecli (or an empty directory).")]
@@ -29,7 +34,8 @@ NoSyncOpt = Annotated[bool, typer.Option(
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-OptionalRecipeArg = Annotated[Path | None, typer.Argument(help="TOML recipe (or use -m).", show_default=False)]
+OptionalRecipeArg = Annotated[Path | None, typer.Argument(metavar="RECIPE", help="TOML recipe (or use -m).",
+                                                          show_default=False)]
 ModelOpt = Annotated[
     list[str] | None, typer.Option("--model", "-m", metavar="PATH", help="A model to merge (repeat).")
 ]

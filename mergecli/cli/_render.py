@@ -18,8 +18,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from mergecli.cli._console import err_console, info, interactive, mode, out_console, plural, result, warn
+from mergecli.cli._console import clean, err_console, info, interactive, mode, note, out_console, plural, result, warn
 
 if TYPE_CHECKING:
     from mergecli.merge.plan import MergePlan
@@ -54,12 +55,14 @@ def plan_data(plan: MergePlan) -> dict:
     return {"dry_run": True, "method": plan.recipe.method, "output": str(plan.output),
             "tensors": len(plan.tasks), "counts": plan.counts(), "shards": len(plan.shards),
             "bytes_read": plan.bytes_read, "bytes_written": plan.bytes_written, "peak_memory": plan.peak_memory,
-            "warnings": plan.warnings}
+            "warnings": plan.warnings, "notes": plan.notes}
 
 
 def print_plan(plan: MergePlan, *, title: str) -> None:
     """The dry-run / validate view of a plan: on stdout (or its --json), warnings on stderr."""
     result(plan_data(plan), lambda: _print_plan(plan, title))
+    for message in plan.notes:
+        note(message)
     for message in plan.warnings:
         warn(message)
 
@@ -93,24 +96,22 @@ def print_report(report: MergeReport, method: Method, reference: str) -> None:
         if report.output.is_dir() else []
     data = {"output": str(report.output), "files": files, "tensors": report.tensors, "counts": report.counts,
             "shards": report.shards, "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
-            "seconds": round(report.seconds, 3), "warnings": report.warnings}
+            "seconds": round(report.seconds, 3), "warnings": report.warnings, "notes": report.notes}
     result(data, lambda: _print_report(report, method, reference))
+    for message in report.notes:
+        note(message)
     for message in report.warnings:
         warn(message)
 
 
 def _print_report(report: MergeReport, method: Method, reference: str) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("output", str(report.output))
-    table.add_row("tensors", ", ".join(kinds_line(report.counts, method, reference)))
-    table.add_row("shards", str(report.shards))
-    table.add_row("read", human_bytes(report.bytes_read))
-    table.add_row("written", human_bytes(report.bytes_written))
     rate = report.bytes_read / report.seconds if report.seconds else 0
-    table.add_row("time", f"{report.seconds:.1f} s ({human_bytes(rate)}/s read)")
-    out_console.print(table)
+    rows = {"output": str(report.output), "tensors": ", ".join(kinds_line(report.counts, method, reference)),
+            "shards": str(report.shards), "read": human_bytes(report.bytes_read),
+            "written": human_bytes(report.bytes_written),
+            "time": f"{report.seconds:.1f} s ({human_bytes(rate)}/s read)"}
+    for label, value in rows.items():  # aligned lines, none ending in spaces
+        out_console.print(Text.assemble((f"{label:<8}", "bold"), " ", clean(value)))
 
 
 def _left(elapsed: float, done: float, total: float) -> str:

@@ -2,20 +2,55 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from mergecli import __version__
+from mergecli.cli._errors import print_error
 from mergecli.cli.average import average
 from mergecli.cli.push import push
 from mergecli.cli.regmean import regmean_app
 from mergecli.cli.validate import validate
 
+
+class _Commands(TyperGroup):
+    """The command group, with usage errors said as every other error is: `error:` and `hint:` lines."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: ANN201 (click's own signature)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort as exc:  # Ctrl-C while the command line was parsed
+            raise exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else KeyboardInterrupt from None
+        except TyperException as exc:  # a usage error: unknown option, missing argument, bad value
+            context = getattr(exc, "ctx", None)
+            if context is not None and exc.format_message() == context.get_help():  # no command given: the help
+                typer.echo(exc.format_message())
+            else:
+                print_error(exc.format_message(), f"see `{context.command_path if context else 'mergecli'} --help`")
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="mergecli",
-    help="Merge model checkpoints (weighted average, RegMean) from TOML recipes, streaming tensor by "
-         "tensor so that memory stays small whatever the model size.",
+    cls=_Commands,
+    help="""Merge model checkpoints from TOML recipes: weighted average, RegMean and RegMean++,
+    streaming tensor by tensor (and block by block), so that memory stays small whatever the model size.
+
+    Examples:
+
+    \b
+      mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
+      mergecli average recipe.toml --dry-run
+      mergecli validate recipe.toml
+      mergecli regmean collect-stats recipe.toml && mergecli regmean merge recipe.toml
+      mergecli regmean merge plusplus.toml          # [regmean] sequential = true: RegMean++
+      mergecli push merged/ --repo-id me/llama-merged
+    """,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from mergecli.cli._console import info, out_console, plural, result
+from mergecli.cli._console import info, out_console, plural, result, warn
 from mergecli.cli._errors import report_errors
 from mergecli.cli._heavy import import_torch
 from mergecli.cli._options import JsonOpt, QuietOpt
@@ -79,6 +79,12 @@ def push(
 
     print_push(push_directory(directory, repo_id=repo_id, private=private or None, revision=revision,
                               message=message, dry_run=dry_run))
+    if dry_run:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            warn("no Hugging Face token: the push itself will need one with write access "
+                 "(log in with `hf auth login` or set HF_TOKEN)")
 
 
 def push_after_merge(output: Path, recipe: Recipe) -> None:

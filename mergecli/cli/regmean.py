@@ -23,6 +23,7 @@ from mergecli.cli._options import (
     QuietOpt,
     RecipeArg,
     SetOpt,
+    StatsSetOpt,
 )
 from mergecli.cli._render import human_bytes, progress
 
@@ -77,7 +78,7 @@ def collect_stats(
     recipe: RecipeArg,
     only: OnlyOpt = None,
     device: DeviceOpt = "cpu",
-    set_: SetOpt = None,
+    set_: StatsSetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute statistics that are up to date.")] = False,
     memory_budget: MemoryBudgetOpt = None,
     quiet: QuietOpt = False,

@@ -160,9 +160,12 @@ def check_output_path(output: Path, inputs: list[Path], *, force: bool, kind: st
         raise UsageError(f"output {output} exists and is not a directory", hint="choose another output")
     _check_writable_parent(output)
     if output.exists():
+        reason = replace_problem(output, kind)
+        if not force and reason:
+            raise UsageError(f"output {output} already exists, and is not a {kind} of mergecli: {reason}",
+                             hint="choose another output (--force would not replace it either)")
         if not force:
             raise UsageError(f"output {output} already exists", hint="pass --force to replace it")
-        reason = replace_problem(output, kind)
         if reason:
             raise UsageError(f"--force does not replace {output}: {reason}",
                              hint=f"--force replaces only an empty directory or what mergecli wrote as a {kind}; "

@@ -72,6 +72,7 @@ class MergeReport:
     seconds: float
     counts: dict[str, int]
     warnings: list[str]
+    notes: list[str]
 
 
 def check_disk_space(plan: MergePlan) -> None:
@@ -100,7 +101,7 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
         check_disk_space(plan)
         # the digests: before any write
         recipe = resolved_recipe(plan.recipe, plan.inputs, plan.output, normalize=plan.method.normalize(plan.recipe))
-        with atomic_directory(plan.output, force=plan.force, notes=plan.warnings, sync=plan.sync) as directory:
+        with atomic_directory(plan.output, force=plan.force, notes=plan.notes, sync=plan.sync) as directory:
             writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks}, sync=plan.sync)
             try:
                 done = Progress(on_progress)
@@ -130,4 +131,5 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
                 stage.cleanup()
         plan.inputs.close()
     return MergeReport(plan.output, len(plan.tasks), len(plan.shards), plan.bytes_read,
-                       plan.bytes_written, time.perf_counter() - started, plan.counts(), plan.warnings)
+                       plan.bytes_written, time.perf_counter() - started, plan.counts(), plan.warnings,
+                       plan.notes)

@@ -48,6 +48,8 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
     exclude = [re.compile(p) for p in recipe.exclude]
     weights, divisor = recipe.average_weights(normalize=normalize)
     reference = inputs.reference
+    read = tuple(model for model, weight in zip(inputs.models, weights) if weight != 0)  # a zero weight adds nothing
+    weights = [weight for weight in weights if weight != 0]
 
     per_thread = threading.local()  # one accumulator per streaming thread, reused
 
@@ -72,7 +74,7 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
             tasks.append(TensorTask(out, "integer", (reference, *inputs.models), _integer_combine(name, warnings),
                                     block, independent_blocks=True))
         else:
-            tasks.append(TensorTask(out, "average", tuple(inputs.models), average, block, independent_blocks=True))
+            tasks.append(TensorTask(out, "average", read, average, block, independent_blocks=True))
     for pattern in exclude:
         if not any(pattern.fullmatch(n) for n in reference.tensors):
             warnings.append(f"exclude pattern {pattern.pattern!r} matches no tensor")

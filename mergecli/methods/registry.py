@@ -54,15 +54,15 @@ def method_of(recipe: Recipe) -> Method:
                 for name in recipe.tables if name not in method_names()]
     context = {"base_dir": recipe.base_dir}
     settings, problems = _validated(method.settings, recipe.tables.get(method.name), (method.name,), context,
-                                    problems, [])
+                                    problems, [], recipe.overrides)
     model_settings = []
     for index, spec in enumerate(recipe.models):
         options, problems = _validated(method.model_settings, spec.options, ("models", index), context, problems,
-                                       list(ModelSpec.model_fields))
+                                       list(ModelSpec.model_fields), recipe.overrides)
         model_settings.append(options)
     if method.normalize(recipe) and math.fsum(scaled_weights(recipe.models)[0]) == 0.0:
-        fix = "--set normalize=false" if recipe.source == "command line" else "normalize = false in the recipe"
-        problems.append(f"(recipe): weights sum to 0, so they cannot be normalized (set {fix}?)")
+        fix = "pass --set normalize=false" if recipe.source == "command line" else "set normalize = false"
+        problems.append(f"weights sum to 0, so they cannot be normalized ({fix}?)")
     if problems:
         raise RecipeError(recipe.source, problems)
     recipe.bind(settings, model_settings)
@@ -70,12 +70,14 @@ def method_of(recipe: Recipe) -> Method:
 
 
 def _validated(model: type[BaseModel] | None, data: dict | None, where: tuple, context: dict, problems: list[str],
-               common: list[str]) -> tuple[BaseModel | None, list[str]]:
+               common: list[str], overrides: list[str]) -> tuple[BaseModel | None, list[str]]:
     """`data` (a method's table, or a model's method keys) validated by `model`, or the problems."""
     if model is None:
-        return None, problems + [f"{'.'.join(map(str, (*where, key)))}: {unknown_key(key, common)}"
-                                 for key in data or {}]
+        keys = ['.'.join(map(str, (*where, key))) for key in data or {}]
+        return None, problems + [f"{'--set ' if key in overrides else ''}{key}: "
+                                 f"{unknown_key(key.rsplit('.', 1)[-1], common)}" for key in keys]
     try:
         return model.model_validate(data or {}, context=context), problems
     except ValidationError as exc:
-        return None, problems + validation_problems(exc, prefix=where, known=[*common, *model.model_fields])
+        return None, problems + validation_problems(exc, prefix=where, known=[*common, *model.model_fields],
+                                                    overrides=overrides)

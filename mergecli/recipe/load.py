@@ -50,12 +50,14 @@ def unknown_key(key: str, known: list[str]) -> str:
 
 
 def validation_problems(error: ValidationError, *, prefix: tuple[Any, ...] = (),
-                        known: list[str] | None = None) -> list[str]:
+                        known: list[str] | None = None, overrides: list[str] = ()) -> list[str]:
     """One line per problem of a validation `error`: `models.1.weight: Input should be a valid number`.
 
     Args:
         prefix: where the validated table sits in the recipe (`("ties",)`), for the key paths.
         known: the table's keys, for "did you mean" (default: the common schema's at that path).
+        overrides: the keys `--set` gave: a problem with one of them is `--set KEY: ...`, the recipe
+            file was not where it came from.
     """
     problems = []
     for item in error.errors():
@@ -66,7 +68,9 @@ def validation_problems(error: ValidationError, *, prefix: tuple[Any, ...] = (),
         elif item["type"] == "bool_type":
             message = "expected true or false"
         message = message.removeprefix("Value error, ")
-        problems.append(f"{format_key(prefix + loc)}: {message}")
+        key = format_key(prefix + loc)
+        given = any(key == o or key.startswith(o + ".") for o in overrides)
+        problems.append(f"{'--set ' if given else ''}{key}: {message}")
     return problems
 
 
@@ -147,14 +151,16 @@ def recipe_from_data(data: dict[str, Any], *, source: str, base_dir: Path,
     """Validate raw recipe data (after `--set` overrides), resolving paths against `base_dir`."""
     data = apply_overrides(data, list(overrides), source=source)
     data = _resolve_paths(data, base_dir)
+    given = [override.partition("=")[0].strip() for override in overrides]
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(source, validation_problems(exc)) from None
+        raise RecipeError(source, validation_problems(exc, overrides=given)) from None
     except RecursionError:
         raise RecipeError(source, ["invalid recipe: its values are nested too deeply"]) from None
     recipe._source = source
     recipe._base_dir = base_dir
+    recipe._overrides = given
     return recipe
 
 

@@ -195,6 +195,7 @@ class Recipe(StrictModel):
     push: PushSettings | None = None
     _source: str = PrivateAttr(default="recipe")
     _base_dir: Path | None = PrivateAttr(default=None)
+    _overrides: list[str] = PrivateAttr(default_factory=list)  # the keys `--set` gave, for messages
     _tables: dict[str, Any] = PrivateAttr(default_factory=dict)
     _settings: BaseModel | None = PrivateAttr(default=None)
 
@@ -215,6 +216,11 @@ class Recipe(StrictModel):
     def base_dir(self) -> Path | None:
         """The directory its relative paths are relative to (the recipe file's)."""
         return self._base_dir
+
+    @property
+    def overrides(self) -> list[str]:
+        """The keys `--set` gave (`models.1.weight`): a problem with one of them is said to be theirs."""
+        return self._overrides
 
     @property
     def tables(self) -> dict[str, Any]:

@@ -173,7 +173,8 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
                 out.append(by_name[name])
                 continue
             sources = [lambda i=i, name=name: state.gram(i, name) for i in range(len(inputs.models))]
-            out.append(regmean_task(by_name[name], sources, recipe, warnings, orientation=layer.orientation,
+            out.append(regmean_task(by_name[name], sources, recipe, warnings, models=tuple(inputs.models),
+                                    orientation=layer.orientation,
                                     in_features=layer.in_features, kind="regmean++"))
         return out
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergecli.io.checkpoint import Checkpoint
 from mergecli.methods.base import FLOPS_PER_BYTE, Combine, TensorTask
 from mergecli.methods.regmean.math import RegMeanAccumulator
 from mergecli.recipe import Recipe
@@ -93,8 +94,10 @@ def regmean_combine(name: str, sources: list[GramSource], weights: list[float], 
 
 
 def regmean_task(task: TensorTask, sources: list[GramSource], recipe: Recipe, warnings: list[str], *,
-                 orientation: Orientation, in_features: int, kind: str = "regmean") -> TensorTask:
-    """The task that solves one linear weight by RegMean instead of averaging it (`task`)."""
+                 models: tuple[Checkpoint, ...], orientation: Orientation, in_features: int,
+                 kind: str = "regmean") -> TensorTask:
+    """The task that solves one linear weight by RegMean instead of averaging it (`task`), from every
+    model's weight (`models`, in recipe order: one per Gram source)."""
     name, shape = task.out.name, task.out.shape
     d_out = shape[0] * shape[1] // in_features
     weights = recipe.weights(normalize=recipe.normalize is not False)
@@ -103,7 +106,7 @@ def regmean_task(task: TensorTask, sources: list[GramSource], recipe: Recipe, wa
     streamed = orientation == "out_in"
     block = BLOCK_ROWS * in_features if streamed else WHOLE_TENSOR
     work = work_bytes(in_features, d_out, len(sources), streamed=streamed, block_rows=max(1, block // in_features))
-    return TensorTask(task.out, kind, task.sources, combine, block, work,
+    return TensorTask(task.out, kind, models, combine, block, work,
                       cost=solve_cost(in_features, d_out, len(sources)))
 
 

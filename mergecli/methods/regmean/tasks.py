@@ -132,8 +132,8 @@ def regmean_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warni
             for index, layer in enumerate(layers):
                 _check_layer(task.out.name, task.out.shape, layer, model_label(index, recipe.models[index]))
             sources = [partial(_read_gram, model_stats, layer) for model_stats, layer in zip(stats, layers)]
-            tasks[position] = regmean_task(task, sources, recipe, warnings, orientation=layers[0].orientation,
-                                           in_features=layers[0].in_features)
+            tasks[position] = regmean_task(task, sources, recipe, warnings, models=tuple(inputs.models),
+                                           orientation=layers[0].orientation, in_features=layers[0].in_features)
             never = set.intersection(*(set(s.grams[layer.gram].dead_features) for s, layer in zip(stats, layers)))
             if never:
                 dead.append(f"{task.out.name} ({len(never)})")
@@ -166,6 +166,6 @@ def _planned_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], stat
             continue
         sources = [partial(_read_gram, s, s.layers[layer.weight]) if s is not None and layer.weight in s.layers
                    else partial(_not_collected, task.out.name) for s in stats]
-        planned.append(regmean_task(task, sources, recipe, warnings, orientation=layer.orientation,
-                                    in_features=layer.in_features))
+        planned.append(regmean_task(task, sources, recipe, warnings, models=tuple(inputs.models),
+                                    orientation=layer.orientation, in_features=layer.in_features))
     return planned
