@@ -22,7 +22,7 @@ def require_command(recipe: Recipe, command: str) -> None:
     from mergecli.methods.registry import method_of
 
     method = method_of(recipe)
-    if method.command != command:
+    if method.command != command and not (command == "merge" and method.command == "average"):
         raise UsageError(f"this recipe's method is {recipe.method!r}, which `mergecli {method.command}` runs",
                          hint=f"run `mergecli {method.command} RECIPE`")
 
@@ -61,6 +61,7 @@ def merge_and_report(plan: MergePlan) -> None:
     with progress("merging", total=plan.work, unit="work", what=plural(tensors, "tensor")) as update:
         report = run_merge(plan, on_progress=lambda done, work, stage: update(work, f"{done}/{tensors} tensors",
                                                                              step=stage))
+        update(plan.work, f"{tensors}/{tensors} tensors")  # a pass that had nothing to do was counted in
     try:
         print_report(report, plan.method, plan.reference_name)
         say(f"\nmerged model: {report.output}")

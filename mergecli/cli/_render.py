@@ -173,6 +173,9 @@ def progress(description: str, *, total: float, unit: str = "bytes", what: str =
         tenth = int(10 * done / total) if total else 10
         now = time.monotonic()
         finished = done >= total * (1 - 1e-9)
+        if finished and state.get("finished"):
+            return
+        state["finished"] = finished
         if finished or step != state["step"] or (tenth > state["tenth"] and now - state["time"] >= 1) \
                 or now - state["time"] >= 10:
             state.update(time=now, tenth=tenth, step=step)

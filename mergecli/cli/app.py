@@ -12,6 +12,7 @@ from typer.exceptions import TyperException
 from mergecli import __version__
 from mergecli.cli._errors import print_error
 from mergecli.cli.average import average
+from mergecli.cli.merge import merge
 from mergecli.cli.push import push
 from mergecli.cli.regmean import regmean_app
 from mergecli.cli.validate import validate
@@ -38,7 +39,8 @@ class _Commands(TyperGroup):
 app = typer.Typer(
     name="mergecli",
     cls=_Commands,
-    help="""Merge model checkpoints from TOML recipes: weighted average, RegMean and RegMean++,
+    help="""Merge model checkpoints from TOML recipes: weighted average, task arithmetic, TIES, DARE, SLERP,
+    RegMean and RegMean++,
     streaming tensor by tensor (and block by block), so that memory stays small whatever the model size.
 
     Examples:
@@ -46,6 +48,7 @@ app = typer.Typer(
     \b
       mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
       mergecli average recipe.toml --dry-run
+      mergecli merge ties.toml                        # task arithmetic, TIES, DARE, SLERP
       mergecli validate recipe.toml
       mergecli regmean collect-stats recipe.toml && mergecli regmean merge recipe.toml
       mergecli regmean merge plusplus.toml          # [regmean] sequential = true: RegMean++
@@ -57,6 +60,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.command()(merge)
 app.command(no_args_is_help=False)(average)
 app.add_typer(regmean_app, name="regmean")
 app.command()(push)

@@ -103,7 +103,8 @@ class NonFinite:
 def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: ProgressCallback | None = None, *,
                  non_finite: NonFinite | None = None) -> None:
     """Read → combine → write every row block of `tasks`, on `workers(tasks)` threads (this one and
-    the others), each with buffers of its own.
+    the others), each with buffers of its own; first, the tasks' prepasses (statistics of a whole
+    tensor that their combines need: a magnitude threshold, a norm), each a streamed read of its own.
 
     Each worker takes the next block, `pread`s it from every input into its buffers, combines it
     into a buffer of the output dtype (a combine that returns another tensor has it copied there,
@@ -112,8 +113,16 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
     between cores; a worker's block stays in its own cache. The first failure (or Ctrl-C) stops
     every worker after its current block and is raised here.
     """
-    stream = _Stream(tasks, writer, on_progress, non_finite or NonFinite())
-    count = workers(tasks)
+    done = 0.0
+    for depth in range(max((len(task.prepasses) for task in tasks), default=0)):
+        todo = [task for task in tasks if len(task.prepasses) > depth and task.prepasses[depth].needed()]
+        done = _run(_Stream(todo, writer, on_progress, non_finite or NonFinite(), depth=depth, work_done=done))
+    _run(_Stream(tasks, writer, on_progress, non_finite or NonFinite(), work_done=done))
+
+
+def _run(stream: _Stream) -> float:
+    """Run one streamed pass on its workers; returns the work done so far."""
+    count = workers(stream.tasks)
     with torch_threads(count):
         others = [threading.Thread(target=stream.work, name=f"mergecli-worker-{i}", daemon=True)
                   for i in range(1, count)]
@@ -129,28 +138,31 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
                 thread.join()
         if stream.error is not None:
             raise stream.error
+    return stream.work_done
 
 
 class _Stream:
-    """What the workers of one `stream_tasks` share: the blocks still to do, the progress, the
-    first error."""
+    """What the workers of one streamed pass share: the blocks still to do, the progress, the first
+    error. `depth`: the pass is every task's prepass of that depth (None: the combine, written)."""
 
     def __init__(self, tasks: list[TensorTask], writer: ShardWriter, on_progress: ProgressCallback | None,
-                 non_finite: NonFinite):
+                 non_finite: NonFinite, *, depth: int | None = None, work_done: float = 0.0):
+        self.tasks, self.depth = tasks, depth
         self.writer, self.on_progress, self.non_finite = writer, on_progress, non_finite
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.blocks_left: dict[str, int] = {}  # per tensor, set as its blocks are handed out
-        self.block_work: dict[str, float] = {}  # per tensor, the work of one of its blocks
+        self.block_work: dict[str, float] = {}  # per tensor, the work of one of its blocks in this pass
         self.blocks = self._blocks(tasks)
-        self.tensors_done, self.work_done = 0, 0.0
+        self.tensors_done, self.work_done = 0, work_done
 
     def _blocks(self, tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, tuple[int, int] | None]]:
         for task in tasks:
             blocks = list(iter_row_blocks(task.sources[0].tensors[task.out.name], task.block_elements))
             self.blocks_left[task.out.name] = len(blocks)
-            self.block_work[task.out.name] = task.work / len(blocks)
+            work = task.bytes_read if self.depth is not None else task.work - task.bytes_read * len(task.prepasses)
+            self.block_work[task.out.name] = work / len(blocks)
             for rows in blocks:
                 yield task, rows
 
@@ -175,17 +187,24 @@ class _Stream:
             info = source.tensors[name]
             nbytes = info.nbytes if rows is None else (rows[1] - rows[0]) * info.row_bytes
             blocks.append(source.read(name, rows, buffer=buffers.get(k, nbytes)))
-        out = buffers.tensor("out", block_shape(task, blocks[0]), task.out.dtype)
-        merged = task.combine(blocks, out)
-        if merged is not out:
-            out.copy_(merged)  # also the cast to the output dtype
-        if not finite(out):
-            with self.lock:
-                self.non_finite.found(task, blocks)
-        self.writer.write(name, out, rows[0] if rows else 0)
+        start = rows[0] * (task.out.numel // task.out.shape[0]) if rows else 0  # the block's first element
+        if self.depth is not None:
+            task.prepasses[self.depth].fold(blocks, start)
+        else:
+            out = buffers.tensor("out", block_shape(task, blocks[0]), task.out.dtype)
+            merged = task.combine(blocks, out, start) if task.positional else task.combine(blocks, out)
+            if merged is not out:
+                out.copy_(merged)  # also the cast to the output dtype
+            if not finite(out):
+                with self.lock:
+                    self.non_finite.found(task, blocks)
+            self.writer.write(name, out, rows[0] if rows else 0)
         with self.lock:
             self.work_done += self.block_work[name]
             self.blocks_left[name] -= 1
-            self.tensors_done += self.blocks_left[name] == 0
+            last = self.blocks_left[name] == 0
+            self.tensors_done += last and self.depth is None
             if self.on_progress:
                 self.on_progress(self.tensors_done, self.work_done)
+        if last and self.depth is not None:
+            task.prepasses[self.depth].task_done()  # every block of this tensor is folded

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pydantic import BaseModel
 
@@ -23,9 +23,26 @@ if TYPE_CHECKING:
     from mergecli.io.checkpoint import Checkpoint
     from mergecli.io.safetensors import TensorSpec
 
-# (the input blocks, a buffer of the output dtype and the block's shape) → the merged block: that
-# buffer, filled, or another tensor that the streaming loop copies (and casts) into it
-Combine = Callable[[list["torch.Tensor"], "torch.Tensor"], "torch.Tensor"]
+# (the input blocks, a buffer of the output dtype and the block's shape[, the flat position of the block's
+# first element, for a `positional` task]) → the merged block: that buffer, filled, or another tensor
+# that the streaming loop copies (and casts) into it
+Combine = Callable[..., "torch.Tensor"]
+
+
+class Prepass(Protocol):
+    """A streamed read of a task's row blocks before its combine runs, for a statistic of the whole
+    tensor (or of a population of tensors) that the combine needs: a magnitude threshold, a norm, a dot
+    product. Blocks are folded in any order, on several threads at once."""
+
+    def needed(self) -> bool:
+        """Whether this pass has anything to do (a tie-break pass only when there are ties to break)."""
+
+    def fold(self, blocks: list[torch.Tensor], start: int) -> None:
+        """Add one row block (every source's, in `sources` order) whose first element is at flat
+        position `start`."""
+
+    def task_done(self) -> None:
+        """Every block of the task was folded (called once per task, after its last fold)."""
 
 # A CPU core reads and sums about 1 GB/s from the page cache, and does some 30 GFLOP/s of float64
 # linear algebra: for progress estimates, one byte read takes as long as about 30 flops.
@@ -56,6 +73,8 @@ class TensorTask:
     # order; False (a combine that keeps state from one block to the next): in order, on one thread
     independent_blocks: bool = False
     cost: float = 0.0  # work beyond reading, in bytes read that take as long (a solve's flops / FLOPS_PER_BYTE)
+    prepasses: tuple[Prepass, ...] = ()  # streamed reads before the combine (see Prepass), in order
+    positional: bool = False  # the combine takes the flat position of each block's first element
 
     @property
     def bytes_read(self) -> int:
@@ -63,8 +82,9 @@ class TensorTask:
 
     @property
     def work(self) -> float:
-        """What progress and its time estimate count: the bytes read, plus the `cost` of computing."""
-        return self.bytes_read + self.cost
+        """What progress and its time estimate count: the bytes read (once per prepass and once more to
+        combine), plus the `cost` of computing."""
+        return self.bytes_read * (1 + len(self.prepasses)) + self.cost
 
 
 @dataclass

@@ -5,6 +5,7 @@ validates the method's own keys.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 
@@ -16,7 +17,10 @@ from mergecli.recipe import ModelSpec, Recipe, scaled_weights, unknown_key, vali
 
 # Methods that ship with mergecli, as module names: a module registers its method when imported, like
 # pytest's built-in plugins, so that looking up a method never loads the others.
-BUILTIN_METHODS = {"average": "mergecli.methods.average", "regmean": "mergecli.methods.regmean.method"}
+BUILTIN_METHODS = {"average": "mergecli.methods.average", "regmean": "mergecli.methods.regmean.method",
+                   "task_arithmetic": "mergecli.methods.task_arithmetic", "ties": "mergecli.methods.ties",
+                   "dare_linear": "mergecli.methods.dare", "dare_ties": "mergecli.methods.dare",
+                   "slerp": "mergecli.methods.slerp"}
 
 
 def method_names() -> list[str]:
@@ -48,8 +52,10 @@ def method_of(recipe: Recipe) -> Method:
     try:
         method = get_method(recipe.method)
     except UsageError:
-        raise RecipeError(recipe.source, [f"method: unknown method {recipe.method!r}; methods: "
-                                          f"{', '.join(method_names())}"]) from None
+        close = difflib.get_close_matches(recipe.method, method_names(), n=1, cutoff=0.6)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError(recipe.source, [f"method: unknown method {recipe.method!r}; {guess}(methods: "
+                                          f"{', '.join(method_names())})"]) from None
     problems = [f"{name}: {unknown_key(name, [*Recipe.model_fields, *method_names()])}"
                 for name in recipe.tables if name not in method_names()]
     context = {"base_dir": recipe.base_dir}

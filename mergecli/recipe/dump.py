@@ -18,7 +18,13 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -26,11 +32,13 @@ def dump_recipe(recipe: Recipe) -> str:
     table and model keys as the method validated them (tables of other methods are left out)."""
     data = recipe.model_dump(exclude_none=True)
     settings = recipe.settings
-    table = settings.model_dump(exclude_none=True) if settings is not None else recipe.tables.get(recipe.method)
+    table = settings.model_dump(exclude_none=True, by_alias=True) if settings is not None \
+        else recipe.tables.get(recipe.method)
     if table:
         data[recipe.method] = table
     for entry, spec in zip(data["models"], recipe.models):
-        entry.update(spec.settings.model_dump(exclude_none=True) if spec.settings is not None else spec.options)
+        entry.update(spec.settings.model_dump(exclude_none=True, by_alias=True) if spec.settings is not None
+                     else spec.options)
     lines = []
     tables = []
     for key, value in data.items():

@@ -1,0 +1,143 @@
+"""TIES merging (Yadav et al., NeurIPS 2023): trim each task vector to its `density` fraction of largest
+magnitudes, elect a sign per entry from Σ w_i δ̂_i, keep the entries that agree with it, and take their
+weighted mean (`normalize`, on by default); θ = θ_b + λ × that.
+
+The trim is exact (⌊density × n⌋ entries, ties at the threshold broken by position) and streamed
+(methods/magnitude.py): per tensor (the default, as mergekit), or, with `trim_scope = "model"`, over a
+model's whole task vector (as the paper's code and FusionBench), each threshold from passes over row
+blocks before the merge, never from a tensor held whole.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+import torch
+
+from mergecli.methods.base import TensorTask, register
+from mergecli.methods.magnitude import TopMagnitudes, magnitude_bits
+from mergecli.methods.task_vectors import (
+    DensitySettings,
+    ModelDensity,
+    TaskVectorMethod,
+    deltas,
+    densities,
+    elect_and_merge,
+)
+
+PAPER = "https://arxiv.org/abs/2306.01708"
+
+
+class TiesSettings(DensitySettings):
+    """`[ties]`: density, lambda and where the trim's threshold is taken."""
+
+    trim_scope: Literal["tensor", "model"] = "tensor"
+
+
+class Population:
+    """The values one threshold is taken over (a model's task vector in one tensor, or in all of them),
+    and how many tasks must finish a pass before it is settled."""
+
+    def __init__(self, size: int, density: float, members: int):
+        self.trim = TopMagnitudes(size, density)
+        self.members = members
+        self.left = members
+        self.lock = threading.Lock()
+
+    def done(self, depth: int) -> None:
+        if self.trim.stage != depth:
+            return
+        with self.lock:
+            self.left -= 1
+            settled = self.left == 0
+            if settled:
+                self.left = self.members
+        if settled:
+            self.trim.finish_pass()
+
+
+class TrimPass:
+    """Pass `depth` of a task's trims: one read of the tensor's blocks counts every model's task vector
+    into its population (at the tensor's offset in it)."""
+
+    def __init__(self, depth: int, populations: list[tuple[Population, int]]):
+        self.depth = depth
+        self.populations = populations
+
+    def needed(self) -> bool:
+        return any(population.trim.stage == self.depth for population, _ in self.populations)
+
+    def fold(self, blocks: list[torch.Tensor], start: int) -> None:
+        _, vectors = deltas(blocks)
+        for (population, offset), vector in zip(self.populations, vectors):
+            if population.trim.stage == self.depth:
+                population.trim.count(magnitude_bits(vector), offset + start)
+
+    def task_done(self) -> None:
+        for population, _ in self.populations:
+            population.done(self.depth)
+
+
+class Ties(TaskVectorMethod):
+    name = "ties"
+    title = "TIES merge"
+    settings = TiesSettings
+    model_settings = ModelDensity
+    normalize_default = True
+    kinds = {"ties": "TIES"}
+
+    def shared(self, recipe, floating):
+        """With `trim_scope = "model"`: one population per model, every floating tensor's task vector in
+        the reference's tensor order, and each tensor's offset in it."""
+        if recipe.settings.trim_scope != "model":
+            return None
+        size = sum(task.out.numel for task in floating)
+        populations = [Population(size, density, len(floating)) for density in densities(recipe)]
+        offsets, position = {}, 0
+        for task in floating:
+            offsets[task.out.name] = position
+            position += task.out.numel
+        return populations, offsets
+
+    def task_for(self, recipe, inputs, task, read, shared):
+        settings = recipe.settings
+        model_density = densities(recipe)
+        if shared is not None:
+            model_scope, offsets = shared
+            populations = [(model_scope[index], offsets[task.out.name]) for index, _, _ in read]
+        else:
+            populations = [(Population(task.out.numel, model_density[index], 1), 0) for index, _, _ in read]
+        weights = [weight for _, _, weight in read]
+        normalize = self.normalize(recipe)
+        scale = settings.lambda_ * (1.0 if normalize else 1.0 / self.divisor(recipe))
+
+        def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
+            base, vectors = deltas(blocks)
+            trimmed = []
+            for (population, offset), vector, weight in zip(populations, vectors, weights):
+                keep = population.trim.keep(magnitude_bits(vector), offset + start).view(vector.shape)
+                trimmed.append(torch.where(keep, vector, 0).mul_(weight))
+            return base.add_(elect_and_merge(trimmed, weights, normalize=normalize), alpha=scale)
+
+        sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
+        passes = tuple(TrimPass(depth, populations) for depth in range(3))
+        return TensorTask(task.out, "ties", sources, combine, task.block_elements, independent_blocks=True,
+                          prepasses=passes, positional=True)
+
+    def describe(self, recipe) -> list[str]:
+        settings = recipe.settings
+        shown = ", ".join(f"{spec.name} {density:g}" for spec, density in zip(recipe.models, densities(recipe)))
+        scope = "each model's whole task vector" if settings.trim_scope == "model" else "each tensor"
+        weights = "the weighted mean of the agreeing entries" if self.normalize(recipe) else \
+            "the weighted sum of the agreeing entries"
+        return [f"**TIES** ([Yadav et al., NeurIPS 2023]({PAPER})): each task vector δᵢ = θᵢ − θ_base is trimmed to "
+                f"its largest magnitudes, a sign is elected per entry from Σ wᵢ δ̂ᵢ, and θ = θ_base + λ × {weights}.",
+                "", f"- density (fraction kept): {shown}",
+                f"- trim scope: {scope} (`trim_scope = \"{settings.trim_scope}\"`), exactly ⌊density × n⌋ entries, "
+                "ties at the threshold broken by position",
+                f"- λ (`lambda`): {settings.lambda_:g}",
+                "- computed in float32 (float64 for float64 inputs), rounded once"]
+
+
+register(Ties())
