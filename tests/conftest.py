@@ -4,6 +4,7 @@ per session."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,25 @@ def llama_bf16_sharded(models_dir) -> list[Path]:
 def llama_tied(models_dir) -> list[Path]:
     """Two fp32 LLaMAs with tied embeddings (no lm_head.weight stored)."""
     return [build_llama(models_dir / f"llamatied-{i}", seed=20 + i, tie=True) for i in range(2)]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`mount(name, options)`: a real tmpfs under tmp_path (needs root, which CI has), unmounted after
+    the test; the test is skipped where mounting is not allowed."""
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
 
 
 def tree_digest(path: Path) -> dict[str, str]:

@@ -164,16 +164,9 @@ def test_write_failure_mid_merge_is_an_io_error(big_pair, tmp_path):
 
 
 @pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A real 8 MB tmpfs (needs root, which CI has); skipped where mounting is not allowed."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mount_point)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+def tiny_filesystem(tmpfs):
+    """A real 8 MB tmpfs."""
+    return tmpfs("small-disk", "size=8M")
 
 
 def test_not_enough_disk_space_fails_before_writing(big_pair, tiny_filesystem):

@@ -11,8 +11,7 @@ from typer.exceptions import TyperException
 
 from mergecli import __version__
 from mergecli.cli._errors import print_error
-from mergecli.cli.average import average
-from mergecli.cli.merge import merge
+from mergecli.cli.average import AVERAGE_HELP, MERGE_HELP, merge
 from mergecli.cli.push import push
 from mergecli.cli.regmean import regmean_app
 from mergecli.cli.validate import validate
@@ -60,8 +59,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command()(merge)
-app.command(no_args_is_help=False)(average)
+app.command("merge", help=MERGE_HELP)(merge)
+app.command("average", help=AVERAGE_HELP)(merge)
 app.add_typer(regmean_app, name="regmean")
 app.command()(push)
 app.command()(validate)

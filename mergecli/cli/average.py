@@ -1,4 +1,5 @@
-"""`mergecli average`: a recipe, or the recipe-less `-m/-w` one-liner."""
+"""`mergecli average` and `mergecli merge`: one command under two names, a recipe or the recipe-less
+`-m/-w` one-liner. `average` runs weighted averages; `merge` any method that needs no statistics."""
 
 from __future__ import annotations
 
@@ -61,8 +62,44 @@ def recipe_from_options(recipe_path: Path | None, models: list[str], weights: st
     return recipe_from_data(data, source="command line", base_dir=Path.cwd(), overrides=overrides)
 
 
+AVERAGE_HELP = """Merge checkpoints by weighted averaging, streaming tensor by tensor.
+
+    RECIPE is a TOML recipe; without one, -m PATH (repeat), -w, --name and --base give a
+    recipe-less merge. A PATH that does not exist locally but is a repo id comes from the
+    Hugging Face Hub. Exit codes: 0 success, 1 merge failed, 2 usage or recipe error,
+    130/143 interrupted.
+
+    Examples:
+
+    \b
+      mergecli average recipes/demo-average.toml
+      mergecli average recipe.toml -o merged/ --set dtype=bfloat16 --set models.1.weight=0.7
+      mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
+      mergecli average -m a/model.safetensors -m b/model.safetensors --name a --name b -o merged/
+      mergecli average recipe.toml --dry-run --json
+    """
+
+MERGE_HELP = """Merge by the recipe's method: average, task_arithmetic, ties, dare_linear, dare_ties or slerp.
+
+    Streams tensor by tensor; statistics of a whole tensor (TIES thresholds, SLERP angles) come from
+    streamed passes over its row blocks. Without a recipe, -m PATH (repeat), -w, --name and --base with
+    --set method=... give a recipe-less merge. RegMean recipes run with `mergecli regmean merge`. Exit
+    codes: 0 success, 1 merge failed, 2 usage or recipe error, 130/143 interrupted.
+
+    Examples:
+
+    \b
+      mergecli merge ties.toml
+      mergecli merge ties.toml --set ties.density=0.3 --set models.1.weight=0.5 -o merged/ --force
+      mergecli merge task-arithmetic.toml --dry-run --json
+      mergecli merge -m ./math -m ./code --base ./base --set method=task_arithmetic -o merged/
+      mergecli merge slerp.toml --set slerp.t=0.3
+    """
+
+
 @report_errors
-def average(
+def merge(
+    context: typer.Context,
     recipe: OptionalRecipeArg = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
@@ -79,21 +116,6 @@ def average(
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Merge checkpoints by weighted averaging, streaming tensor by tensor.
-
-    RECIPE is a TOML recipe; without one, -m PATH (repeat), -w, --name and --base give a
-    recipe-less merge. A PATH that does not exist locally but is a repo id comes from the
-    Hugging Face Hub. Exit codes: 0 success, 1 merge failed, 2 usage or recipe error,
-    130/143 interrupted.
-
-    Examples:
-
-    \b
-      mergecli average recipes/demo-average.toml
-      mergecli average recipe.toml -o merged/ --set dtype=bfloat16 --set models.1.weight=0.7
-      mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
-      mergecli average -m a/model.safetensors -m b/model.safetensors --name a --name b -o merged/
-      mergecli average recipe.toml --dry-run --json
-    """
+    """`mergecli average` (AVERAGE_HELP) or `mergecli merge` (MERGE_HELP), by the name it was called by."""
     spec = recipe_from_options(recipe, model or [], weights, name or [], base, set_ or [])
-    plan_and_run(spec, "average", output=output, force=force, dry_run=dry_run, sync=not no_sync)
+    plan_and_run(spec, context.info_name, output=output, force=force, dry_run=dry_run, sync=not no_sync)
