@@ -12,6 +12,7 @@ from typer.exceptions import TyperException
 from mergecli import __version__
 from mergecli.cli._errors import print_error
 from mergecli.cli.average import AVERAGE_HELP, MERGE_HELP, merge
+from mergecli.cli.convert import convert
 from mergecli.cli.push import push
 from mergecli.cli.regmean import regmean_app
 from mergecli.cli.validate import validate
@@ -64,6 +65,7 @@ app.command("average", help=AVERAGE_HELP)(merge)
 app.add_typer(regmean_app, name="regmean")
 app.command()(push)
 app.command()(validate)
+app.command()(convert)
 
 
 def _version(value: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from mergecli.recipe.schema import Recipe
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -17,14 +17,14 @@ def _toml_value(value: Any) -> str:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{escaped}"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+    return key if key.replace("_", "").replace("-", "").isalnum() else toml_value(key)
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -47,11 +47,11 @@ def dump_recipe(recipe: Recipe) -> str:
         elif key == "models":
             continue
         else:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
     for key, table in tables:
         lines.append(f"\n[{key}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
     for model in data["models"]:
         lines.append("\n[[models]]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in model.items())
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in model.items())
     return "\n".join(lines) + "\n"
