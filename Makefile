@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test examples demo demo-average demo-regmean bench bench-average bench-regmean bench-quality mergekit-venv lint clean
+.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-regmean bench-quality compare-mergekit mergekit-venv lint clean
 
 $(BIN)/mergecli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,16 @@ install: $(BIN)/mergecli
 test: install
 	$(BIN)/pytest -q
 
-demo: demo-average demo-regmean
+demo: demo-average demo-ties demo-regmean
 
 examples: install
 	$(BIN)/python recipes/make_examples.py recipes/examples
 
 demo-average: examples
 	$(BIN)/mergecli average recipes/demo-average.toml --force
+
+demo-ties: examples
+	$(BIN)/mergecli merge recipes/demo-ties.toml --force
 
 demo-regmean: examples
 	$(BIN)/mergecli regmean collect-stats recipes/regmean-llama.toml
@@ -35,9 +38,17 @@ bench-average: install
 	$(BIN)/python benchmarks/bench_average.py
 
 # mergekit beside mergecli in bench-average, in a venv of its own (never a mergecli dependency)
-mergekit-venv:
+MERGEKIT := bench-out/mergekit-venv/bin/mergekit-yaml
+
+$(MERGEKIT):
 	$(PYTHON) -m venv bench-out/mergekit-venv
 	bench-out/mergekit-venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 mergekit==0.1.5
+
+mergekit-venv: $(MERGEKIT)
+
+# mergecli against mergekit 0.1.5 on the same inputs (task arithmetic, TIES, SLERP): how many elements differ
+compare-mergekit: install mergekit-venv
+	$(BIN)/python benchmarks/compare_mergekit.py
 
 bench-regmean: install
 	$(BIN)/python benchmarks/bench_regmean.py

@@ -51,6 +51,10 @@ MB = 10**6
 HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS = 2048, 8, 5632, 16, 16
 
 BASELINE = "import torch, mergecli.cli.app"
+# The task-vector methods, with the settings their rows use (models[0] is the base, the other two merged)
+METHODS = {"task_arithmetic": "lambda = 1.0", "ties": "density = 0.5", "dare_ties": "density = 0.5",
+           "slerp": "t = 0.5"}
+MERGEKIT_METHODS = {"task_arithmetic": "  lambda: 1.0\n", "ties": "  density: 0.5\n", "slerp": "  t: 0.5\n"}
 
 # Each child writes its work time (seconds after its imports) to the file named by BENCH_WORK_FILE.
 MERGECLI = """
@@ -216,6 +220,14 @@ def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[li
                                        out / "nosync", {}),
         "copy floor, fsync at the end": (floor, out / "copy.bin", {"BENCH_SYNC": "1"}),
     }
+    for method, table in METHODS.items():  # the task-vector methods: models[0] as the base, the others merged
+        recipe = work / f"{method}-{label}.toml"
+        entries = models[1:3] if method == "slerp" else models[1:]
+        recipe.write_text(f'method = "{method}"\nshard_size = "5GB"\n'
+                          + (f'[base]\npath = "{models[0]}"\n' if method != "slerp" else "")
+                          + f"[{method}]\n{table}\n" + "".join(f'[[models]]\npath = "{m}"\n' for m in entries))
+        runs[f"mergecli {method}"] = ([py, "-c", MERGECLI, "merge", str(recipe), "-q", "-o", str(out / method)],
+                                      out / method, {})
     before = os.environ.get("MERGECLI_BEFORE")  # a checkout of an earlier mergecli, to compare with
     if before:
         runs["mergecli average, earlier checkout"] = ([py, "-c", MERGECLI, *merge, str(out / "before")],
@@ -227,6 +239,16 @@ def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[li
             f"  - model: {m}\n    parameters:\n      weight: 1.0\n" for m in models))
         runs["mergekit 0.1.5 linear (mergekit-yaml)"] = ([mergekit, "-c", MERGEKIT, str(config), str(out / "mergekit")],
                                                          out / "mergekit", {})
+        for method, parameters in MERGEKIT_METHODS.items():
+            config = work / f"mergekit-{method}-{label}.yml"
+            entries = models[1:3] if method == "slerp" else models[1:]
+            base = models[0] if method != "slerp" else entries[0]
+            weight = "    parameters:\n      weight: 1.0\n" if method != "slerp" else ""
+            config.write_text(f"merge_method: {method}\ndtype: bfloat16\nbase_model: {base}\n"
+                              f"parameters:\n{parameters}models:\n"
+                              + "".join(f"  - model: {m}\n{weight}" for m in entries))
+            runs[f"mergekit 0.1.5 {method}"] = ([mergekit, "-c", MERGEKIT, str(config), str(out / f"mk-{method}")],
+                                                out / f"mk-{method}", {})
     runs["naive (load all, average, save_file)"] = ([py, "-c", NAIVE, *map(str, models), str(out / "naive.st")],
                                                     out / "naive.st", {})
     return runs
@@ -249,8 +271,9 @@ def warm(models: list[Path]) -> None:
                     pass
 
 
-def run_set(label: str, models: list[Path], work: Path, repeats: int) -> dict[str, list[tuple]]:
-    runs = contenders(models, work, label)
+def run_set(label: str, models: list[Path], work: Path, repeats: int, only: list[str]) -> dict[str, list[tuple]]:
+    runs = {name: run for name, run in contenders(models, work, label).items()
+            if not only or "copy floor" in name or any(word in name for word in only)}
     (work / f"out-{label}").mkdir(parents=True, exist_ok=True)
     results: dict[str, list[tuple]] = {name: [] for name in runs}
     names = list(runs)
@@ -310,6 +333,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sets", default="32000,128256",
                         help="vocabulary sizes of the model sets (\"\": the in-memory combine only)")
+    parser.add_argument("--only", default="",
+                        help="contenders whose name contains one of these words (comma-separated; the copy floor "
+                             "always runs)")
     options = parser.parse_args()
     work = options.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -321,7 +347,7 @@ def main() -> None:
         for seed, path in enumerate(models):  # in a child: this process must stay small
             subprocess.run([sys.executable, __file__, "--build", str(path), str(vocab), str(seed)], check=True)
         size = sum(f.stat().st_size for f in models[0].glob("*.safetensors")) / MB
-        results = run_set(label, models, work, options.repeats)
+        results = run_set(label, models, work, options.repeats, [w for w in options.only.split(",") if w])
         floor = results["copy floor (read all, write one)"]
         floor_wall, floor_work = min(r[0] for r in floor), min(r[1] for r in floor)
         for name, runs in results.items():
@@ -339,11 +365,15 @@ def main() -> None:
               f"| {rss:.0f} |")
     for label in dict.fromkeys(row[0] for row in rows):
         walls = {name: wall for set_label, _, name, wall, *_ in rows if set_label == label}
-        if "copy floor, fsync at the end" in walls:
+        if "copy floor, fsync at the end" in walls and "mergecli average --no-sync" in walls:
             print(f"\n{label}: mergecli average (durable) ÷ copy floor with fsync = "
                   f"{walls['mergecli average'] / walls['copy floor, fsync at the end']:.2f}; "
                   f"mergecli average ÷ mergecli average --no-sync = "
                   f"{walls['mergecli average'] / walls['mergecli average --no-sync']:.2f}")
+        if "mergecli average" in walls:
+            ratios = ", ".join(f"{name.removeprefix('mergecli ')} {walls[name] / walls['mergecli average']:.2f}"
+                               for name in walls if name.startswith("mergecli ") and name.split()[1] in METHODS)
+            print(f"{label}: wall ÷ mergecli average: {ratios}")
     timings = hot_path()
     print("\nThe combine alone, in memory, one thread, per block of 4M elements of three bf16 inputs (best of 30):\n")
     print("| combine | ms per block | ÷ copies |")

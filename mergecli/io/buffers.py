@@ -8,6 +8,7 @@ recycled instead.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -28,3 +29,18 @@ class ScratchBuffers:
     def tensor(self, key: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized tensor of `shape` and `dtype` in the buffer for `key`."""
         return self.get(key, math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+
+
+_per_thread = threading.local()  # each streaming thread's buffers, reused from block to block
+
+
+def thread_buffer(key: object, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor of this thread's for `key`: no allocation per block, and no sharing between the
+    threads that merge blocks side by side. Valid until this thread asks for `key` again."""
+    buffers = getattr(_per_thread, "buffers", None)
+    if buffers is None:
+        buffers = _per_thread.buffers = {}
+    buffer = buffers.get(key)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]

@@ -9,10 +9,9 @@ import threading
 
 import torch
 
-from mergecli.io.buffers import ScratchBuffers
 from mergecli.io.safetensors import TensorInfo, TensorSpec
 from mergecli.methods import base
-from mergecli.methods.average import CHUNK_ELEMENTS, accumulation_dtype, weighted_sum
+from mergecli.methods.average import weighted_combine
 from mergecli.methods.base import Combine, Inputs, TensorTask, copy_first
 from mergecli.recipe import Recipe
 
@@ -51,14 +50,7 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
     read = tuple(model for model, weight in zip(inputs.models, weights) if weight != 0)  # a zero weight adds nothing
     weights = [weight for weight in weights if weight != 0]
 
-    per_thread = threading.local()  # one accumulator per streaming thread, reused
-
-    def average(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        dtype = accumulation_dtype([b.dtype for b in blocks])
-        if not hasattr(per_thread, "accumulators"):
-            per_thread.accumulators = ScratchBuffers()
-        return weighted_sum(blocks, weights, divisor=divisor, out=out,
-                            scratch=per_thread.accumulators.tensor(dtype, (CHUNK_ELEMENTS,), dtype))
+    average = weighted_combine(weights, divisor=divisor)
 
     block = base.BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
     tasks = []

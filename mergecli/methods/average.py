@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.methods.base import Method, register
+from mergecli.io.buffers import thread_buffer
+from mergecli.methods.base import Combine, Method, register
 
 
 def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
@@ -66,6 +67,18 @@ def _accumulate(total: torch.Tensor, tensors: list[torch.Tensor], weights: list[
         total.add_(tensor, alpha=weight)  # mixed dtypes computed in the accumulator's, no temporary
     if divisor != 1.0:
         total.div_(divisor)
+
+
+def weighted_combine(weights: list[float], *, divisor: float = 1.0) -> Combine:
+    """The combine of Σ w_i t_i / divisor over row blocks (`weighted_sum`), each streaming thread with an
+    accumulator chunk of its own, reused from block to block."""
+
+    def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        dtype = accumulation_dtype([b.dtype for b in blocks])
+        return weighted_sum(blocks, weights, divisor=divisor, out=out,
+                            scratch=thread_buffer(("accumulator", dtype), CHUNK_ELEMENTS, dtype))
+
+    return combine
 
 
 class Average(Method):

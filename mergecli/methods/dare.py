@@ -29,20 +29,26 @@ class DareSettings(DensitySettings):
     seed: int = Field(default=0, ge=0, lt=2**63)
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """(x · constant) mod 2³² for x in [0, 2³²), in int64 without overflow (16 bits at a time)."""
-    low = (x & 0xFFFF) * constant
-    high = (((x >> 16) * constant) & 0xFFFF) << 16
-    return (low + high) & _LOW32
+_MULTIPLIER = 0x45D9F3B  # below 2²⁷: a 32-bit value times it stays within int64, no overflow
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer: every input bit reaches every output bit."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+    """A 32-bit integer hash (xorshift-multiply, twice), in place on int64 values in [0, 2³²): every
+    input bit reaches every output bit."""
+    x ^= x >> 16
+    x.mul_(_MULTIPLIER).bitwise_and_(_LOW32)
+    x ^= x >> 16
+    x.mul_(_MULTIPLIER).bitwise_and_(_LOW32)
+    x ^= x >> 16
+    return x
+
+
+def _mix_scalar(value: int) -> int:
+    """`_mix32` of one number."""
+    for _ in range(2):
+        value ^= value >> 16
+        value = (value * _MULTIPLIER) & _LOW32
+    return value ^ (value >> 16)
 
 
 def stream_key(seed: int, model: int, tensor: str) -> tuple[int, int]:
@@ -53,11 +59,16 @@ def stream_key(seed: int, model: int, tensor: str) -> tuple[int, int]:
 
 def kept(key: tuple[int, int], start: int, count: int, density: float) -> torch.Tensor:
     """Whether each of the entries at flat positions start..start+count is kept: a 32-bit hash of the
-    key and the position, below density × 2³²."""
-    position = torch.arange(start, start + count, dtype=torch.int64)
-    x = _mix32((position & _LOW32) ^ key[0])
-    x = _mix32(x ^ ((position >> 32) & _LOW32) ^ key[1])
-    return x < int(density * 2**32)
+    key and the position, below density × 2³². The position's high 32 bits go into the key (one value
+    for a block within 2³² entries; a block across that boundary is done in two parts)."""
+    boundary = ((start >> 32) + 1) << 32
+    if start + count > boundary:
+        return torch.cat([kept(key, start, boundary - start, density),
+                          kept(key, boundary, start + count - boundary, density)])
+    salt = _mix_scalar((start >> 32) ^ key[1]) ^ key[0]
+    x = torch.arange(start & _LOW32, (start & _LOW32) + count, dtype=torch.int64)
+    x ^= salt
+    return _mix32(x) < int(density * 2**32)
 
 
 class Dare(TaskVectorMethod):
@@ -79,13 +90,14 @@ class Dare(TaskVectorMethod):
             base, vectors = deltas(blocks)
             survivors = []
             for (key, density), vector, weight in zip(drops, vectors, weights):
-                keep = kept(key, start, vector.numel(), density).view(vector.shape)
-                survivors.append(torch.where(keep, vector, 0).mul_(weight / density))
+                survivors.append(vector.mul_(kept(key, start, vector.numel(), density)).mul_(weight / density))
             if elect_signs:
                 merged = elect(survivors, weights, normalize=normalize)
             else:
-                merged = torch.stack(survivors).sum(0) if len(survivors) > 1 else survivors[0]
-            return base.add_(merged, alpha=scale)
+                merged = survivors[0]
+                for survivor in survivors[1:]:
+                    merged.add_(survivor)
+            return base.add_(merged, alpha=scale).view(out.shape)
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
         return TensorTask(task.out, self.name, sources, combine, task.block_elements, independent_blocks=True,

@@ -5,8 +5,12 @@ Non-negative float32 numbers sort as their bit patterns do, read as integers. A 
 counts the top 16 bits of every |x| (65,536 buckets); the bucket that holds the k-th largest is
 found from the counts. A second pass counts the low 16 bits of the values in that bucket alone,
 which gives the k-th largest value t exactly, with how many values exceed it. When values equal to
-t are more than the ones still to keep, a third pass counts them per block, so that the first ones
-by position are kept: exactly k values, whatever the block size or the number of threads.
+t are more than the ones still to keep, the first ones by position are kept: exactly k values,
+whatever the block size or the number of threads. For that, each block's count of them is needed:
+the second pass keeps each block's counts of the bucket's low bits (a few hundred numbers a block,
+up to a budget) and reads it off there; past the budget, a third pass counts them.
+
+Only the populations being counted hold counts (256 KB each, and the store).
 """
 
 from __future__ import annotations
@@ -16,64 +20,82 @@ import threading
 
 import torch
 
+from mergecli.io.buffers import thread_buffer
+
 _BUCKETS = 1 << 16
+STORE_ENTRIES = 2**21  # per population: the bucket's low bits per block kept in the second pass (16 MB)
 
 
-def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
-    """|x| of float32 values as int32 bit patterns, which order as the magnitudes do (flat)."""
-    return values.reshape(-1).abs().to(torch.float32).view(torch.int32)
+def magnitudes(vector: torch.Tensor) -> torch.Tensor:
+    """|x| as float32 (flat), in this thread's buffer: float64 values are compared as the float32
+    values nearest to them. Their bit patterns, read as int32, order as the magnitudes do."""
+    out = thread_buffer("magnitudes", vector.numel(), torch.float32)
+    if vector.dtype == torch.float32:
+        return torch.abs(vector.reshape(-1), out=out)
+    return out.copy_(vector.reshape(-1)).abs_()
 
 
 class TopMagnitudes:
     """Which entries of a population of `size` values are its ⌊density × size⌋ largest magnitudes.
 
-    Fed block by block, three times at most: `count` in pass 0 and 1 (and 2, for ties), then `keep`
-    answers for each block. Thread-safe; every block is known by the flat position of its first
+    Fed block by block, three times at most: `count` in pass 0 and 1 (and 2, for ties), then `trim_`
+    zeroes each block's others. Thread-safe; every block is known by the flat position of its first
     element in the population (`start`).
     """
 
-    def __init__(self, size: int, density: float):
+    def __init__(self, size: int, density: float, store_entries: int = STORE_ENTRIES):
         self.size = size
         self.k = min(size, math.floor(density * size))
-        self.stage = 0  # 0: top bits, 1: low bits in the bucket, 2: ties per block, 3: done
+        self.stage = 0 if 0 < self.k < size else 3  # 0: top bits, 1: low bits in the bucket, 2: ties, 3: done
         self.lock = threading.Lock()
-        self.counts: torch.Tensor | None = torch.zeros(_BUCKETS, dtype=torch.int64) if 0 < self.k < size else None
+        self.counts: torch.Tensor | None = None  # this pass's, from the first block counted to its end
         self.bucket = 0  # the top 16 bits of the k-th largest value
         self.above = 0  # values above the current bucket (stage 1), above the threshold (after)
         self.threshold = -1  # the k-th largest value's bits
         self.ties_kept = 0  # how many values equal to the threshold are kept (the first ones by position)
-        self.ties: dict[int, int] = {}  # block start → values equal to the threshold in it (stage 2)
+        self.ties: dict[int, int] = {}  # block start → values equal to the threshold in it
         self.tie_offsets: dict[int, int] = {}  # block start → such values before it, by position
-        if self.counts is None:
-            self.stage = 3
+        self.store_left = store_entries  # room left in `lows`
+        self.lows: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {}  # stage 1: block → (low bits, counts)
 
-    @property
-    def breaks_ties(self) -> bool:
-        """Whether the values equal to the threshold are more than those kept (a third pass is needed)."""
-        return self.stage == 2
-
-    def count(self, bits: torch.Tensor, start: int) -> None:
-        """Fold one block's magnitude bits into the current pass's counts."""
-        if self.stage == 0:
-            part = torch.bincount((bits >> 16).to(torch.int64), minlength=_BUCKETS)
-        elif self.stage == 1:
-            inside = bits[(bits >> 16) == self.bucket]
-            part = torch.bincount((inside & 0xFFFF).to(torch.int64), minlength=_BUCKETS)
-        elif self.stage == 2:
+    def count(self, vector: torch.Tensor, start: int) -> None:
+        """Fold the magnitudes of one block of values into the current pass's counts."""
+        if self.stage == 3:
+            return
+        bits = magnitudes(vector).view(torch.int32)
+        if self.stage == 2:
             ties = int((bits == self.threshold).sum())
             with self.lock:
                 self.ties[start] = ties
             return
-        else:
+        bins = thread_buffer("bins", bits.numel(), torch.int32)
+        if self.stage == 0:
+            part = torch.bincount(torch.bitwise_right_shift(bits, 16, out=bins), minlength=_BUCKETS)
+            self._add(part)
             return
+        # the low bits of the values in the bucket, as bins 1..65536; the others fall in 0 or 65537
+        torch.sub(bits, (self.bucket << 16) - 1, out=bins).clamp_(0, _BUCKETS + 1)
+        part = torch.bincount(bins, minlength=_BUCKETS + 2)[1:_BUCKETS + 1]
+        lows = part.nonzero().view(-1)
+        self._add(part, start, (lows.to(torch.int32), part[lows].to(torch.int32)))
+
+    def _add(self, part: torch.Tensor, start: int = 0, lows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         with self.lock:
+            if self.counts is None:
+                self.counts = torch.zeros(_BUCKETS, dtype=torch.int64)
             self.counts += part
+            if lows is not None and self.lows is not None:
+                self.store_left -= lows[0].numel()
+                if self.store_left < 0:
+                    self.lows = None  # past the budget: a third pass will count the ties
+                else:
+                    self.lows[start] = lows
 
     def finish_pass(self) -> None:
         """Every block was counted: settle the bucket, then the threshold, then the tie offsets."""
         if self.stage == 0:
             self.bucket, self.above = self._find(self.k)
-            self.counts.zero_()
+            self.counts = None
             self.stage = 1
         elif self.stage == 1:
             low, above_in_bucket = self._find(self.k - self.above)
@@ -83,13 +105,20 @@ class TopMagnitudes:
             self.ties_kept = self.k - self.above
             self.counts = None
             self.stage = 2 if self.ties_kept < equal else 3
+            if self.stage == 2 and self.lows is not None:  # each block's ties, from its stored counts
+                for start, (lows, counts) in self.lows.items():
+                    self.ties[start] = int(counts[lows == low].sum())
+                self._settle_ties()
+            self.lows = None
         elif self.stage == 2:
-            seen = 0
-            for start in sorted(self.ties):
-                self.tie_offsets[start] = seen
-                seen += self.ties[start]
-            self.ties = {}
-            self.stage = 3
+            self._settle_ties()
+
+    def _settle_ties(self) -> None:
+        seen = 0
+        for start in sorted(self.ties):
+            self.tie_offsets[start] = seen
+            seen += self.ties[start]
+        self.stage = 3
 
     def _find(self, rank: int) -> tuple[int, int]:
         """(the bucket holding the `rank`-th largest of the counted values, how many lie above it)."""
@@ -98,15 +127,29 @@ class TopMagnitudes:
         above = int(from_top[index - 1]) if index else 0
         return _BUCKETS - 1 - index, above
 
-    def keep(self, bits: torch.Tensor, start: int) -> torch.Tensor:
-        """The mask (flat, bool) of a block's values that are among the k largest."""
-        if self.k == 0:
-            return torch.zeros_like(bits, dtype=torch.bool)
+    def trim_(self, vector: torch.Tensor, start: int) -> torch.Tensor:
+        """Zero, in place, the entries of a block (flat) that are not among the k largest magnitudes."""
         if self.k == self.size:
-            return torch.ones_like(bits, dtype=torch.bool)
+            return vector
+        if self.k == 0:
+            return vector.zero_()
+        found = magnitudes(vector)
+        threshold = torch.tensor(self.threshold, dtype=torch.int32).view(torch.float32).item()
+        before = self.tie_offsets.get(start, 0)  # values equal to the threshold before this block
+        keeps_ties = before + self.ties.get(start, 0) <= self.ties_kept
+        if not math.isfinite(threshold) or (not keeps_ties and before < self.ties_kept):
+            return vector.mul_(self._kept_by_position(found.view(torch.int32), start))  # the cut is in this block
+        # |x| − t is > 0 exactly where |x| > t, and 0 where equal (float subtraction of unequal values never
+        # gives 0): its sign, then +1 and at most 1 (equal ones kept) or at least 0 (dropped), is the 0/1
+        # mask, in float arithmetic (several times faster on a CPU than comparisons giving bool masks)
+        mask = found.sub_(threshold).sign_()
+        return vector.mul_(mask.add_(1).clamp_(max=1) if keeps_ties else mask.clamp_(min=0))
+
+    def _kept_by_position(self, bits: torch.Tensor, start: int) -> torch.Tensor:
+        """The mask (bool) of the values above the threshold, and of the first `ties_kept` equal to it."""
         kept = bits > self.threshold
         equal = bits == self.threshold
-        if self.tie_offsets:  # the first `ties_kept` equal values by position
+        if self.tie_offsets:
             order = torch.cumsum(equal, 0) + self.tie_offsets[start]
             return kept | (equal & (order <= self.ties_kept))
         return kept | equal

@@ -1,13 +1,18 @@
 """Task arithmetic (Ilharco et al., ICLR 2023): θ = θ_b + λ Σ w_i δ_i, with δ_i = θ_i − θ_b (divided by
 Σ w_i when `normalize`, which is off by default: the weights scale the task vectors as given).
+
+Rewritten as a weighted sum of the checkpoints themselves, θ = (1 − Σ c_i) θ_b + Σ c_i θ_i with
+c_i = λ w_i (÷ Σ w_i), it is average's fused sum: each block read once, summed in float32 in the
+cache, rounded once; no task vector is ever formed.
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
+from mergecli.methods.average import weighted_combine
 from mergecli.methods.base import TensorTask, register
-from mergecli.methods.task_vectors import LambdaSettings, TaskVectorMethod, deltas
+from mergecli.methods.task_vectors import LambdaSettings, TaskVectorMethod
 
 PAPER = "https://arxiv.org/abs/2212.04089"
 
@@ -20,18 +25,14 @@ class TaskArithmetic(TaskVectorMethod):
     kinds = {"task_arithmetic": "task arithmetic"}
 
     def task_for(self, recipe, inputs, task, read, shared):
-        weights = [weight for _, _, weight in read]
         scale = recipe.settings.lambda_ / self.divisor(recipe)
-
-        def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-            base, vectors = deltas(blocks)
-            total = torch.zeros_like(base)
-            for vector, weight in zip(vectors, weights):
-                total.add_(vector, alpha=weight)
-            return base.add_(total, alpha=scale)
-
-        sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
-        return TensorTask(task.out, "task_arithmetic", sources, combine, task.block_elements, independent_blocks=True)
+        coefficients = [scale * weight for _, _, weight in read]
+        base = 1.0 - math.fsum(coefficients)
+        sources = [checkpoint for _, checkpoint, _ in read]
+        if base != 0.0:  # λ Σ c = 1 (normalized, λ = 1): the base cancels out, and is not read
+            sources, coefficients = [inputs.base, *sources], [base, *coefficients]
+        return TensorTask(task.out, "task_arithmetic", tuple(sources), weighted_combine(coefficients),
+                          task.block_elements, independent_blocks=True)
 
     def describe(self, recipe) -> list[str]:
         weights = "divided by their sum" if self.normalize(recipe) else "as given"

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field, field_validator
 
 from mergecli.errors import RecipeError
+from mergecli.io.buffers import thread_buffer
 from mergecli.methods.average import accumulation_dtype
 from mergecli.methods.base import Inputs, Method, TensorTask
 from mergecli.recipe import Recipe, StrictModel, scaled_weights
@@ -74,29 +75,42 @@ def densities(recipe: Recipe) -> list[float]:
 
 
 def deltas(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(θ_b, [δ_1, ..., δ_n]) of one row block, in the accumulation dtype (float32, or float64 for
-    float64 inputs): `blocks` is the base's block, then each model's."""
+    """(θ_b, [δ_1, ..., δ_n]) of one row block, flat, in the accumulation dtype (float32, or float64 for
+    float64 inputs), in this thread's buffers (valid until its next call): `blocks` is the base's block,
+    then each model's. Each δ is taken in that dtype from the inputs as they are (exact for bf16)."""
     dtype = accumulation_dtype([b.dtype for b in blocks])
-    base = blocks[0].to(dtype)
-    return base, [block.to(dtype) - base for block in blocks[1:]]
+    size = blocks[0].numel()
+    base = thread_buffer("base", size, dtype).copy_(blocks[0].reshape(-1))
+    return base, [thread_buffer(("delta", index), size, dtype).copy_(block.reshape(-1)).sub_(base)
+                  for index, block in enumerate(blocks[1:])]
 
 
 def elect_and_merge(weighted: list[torch.Tensor], weights: list[float], *, normalize: bool) -> torch.Tensor:
-    """TIES' disjoint merge of trimmed, weighted task vectors w_i δ̂_i: the sign of their sum is elected
-    per entry (≥ 0 counts as +); the entries whose own sign agrees are summed, and divided by the sum
-    of their weights when `normalize` (an entry no model agrees on is 0). A zero never agrees."""
-    total = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0].clone()
-    elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-    merged = torch.zeros_like(total)
-    divisor = torch.zeros_like(total) if normalize else None
+    """TIES' disjoint merge of trimmed, weighted task vectors w_i δ̂_i (flat): the sign of their sum is
+    elected per entry (≥ 0 counts as +); the entries whose own sign agrees are summed, and divided by
+    the sum of their weights when `normalize` (an entry no model agrees on is 0). A zero never agrees.
+
+    Float arithmetic throughout (no boolean masks: on a CPU they cost several times a float pass):
+    s = ±1 the elected sign, max(s·x, 0) is |x| where x agrees and 0 elsewhere, and its sign is 1 or 0.
+    """
+    size, dtype = weighted[0].numel(), weighted[0].dtype
+    total = thread_buffer("total", size, dtype).copy_(weighted[0])
+    for vector in weighted[1:]:
+        total.add_(vector)
+    sign = torch.copysign(torch.ones((), dtype=dtype), total, out=thread_buffer("sign", size, dtype))
+    agreeing = total.zero_()
+    part = thread_buffer("part", size, dtype)
+    divisor = thread_buffer("divisor", size, dtype).zero_() if normalize else None
     for vector, weight in zip(weighted, weights):
-        agree = torch.sign(vector) == elected
-        merged += torch.where(agree, vector, 0)
+        agreeing.add_(torch.mul(vector, sign, out=part).clamp_(min=0))
         if divisor is not None:
-            divisor += agree.to(divisor.dtype) * weight
-    if divisor is not None:
-        merged /= torch.where(divisor == 0, 1.0, divisor).to(merged.dtype)
-    return merged
+            divisor.add_(part.sign_(), alpha=weight)
+    agreeing.mul_(sign)
+    if divisor is None:
+        return agreeing
+    if min(weights) > 0:  # the divisor is 0 only where nothing agrees, and the sum is 0 there
+        return agreeing.div_(divisor.clamp_(min=torch.finfo(dtype).tiny))
+    return agreeing.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
 class TaskVectorMethod(Method):

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from mergecli.methods.base import TensorTask, register
-from mergecli.methods.magnitude import TopMagnitudes, magnitude_bits
+from mergecli.methods.magnitude import TopMagnitudes
 from mergecli.methods.task_vectors import (
     DensitySettings,
     ModelDensity,
@@ -72,7 +72,7 @@ class TrimPass:
         _, vectors = deltas(blocks)
         for (population, offset), vector in zip(self.populations, vectors):
             if population.trim.stage == self.depth:
-                population.trim.count(magnitude_bits(vector), offset + start)
+                population.trim.count(vector, offset + start)
 
     def task_done(self) -> None:
         for population, _ in self.populations:
@@ -114,11 +114,12 @@ class Ties(TaskVectorMethod):
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
             base, vectors = deltas(blocks)
-            trimmed = []
             for (population, offset), vector, weight in zip(populations, vectors, weights):
-                keep = population.trim.keep(magnitude_bits(vector), offset + start).view(vector.shape)
-                trimmed.append(torch.where(keep, vector, 0).mul_(weight))
-            return base.add_(elect_and_merge(trimmed, weights, normalize=normalize), alpha=scale)
+                population.trim.trim_(vector, offset + start)
+                if weight != 1:
+                    vector.mul_(weight)
+            merged = elect_and_merge(vectors, weights, normalize=normalize)
+            return base.add_(merged, alpha=scale).view(out.shape)
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
         passes = tuple(TrimPass(depth, populations) for depth in range(3))
