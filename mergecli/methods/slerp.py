@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 
 from mergecli.errors import RecipeError
+from mergecli.io.buffers import thread_buffer
 from mergecli.methods.average import accumulation_dtype
 from mergecli.methods.base import TensorTask, register
 from mergecli.methods.task_vectors import TaskVectorMethod
@@ -46,7 +47,8 @@ class Angle:
         return True
 
     def fold(self, blocks: list[torch.Tensor], start: int) -> None:
-        a, b = (block.reshape(-1).to(torch.float64) for block in blocks)
+        a, b = (thread_buffer(("slerp", index), block.numel(), torch.float64).copy_(block.reshape(-1))
+                for index, block in enumerate(blocks))
         sums = torch.stack([a.dot(a), b.dot(b), a.dot(b)])
         with self.lock:
             self.parts[start] = sums
@@ -93,7 +95,8 @@ class Slerp(TaskVectorMethod):
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
             dtype = accumulation_dtype([b.dtype for b in blocks])
             first, second = angle.coefficients
-            return blocks[0].to(dtype).mul_(first).add_(blocks[1].to(dtype), alpha=second)
+            merged = thread_buffer("slerp", blocks[0].numel(), dtype).view(blocks[0].shape).copy_(blocks[0])
+            return merged.mul_(first).add_(blocks[1], alpha=second)
 
         return TensorTask(task.out, "slerp", tuple(inputs.models), combine, task.block_elements,
                           independent_blocks=True, prepasses=(angle,))
