@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-regmean bench-quality compare-mergekit mergekit-venv lint clean
+.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-regmean bench-stream bench-quality compare-mergekit mergekit-venv lint clean
 
 $(BIN)/mergecli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ demo-regmean: examples
 	$(BIN)/mergecli regmean merge recipes/regmean-llama.toml --force
 	$(BIN)/mergecli regmean merge recipes/regmean-plusplus.toml --force
 
-bench: bench-average bench-regmean
+bench: bench-average bench-regmean bench-stream
 
 bench-average: install
 	$(BIN)/python benchmarks/bench_average.py
@@ -52,6 +52,10 @@ compare-mergekit: install mergekit-venv
 
 bench-regmean: install
 	$(BIN)/python benchmarks/bench_regmean.py
+
+# --stream against download-then-merge through the fake hub on a throttled link (200 MB/s, 20 ms)
+bench-stream: install
+	$(BIN)/python benchmarks/bench_stream.py
 
 bench-quality: install
 	$(BIN)/python benchmarks/bench_quality.py

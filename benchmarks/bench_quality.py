@@ -11,8 +11,9 @@ task needs the encoder to change: a head trained on the frozen encoder is printe
   position  the number word is in the first half of the sentence
   match     the two number words are the same number
 
-The five encoders are then merged through the CLI (`mergecli average`, `mergecli regmean
-collect-stats` + `merge` at α 0.9 and 0.6, and RegMean++), and each merged encoder is evaluated on
+The five encoders are then merged through the CLI (`mergecli average`, task arithmetic and TIES
+against the pretrained encoder at FusionBench's default settings, `mergecli regmean collect-stats` +
+`merge` at α 0.9 and 0.6, and RegMean++), and each merged encoder is evaluated on
 every task with that task's own head. The tasks were written before any merge was run and are not
 tuned toward a winner.
 
@@ -213,8 +214,17 @@ def main() -> None:
     for task in TASKS:
         lines += ["", "[[models]]", f'path = "minilm-{task}"', f'name = "{task}"', f'data = "calibration-{task}.txt"']
     recipe.write_text("\n".join(lines) + "\n")
+    # the task-vector methods against the pretrained encoder, at FusionBench's default settings (not tuned here)
+    vectors = {"task_arithmetic": ("", "[task_arithmetic]\nlambda = 0.3"),
+               "ties": ("normalize = false\n", "[ties]\ndensity = 0.2\nlambda = 0.3")}
+    for method, (top, table) in vectors.items():
+        models = "".join(f'\n[[models]]\npath = "minilm-{task}"\nname = "{task}"\n' for task in TASKS)
+        (work / f"{method}.toml").write_text(f'method = "{method}"\n{top}[base]\npath = "{minilm()}"\n{table}\n'
+                                             f"{models}")
     merges = {
         "average": ("average", recipe, "-o", work / "average", "--set", 'method="average"', "--force"),
+        "task arithmetic λ=0.3": ("merge", work / "task_arithmetic.toml", "-o", work / "task-arithmetic", "--force"),
+        "TIES density 0.2, λ=0.3 (sum)": ("merge", work / "ties.toml", "-o", work / "ties", "--force"),
         "RegMean α=0.9": ("regmean", "merge", recipe, "-o", work / "regmean-0.9", "--force"),
         "RegMean α=0.6": ("regmean", "merge", recipe, "-o", work / "regmean-0.6", "--force",
                           "--set", "regmean.reduce_non_diagonal_ratio=0.6"),

@@ -63,6 +63,12 @@ def hub_message(error: HubError) -> tuple[str, str | None]:
                                 f"{_files(error.files)}, and the hub cannot be reached", OFFLINE_HINT),
         "snapshot-incomplete-offline": (f"{repo}: the cached snapshot {(error.revision or '')[:12]} lacks "
                                         f"{_files(error.files)}, and HF_HUB_OFFLINE is set", OFFLINE_HINT),
+        "stream-failed": (f"{repo}: fetching {_files(error.files)} failed{says}; the merge stopped and no output "
+                          "was put in place", "check the network and try again, or merge without --stream "
+                                              "(downloads resume where they stopped)"),
+        "stream-checksum": (f"{repo}: the bytes fetched of {_files(error.files)} do not match the Hub's sha256 for "
+                            "it; the merge stopped and no output was put in place",
+                            "try again; if it happens again, a proxy or the Hub's copy is at fault"),
         "no-range-requests": (f"{repo}: the hub did not answer a range request for {_files(error.files)}", None),
     }
     message, hint = words.get(error.problem, (error.message, error.hint))

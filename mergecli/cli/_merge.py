@@ -4,12 +4,14 @@ load the result, and push it when the recipe asks."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergecli.cli._console import plural, say
+from mergecli.cli._console import interactive, plural, say
 from mergecli.cli._heavy import import_torch
-from mergecli.cli._render import print_plan, print_report, progress
+from mergecli.cli._render import human_bytes, print_plan, print_report, progress
 from mergecli.errors import OutputInPlace, UsageError
 
 if TYPE_CHECKING:
@@ -52,15 +54,30 @@ def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bo
         push_after_merge(plan.output, recipe)
 
 
+def fetch_rate(plan: MergePlan) -> Callable[[], str]:
+    """With `--stream`: ", 1.2 GB fetched, 180 MB/s" for the progress bar (nothing without it)."""
+    fetcher, started = plan.inputs.fetcher, time.monotonic()
+    if fetcher is None:
+        return lambda: ""
+
+    def words() -> str:
+        seconds = time.monotonic() - started
+        rate = f", {human_bytes(fetcher.fetched / seconds)}/s" if seconds > 1 else ""
+        return f", {human_bytes(fetcher.fetched)} fetched{rate}"
+
+    return words
+
+
 def merge_and_report(plan: MergePlan) -> None:
     """Run a planned merge with progress, then print the summary and how to load the result."""
     from mergecli.merge.card import loader_class
     from mergecli.merge.run import run_merge
 
     tensors = len(plan.tasks)
+    fetched = fetch_rate(plan) if interactive() else lambda: ""
     with progress("merging", total=plan.work, unit="work", what=plural(tensors, "tensor")) as update:
-        report = run_merge(plan, on_progress=lambda done, work, stage: update(work, f"{done}/{tensors} tensors",
-                                                                             step=stage))
+        report = run_merge(plan, on_progress=lambda done, work, stage: update(
+            work, f"{done}/{tensors} tensors{fetched()}", step=stage))
         update(plan.work, f"{tensors}/{tensors} tensors")  # a pass that had nothing to do was counted in
     try:
         print_report(report, plan.method, plan.reference_name)

@@ -42,3 +42,7 @@ ModelOpt = Annotated[
 WeightsOpt = Annotated[
     str | None, typer.Option("--weights", "-w", metavar="W1,W2,...", help="Weights, one per -m, e.g. 0.3,0.7.")
 ]
+StreamOpt = Annotated[bool, typer.Option(
+    "--stream", help="Read hub inputs by HTTP range requests as the merge needs them, storing nothing of them "
+                     "(files complete in the cache are read from it); each file is checked against the Hub's "
+                     "sha256. Sets `stream = true`.")]

@@ -97,6 +97,8 @@ def print_report(report: MergeReport, method: Method, reference: str) -> None:
     data = {"output": str(report.output), "files": files, "tensors": report.tensors, "counts": report.counts,
             "shards": report.shards, "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
             "seconds": round(report.seconds, 3), "warnings": report.warnings, "notes": report.notes}
+    if report.fetched:
+        data["fetched"] = report.fetched
     result(data, lambda: _print_report(report, method, reference))
     for message in report.notes:
         note(message)
@@ -110,6 +112,10 @@ def _print_report(report: MergeReport, method: Method, reference: str) -> None:
             "shards": str(report.shards), "read": human_bytes(report.bytes_read),
             "written": human_bytes(report.bytes_written),
             "time": f"{report.seconds:.1f} s ({human_bytes(rate)}/s read)"}
+    if report.fetched:
+        fetched = sum(report.fetched.values())
+        rows["fetched"] = (f"{human_bytes(fetched)} from the Hub by range requests "
+                           f"({human_bytes(fetched / report.seconds if report.seconds else 0)}/s), nothing stored")
     for label, value in rows.items():  # aligned lines, none ending in spaces
         out_console.print(Text.assemble((f"{label:<8}", "bold"), " ", clean(value)))
 

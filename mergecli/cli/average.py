@@ -21,6 +21,7 @@ from mergecli.cli._options import (
     OutputOpt,
     QuietOpt,
     SetOpt,
+    StreamOpt,
     WeightsOpt,
 )
 from mergecli.errors import UsageError
@@ -77,6 +78,7 @@ AVERAGE_HELP = """Merge checkpoints by weighted averaging, streaming tensor by t
       mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
       mergecli average -m a/model.safetensors -m b/model.safetensors --name a --name b -o merged/
       mergecli average recipe.toml --dry-run --json
+      mergecli average -m org/llama-math -m org/llama-code --stream -o merged/
     """
 
 MERGE_HELP = """Merge by the recipe's method: average, task_arithmetic, ties, dare_linear, dare_ties or slerp.
@@ -94,6 +96,7 @@ MERGE_HELP = """Merge by the recipe's method: average, task_arithmetic, ties, da
       mergecli merge task-arithmetic.toml --dry-run --json
       mergecli merge -m ./math -m ./code --base ./base --set method=task_arithmetic -o merged/
       mergecli merge slerp.toml --set slerp.t=0.3
+      mergecli merge ties.toml --stream       # hub inputs by range requests, nothing downloaded
     """
 
 
@@ -113,9 +116,11 @@ def merge(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     no_sync: NoSyncOpt = False,
+    stream: StreamOpt = False,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """`mergecli average` (AVERAGE_HELP) or `mergecli merge` (MERGE_HELP), by the name it was called by."""
-    spec = recipe_from_options(recipe, model or [], weights, name or [], base, set_ or [])
+    spec = recipe_from_options(recipe, model or [], weights, name or [], base, [*(set_ or []),
+                                                                               *(["stream=true"] if stream else [])])
     plan_and_run(spec, context.info_name, output=output, force=force, dry_run=dry_run, sync=not no_sync)

@@ -17,6 +17,7 @@ import torch
 from mergecli.errors import CheckpointError, HubError, InputNotFoundError
 from mergecli.io import hub
 from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, weight_map, within
+from mergecli.io.remote import Fetcher, RemoteFile
 from mergecli.io.safetensors import DTYPE_CODES, TensorInfo, header_length, parse_header, pread_into, read_header
 
 
@@ -37,6 +38,8 @@ class Checkpoint:
     _digest: str | None = field(default=None, repr=False)
     _state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _remote: dict[Path, RemoteFile] = field(default_factory=dict, repr=False)  # streamed: read by ranges
+    fetcher: Fetcher | None = field(default=None, repr=False)
 
     def read(self, name: str, rows: tuple[int, int] | None = None, *,
              buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,21 +53,38 @@ class Checkpoint:
         if name in self._state_dict:
             tensor = self._state_dict[name]
             return tensor[rows[0]:rows[1]] if rows else tensor
-        if rows is None or not info.shape:
-            start, shape = 0, info.shape
-        else:
-            start, shape = rows[0], (rows[1] - rows[0], *info.shape[1:])
-        nbytes = (info.nbytes if rows is None or not info.shape else (rows[1] - rows[0]) * info.row_bytes)
+        shape = info.shape if rows is None or not info.shape else (rows[1] - rows[0], *info.shape[1:])
+        offset, nbytes = self._byte_range(name, rows)
         out = (torch.empty(shape, dtype=info.dtype) if buffer is None
                else buffer[:nbytes].view(info.dtype).view(shape))
+        remote = self._remote.get(info.file)
+        if remote is not None:
+            self.fetcher.read_into(remote, offset, out.reshape(-1).view(torch.uint8))
+            return out
         fd = self._fds.get(info.file)
         if fd is None:  # streaming threads may open a file at once: one fd is kept, the rest closed
             opened = os.open(info.file, os.O_RDONLY)
             fd = self._fds.setdefault(info.file, opened)
             if fd != opened:
                 os.close(opened)
-        pread_into(fd, out, info.offset + start * info.row_bytes, path=info.file)
+        pread_into(fd, out, offset, path=info.file)
         return out
+
+    def _byte_range(self, name: str, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """(offset in its file, length) of tensor `name`, or of rows `[start, stop)` of it."""
+        info = self.tensors[name]
+        if rows is None or not info.shape:
+            return info.offset, info.nbytes
+        return info.offset + rows[0] * info.row_bytes, (rows[1] - rows[0]) * info.row_bytes
+
+    @property
+    def remote_files(self) -> list[RemoteFile]:
+        return list(self._remote.values())
+
+    def remote_read(self, name: str, rows: tuple[int, int] | None) -> tuple[RemoteFile, int, int] | None:
+        """(file, offset, length) of a read that goes to the Hub (`--stream`); None for a local one."""
+        remote = self._remote.get(self.tensors[name].file)
+        return None if remote is None else (remote, *self._byte_range(name, rows))
 
     def fingerprint(self) -> str:
         """Hash of tensor names, shapes and dtypes (plus the hub commit, when there is one)."""
@@ -226,13 +246,16 @@ def open_local(path: Path, *, source: str | None = None, commit: str | None = No
     return Checkpoint(source, files, tensors, directory, commit, root, _state_dict=state_dict)
 
 
-def open_checkpoint(path: str, *, revision: str | None = None, headers_only: bool = False) -> Checkpoint:
+def open_checkpoint(path: str, *, revision: str | None = None, headers_only: bool = False,
+                    fetcher: Fetcher | None = None) -> Checkpoint:
     """Open a local checkpoint, or resolve a hub repo id (through the local hub cache or the hub).
 
     Args:
         headers_only: for a plan that reads no tensor (validate, --dry-run): a hub checkpoint's
             safetensors headers are read with range requests and its weights are not downloaded
             (its `read` then fails).
+        fetcher: `--stream`: a hub checkpoint's weights that the cache lacks are read by range requests
+            through it, never downloaded.
 
     A relative path that may be a repo id (`org/name`, `gpt2`) is one: it is never looked up in the
     current directory, which would make a recipe mean something else wherever it runs (a recipe's
@@ -253,32 +276,44 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
     except HubError as exc:
         exc.local_path_tried = True  # the message says first that no such local path exists
         raise
-    if headers_only and not snapshot.cached and all(name.endswith(".safetensors") for name in snapshot.weights):
+    if (headers_only or fetcher) and not snapshot.cached and all(name.endswith(".safetensors")
+                                                                 for name in snapshot.weights):
         from huggingface_hub import constants
 
         if not constants.is_offline_mode():
-            return _open_remote(snapshot)
+            return _open_remote(snapshot, None if headers_only else fetcher)
     directory = hub.fetch_weights(snapshot)
     # snapshots/<commit>/ links into the repo folder's blobs/: the repo folder is the input's tree
     return open_local(directory, source=path, commit=snapshot.commit, root=directory.parent.parent)
 
 
-def _open_remote(snapshot: hub.Snapshot) -> Checkpoint:
-    """A hub checkpoint known from its headers alone."""
+def _open_remote(snapshot: hub.Snapshot, fetcher: Fetcher | None = None) -> Checkpoint:
+    """A hub checkpoint known from its headers: with a `fetcher`, its files are read by range requests
+    (those complete in the cache, from there); without, it is not read at all."""
     tensors: dict[str, TensorInfo] = {}
     files = [snapshot.folder / name for name in snapshot.weights]
+    root = snapshot.folder.parent.parent  # snapshots/<commit>/ links into the repo folder's blobs/
+    remote: dict[Path, RemoteFile] = {}
     for file in files:
-        prefix, raw, size = hub.remote_header(snapshot, file.name)
-        header_length(file, prefix, size)
-        for info in parse_header(file, raw, size)[0]:
+        if fetcher is not None and file.is_file():
+            infos, _ = read_header(_check_file(file, root))
+        else:
+            prefix, raw, size = hub.remote_header(snapshot, file.name)
+            header_length(file, prefix, size)
+            infos = parse_header(file, raw, size)[0]
+            if fetcher is not None:
+                identity = hub.file_identity(snapshot, file.name)
+                remote[file] = fetcher.add(RemoteFile(snapshot.repo_id, snapshot.commit, file.name, size,
+                                                      prefix + raw, sha256=identity.sha256, git_oid=identity.git_oid))
+        for info in infos:
             if info.name in tensors:
                 raise CheckpointError(file, f"tensor {info.name!r} is stored twice "
                                             f"(also in {tensors[info.name].file.name})")
             tensors[info.name] = info
     if snapshot.index is not None:
         _check_index(snapshot.folder, snapshot.index, tensors)
-    return Checkpoint(snapshot.repo_id, files, tensors, snapshot.folder, snapshot.commit,
-                      snapshot.folder.parent.parent)
+    return Checkpoint(snapshot.repo_id, files, tensors, snapshot.folder, snapshot.commit, root,
+                      _remote=remote, fetcher=fetcher)
 
 
 def iter_row_blocks(info: TensorInfo, max_elements: int) -> Iterator[tuple[int, int] | None]:

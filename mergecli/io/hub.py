@@ -28,6 +28,7 @@ from mergecli.io.files import (
     weight_map,
 )
 from mergecli.io.hub_errors import hub_errors
+from mergecli.io.remote import get_range
 
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _REPO_ID = re.compile(f"(?:{_REPO_PART}/)?{_REPO_PART}")  # org/name, or a canonical name (gpt2)
@@ -109,28 +110,46 @@ def fetch_weights(snapshot: Snapshot) -> Path:
 
 def remote_header(snapshot: Snapshot, name: str) -> tuple[bytes, bytes, int]:
     """Read one safetensors file's header from the hub with two HTTP range requests (its size
-    field, then the header), never a byte of its tensors: `(first 8 bytes, header JSON, file size)`."""
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    field, then the header), never a byte of its tensors: `(first 8 bytes, header JSON, file size)`.
+    Faults are retried as the streamed reads' are (io/remote.py)."""
+    prefix = bytearray(8)
+    size = get_range(snapshot.repo_id, snapshot.commit, name, 0, prefix)
+    length = int.from_bytes(prefix, "little") if size >= 8 else 0
+    if not 0 < length <= min(MAX_HEADER, size - 8):  # the caller's checks say what is wrong
+        return bytes(prefix[:max(0, min(8, size))]), b"", size
+    header = bytearray(length)
+    get_range(snapshot.repo_id, snapshot.commit, name, 8, header)
+    return bytes(prefix), bytes(header), size
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What the Hub says a file's bytes hash to: the sha256 of an LFS file, or the git blob id of a
+    file stored in git itself."""
+
+    sha256: str | None
+    git_oid: str | None
+
+
+def file_identity(snapshot: Snapshot, name: str) -> FileIdentity:
+    """The identity the Hub gives one file at the snapshot's commit (one HEAD request: its linked
+    etag is an LFS file's sha256, its etag a git file's blob id)."""
+    import httpx2
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     url = hf_hub_url(snapshot.repo_id, name, revision=snapshot.commit)
-    headers = build_hf_headers()
-
-    def get(first: int, last: int) -> tuple[bytes, int]:
-        response = get_session().get(url, headers={**headers, "Range": f"bytes={first}-{last}"},
-                                     follow_redirects=True, timeout=30)
-        hf_raise_for_status(response)
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        if response.status_code != 206 or not total.isdigit():
-            raise HubError("no-range-requests", repo_id=snapshot.repo_id, files=(name,))
-        return response.content, int(total)
-
     with hub_errors(snapshot.repo_id, revision=snapshot.commit):
-        prefix, size = get(0, 7)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-        if not 0 < length <= min(MAX_HEADER, size - 8):  # the caller's checks say what is wrong
-            return prefix, b"", size
-        return prefix, get(8, 8 + length - 1)[0], size
+        for attempt in range(3):  # a kept-alive connection the server had closed: once more, on a new one
+            try:
+                etag = get_hf_file_metadata(url).etag or ""
+                break
+            except httpx2.TransportError:
+                if attempt == 2:
+                    raise
+    etag = etag.strip('"').removeprefix("W/").strip('"').lower()
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        return FileIdentity(etag, None)
+    return FileIdentity(None, etag if re.fullmatch(r"[0-9a-f]{40}", etag) else None)
 
 
 def _snapshot(repo_id: str, revision: str | None, names: list[str], *,

@@ -12,6 +12,7 @@ from pathlib import Path
 from mergecli.errors import InputNotFoundError, UsageError
 from mergecli.io.atomic import check_output_path, recover
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
+from mergecli.io.remote import Fetcher
 from mergecli.io.writer import ShardPlan, plan_shards
 from mergecli.merge.compatible import check_compatible, check_digests
 from mergecli.merge.stream import peak_memory
@@ -62,8 +63,9 @@ class MergePlan:
 
     @property
     def peak_memory(self) -> int:
-        """Estimated peak bytes above the interpreter while streaming."""
-        return max(peak_memory(self.tasks), *(stage.work_bytes for stage in self.stages))
+        """Estimated peak bytes above the interpreter while streaming (with `--stream`, its read-ahead)."""
+        read_ahead = self.recipe.stream_buffer if self.recipe.stream else 0
+        return max(peak_memory(self.tasks), *(stage.work_bytes for stage in self.stages)) + read_ahead
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -79,13 +81,13 @@ def open_inputs(recipe: Recipe, *, headers_only: bool = False) -> Inputs:
         headers_only: hub inputs are known from their headers, their weights not downloaded.
     """
     opened: list[Checkpoint] = []
+    fetcher = Fetcher(connections=recipe.stream_connections, buffer=recipe.stream_buffer) if recipe.stream else None
     try:
-        base = (open_checkpoint(recipe.base.path, revision=recipe.base.revision, headers_only=headers_only)
-                if recipe.base else None)
-        if base:
-            opened.append(base)
-        for spec in recipe.models:
-            opened.append(open_checkpoint(spec.path, revision=spec.revision, headers_only=headers_only))
+        specs = [*([recipe.base] if recipe.base else []), *recipe.models]
+        for spec in specs:
+            opened.append(open_checkpoint(spec.path, revision=spec.revision, headers_only=headers_only,
+                                          fetcher=fetcher))
+        base = opened[0] if recipe.base else None
     except InputNotFoundError as exc:
         for checkpoint in opened:
             checkpoint.close()
@@ -98,7 +100,28 @@ def open_inputs(recipe: Recipe, *, headers_only: bool = False) -> Inputs:
         for checkpoint in opened:
             checkpoint.close()
         raise
-    return Inputs(models=opened[1:] if base else opened, base=base)
+    return Inputs(models=opened[1:] if base else opened, base=base, fetcher=fetcher if not headers_only else None)
+
+
+def stream_notes(recipe: Recipe, inputs: Inputs, stages: list[Stage]) -> list[str]:
+    """What `--stream` will fetch: which inputs, how many times each (a method's prepasses read again)."""
+    specs = [*([recipe.base] if recipe.base else []), *recipe.models]
+    labels = [("base" if recipe.base and i == 0 else model_label(i - (1 if recipe.base else 0), spec))
+              for i, spec in enumerate(specs)]
+    streamed = [(label, checkpoint) for label, checkpoint in zip(labels, inputs.all)
+                if checkpoint.commit and any(not file.is_file() for file in checkpoint.files)]
+    if not streamed:
+        return ["--stream: no input is fetched from the Hub (local, or complete in the cache)"]
+    tasks = [task for stage in stages for task in stage.tasks]
+    notes = []
+    for label, checkpoint in streamed:
+        reads = max((1 + len(task.prepasses) for task in tasks if any(s is checkpoint for s in task.sources)),
+                    default=0)
+        times = "" if reads <= 1 else f"; its bytes are fetched up to {reads} times (the method reads them in " \
+                                      f"{reads} passes, and nothing is stored between them)"
+        notes.append(f"{label}: streamed from the Hub by range requests, nothing of it stored "
+                     f"(read-ahead at most {recipe.stream_buffer / 2**20:.0f} MiB){times}")
+    return notes
 
 
 def input_paths(inputs: Inputs) -> list[Path]:
@@ -159,6 +182,8 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
                             f"{'is' if len(ignored) == 1 else 'are'} not read: its method is {recipe.method}")
         defaults = default_tasks(recipe, inputs, warnings, dropped, normalize=method.normalize(recipe))
         stages = method.stages(recipe, inputs, defaults, warnings)
+        if recipe.stream:
+            notes += stream_notes(recipe, inputs, stages)
         check_output_path(target, input_paths(inputs), force=force)
         shards = plan_shards([task.out for task in inputs_order(stages, inputs)], recipe.shard_size)
         support = plan_support(recipe, inputs, warnings)

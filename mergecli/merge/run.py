@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,6 +73,7 @@ class MergeReport:
     counts: dict[str, int]
     warnings: list[str]
     notes: list[str]
+    fetched: dict[str, int] = field(default_factory=dict)  # `--stream`: bytes fetched from the Hub, per input
 
 
 def check_disk_space(plan: MergePlan) -> None:
@@ -116,6 +117,8 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
                     if stage.after:
                         stage.after(writer.checkpoint())
                         done.advance(stage.hook_cost / 2)
+                if plan.inputs.fetcher is not None:  # every streamed file against the Hub's sha256, before it counts
+                    plan.inputs.fetcher.verify()
                 writer.finish()
             finally:
                 writer.close()
@@ -132,4 +135,11 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
         plan.inputs.close()
     return MergeReport(plan.output, len(plan.tasks), len(plan.shards), plan.bytes_read,
                        plan.bytes_written, time.perf_counter() - started, plan.counts(), plan.warnings,
-                       plan.notes)
+                       plan.notes, fetched_per_input(plan))
+
+
+def fetched_per_input(plan: MergePlan) -> dict[str, int]:
+    """Bytes fetched from the Hub by range requests (`--stream`), per streamed input, by its name."""
+    names = [*(["base"] if plan.inputs.base else []), *(spec.name for spec in plan.recipe.models)]
+    return {name: sum(file.fetched for file in checkpoint.remote_files)
+            for name, checkpoint in zip(names, plan.inputs.all) if checkpoint.remote_files}

@@ -17,6 +17,7 @@ import torch
 from mergecli.errors import NonFiniteError
 from mergecli.io.buffers import ScratchBuffers
 from mergecli.io.checkpoint import iter_row_blocks
+from mergecli.io.remote import Fetcher
 from mergecli.io.safetensors import TensorInfo
 from mergecli.io.writer import ShardWriter
 from mergecli.methods.average import CHUNK_ELEMENTS
@@ -141,6 +142,19 @@ def _run(stream: _Stream) -> float:
     return stream.work_done
 
 
+def announce_reads(blocks: list[tuple[TensorTask, tuple[int, int] | None]]) -> None:
+    """Tell the fetcher of streamed hub inputs (`--stream`) what this pass reads, in its order."""
+    fetchers: dict[int, tuple[Fetcher, list]] = {}
+    for task, rows in blocks:
+        for source in task.sources:
+            if getattr(source, "fetcher", None) is not None:
+                read = source.remote_read(task.out.name, rows)
+                if read is not None:
+                    fetchers.setdefault(id(source.fetcher), (source.fetcher, []))[1].append(read)
+    for fetcher, reads in fetchers.values():
+        fetcher.schedule(reads)
+
+
 class _Stream:
     """What the workers of one streamed pass share: the blocks still to do, the progress, the first
     error. `depth`: the pass is every task's prepass of that depth (None: the combine, written)."""
@@ -154,7 +168,9 @@ class _Stream:
         self.error: BaseException | None = None
         self.blocks_left: dict[str, int] = {}  # per tensor, set as its blocks are handed out
         self.block_work: dict[str, float] = {}  # per tensor, the work of one of its blocks in this pass
-        self.blocks = self._blocks(tasks)
+        blocks = list(self._blocks(tasks))
+        announce_reads(blocks)
+        self.blocks = iter(blocks)
         self.tensors_done, self.work_done = 0, work_done
 
     def _blocks(self, tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, tuple[int, int] | None]]:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from mergecli.io.checkpoint import Checkpoint
+    from mergecli.io.remote import Fetcher
     from mergecli.io.safetensors import TensorSpec
 
 # (the input blocks, a buffer of the output dtype and the block's shape[, the flat position of the block's
@@ -112,6 +113,12 @@ class Inputs:
     base: Checkpoint | None = None
     dry_run: bool = False
     device: str = "cpu"
+    fetcher: Fetcher | None = None  # `--stream`: what reads the hub inputs by range requests
+
+    @property
+    def streamed(self) -> list[Checkpoint]:
+        """The inputs read from the Hub by range requests."""
+        return [checkpoint for checkpoint in self.all if checkpoint.remote_files]
 
     @property
     def reference(self) -> Checkpoint:
@@ -123,6 +130,8 @@ class Inputs:
         return ([self.base] if self.base else []) + self.models
 
     def close(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.close()
         for checkpoint in self.all:
             checkpoint.close()
 

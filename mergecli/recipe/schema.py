@@ -187,6 +187,9 @@ class Recipe(StrictModel):
     normalize: Flag | None = None  # divide by the sum of the weights; unset: the method's default
     backbone_only: Flag = False
     allow_non_finite: Flag = False  # true: NaN / inf in an input or the result is a warning, not an error
+    stream: Flag = False  # hub inputs read by range requests as the merge needs them, never downloaded
+    stream_connections: int = Field(default=8, ge=1, le=64)  # concurrent range requests
+    stream_buffer: int = 256 * 2**20  # bytes fetched ahead of the merge, at most
     head: list[str] | None = None
     exclude: list[str] = []
     base: BaseSpec | None = None
@@ -240,9 +243,9 @@ class Recipe(StrictModel):
         for spec, options in zip(self.models, model_settings):
             spec._settings = options
 
-    @field_validator("shard_size", mode="before")
+    @field_validator("shard_size", "stream_buffer", mode="before")
     @classmethod
-    def _parse_shard_size(cls, value: Any) -> int:
+    def _parse_size(cls, value: Any) -> int:
         return parse_size(value)
 
     @field_validator("head", "exclude")

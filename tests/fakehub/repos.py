@@ -8,6 +8,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 
 # The hub stores files of 10 MB or more, or binary ones, in LFS; so does the fake.
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
@@ -26,17 +27,18 @@ class Blob:
 
     content: bytes
     lfs: bool
+    claimed_sha256: str | None = None  # what the hub says the content hashes to (`FakeHub.tamper`: not it)
 
-    @property
+    @cached_property  # a GB-sized blob is hashed once, not on every range request
     def sha256(self) -> str:
-        return hashlib.sha256(self.content).hexdigest()
+        return self.claimed_sha256 or hashlib.sha256(self.content).hexdigest()
 
     @property
     def pointer(self) -> bytes:
         spec = "version https://git-lfs.github.com/spec/v1"
         return f"{spec}\noid sha256:{self.sha256}\nsize {len(self.content)}\n".encode()
 
-    @property
+    @cached_property
     def git_oid(self) -> str:
         """The git object id of what git stores: the content, or its LFS pointer."""
         stored = self.pointer if self.lfs else self.content

@@ -9,7 +9,10 @@ import os
 import re
 import secrets
 import socket
+import struct
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,6 +23,7 @@ from fakehub.repos import Blob, CommitRecord, Repo, new_repo
 from fakehub.routes import HubError, Response, json_response, parse_json
 
 DEFAULT_TOKEN = "hf_test_secret"
+_SLICE = 256 * 1024  # a throttled body is sent in pieces of this size
 DEFAULT_USER = "fake-user"
 # Env vars that would make a test reach the real hub, use the real cache or token, or go offline.
 ENV_TO_CLEAR = tuple("""
@@ -47,6 +51,9 @@ class _FailureRule:
     drop: bool
     skip: int
     times: int
+    cut: int | None = None  # answer, but send only this many bytes of the body, then close
+    reset: bool = False  # ... then reset the connection (RST) instead of closing it
+    retry_after: str | None = None  # with `status`: a Retry-After header
 
     def matches(self, method: str, path: str) -> bool:
         return ((self.method is None or self.method.upper() == method)
@@ -71,6 +78,11 @@ class FakeHub:
         self._fail_all: HubError | None = None
         self._rules: list[_FailureRule] = []
         self._server: _Server | None = None
+        self._rate: float | None = None
+        self._latency = 0.0
+        self._link_free = 0.0  # when the throttled link is next free (time.monotonic)
+        self._link_lock = threading.Lock()
+        self.bytes_sent = 0  # response bodies sent, in all
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -216,11 +228,30 @@ class FakeHub:
         self._fail_all = HubError(status, message or f"Simulated failure ({status})", error_code)
 
     def fail_next(self, path: str | None = None, *, method: str | None = None, status: int = 500,
-                  drop: bool = False, skip: int = 0, times: int = 1) -> None:
+                  drop: bool = False, skip: int = 0, times: int = 1, cut: int | None = None, reset: bool = False,
+                  retry_after: str | None = None) -> None:
         """Make the (skip+1)-th request matching (`method`, regex `path`) fail `times` times: with
-        `status`, or by closing the connection without an answer (`drop`)."""
+        `status` (and `retry_after`), by closing the connection without an answer (`drop`), or by
+        answering and sending only `cut` bytes of the body before closing (or resetting: `reset`) it."""
         with self._lock:
-            self._rules.append(_FailureRule(method, re.compile(path) if path else None, status, drop, skip, times))
+            self._rules.append(_FailureRule(method, re.compile(path) if path else None, status, drop, skip, times,
+                                            cut, reset, retry_after))
+
+    def tamper(self, repo_id: str, path: str, offset: int, revision: str = "main") -> None:
+        """Flip one byte of a stored LFS file's content, the hub still claiming the original's sha256."""
+        with self._lock:
+            repo = self.repos[repo_id]
+            files = repo.commits[repo.resolve(revision)].files
+            blob = files[path]
+            content = bytearray(blob.content)
+            content[offset] ^= 0xFF
+            files[path] = Blob(bytes(content), blob.lfs, claimed_sha256=blob.sha256)
+
+    def throttle(self, bytes_per_second: float | None, latency: float = 0.0) -> None:
+        """Serve file bodies at `bytes_per_second` in all (one link, shared by every connection), each
+        answer after `latency` seconds; None: as fast as possible."""
+        with self._lock:
+            self._rate, self._latency, self._link_free = bytes_per_second, latency, 0.0
 
     def interrupt_commit(self, *, drop: bool = True, status: int = 500) -> None:
         """Make the next commit fail (after its LFS uploads went through)."""
@@ -247,10 +278,11 @@ class FakeHub:
         try:
             if self._fail_all is not None:
                 raise self._fail_all
-            if rule is not None:
+            if rule is not None and rule.cut is None:
                 if rule.drop:
                     raise _Drop()
-                raise HubError(rule.status, f"Simulated failure ({rule.status})")
+                raise HubError(rule.status, f"Simulated failure ({rule.status})",
+                               headers={"Retry-After": rule.retry_after} if rule.retry_after else None)
             with self._lock:
                 response = self._route(method, raw_path, body, auth, handler.headers.get("Range"))
         except _Drop:
@@ -262,14 +294,42 @@ class FakeHub:
             if err.code:
                 response.headers["X-Error-Code"] = err.code
         record.status = response.status
+        if rule is not None and rule.cut is not None:
+            response.headers["Connection"] = "close"
         handler.send_response(response.status)
         response.headers.setdefault("Content-Length", str(len(response.body)))
         response.headers.setdefault("X-Request-Id", secrets.token_hex(8))
         for key, value in response.headers.items():
             handler.send_header(key, str(value).encode("latin-1", "replace").decode("latin-1"))
+        if self._rate and method == "GET" and len(response.body) > 4096:
+            time.sleep(self._latency)
         handler.end_headers()
-        if method != "HEAD" and response.body:
-            handler.wfile.write(response.body)
+        body = response.body if method != "HEAD" else b""
+        with self._link_lock:
+            self.bytes_sent += len(body) if rule is None or rule.cut is None else min(rule.cut, len(body))
+        if rule is not None and rule.cut is not None:
+            handler.wfile.write(body[:rule.cut])
+            handler.wfile.flush()
+            if rule.reset:  # an RST, as a dropped link or a proxy gives
+                handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.close_connection = True
+            return
+        if self._rate and len(body) > 4096:
+            self._send_throttled(handler, body)
+        elif body:
+            handler.wfile.write(body)
+
+    def _send_throttled(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        view = memoryview(body)
+        for start in range(0, len(view), _SLICE):
+            piece = view[start:start + _SLICE]
+            with self._link_lock:  # the piece's turn on the shared link
+                now = time.monotonic()
+                begin = max(now, self._link_free)
+                self._link_free = begin + len(piece) / self._rate
+            if self._link_free > now:
+                time.sleep(self._link_free - now)
+            handler.wfile.write(piece)
 
     def _pick_rule(self, method: str, path: str) -> _FailureRule | None:
         for rule in self._rules:
@@ -364,6 +424,12 @@ class _Server(ThreadingHTTPServer):
         self.hub = hub
         self.open_sockets: set[socket.socket] = set()
         super().__init__(("127.0.0.1", 0), _Handler)
+
+    def handle_error(self, request, client_address):
+        """A client that hung up mid-answer (a stopped merge's read-ahead): not the fake's failure, and
+        no traceback on the stderr that a test reads."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
     def process_request(self, request, client_address):  # tracked, to close them on stop()
         self.open_sockets.add(request)

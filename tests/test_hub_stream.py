@@ -1,0 +1,184 @@
+"""`--stream`: hub inputs read by HTTP range requests as the merge needs them, nothing of them stored;
+against the FakeHub (huggingface_hub's real client on 127.0.0.1), with faults injected. Each merge
+is bit-identical to the same merge of the local files, or a clean refusal with no output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clirunner import cli
+from fakehub import FakeHub, fast_retries
+from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
+from mergecli.io import remote
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+REPOS = ["org/shard-a", "org/shard-b", "org/shard-base"]
+WEIGHT_FILES = r"/resolve/[0-9a-f]{40}/model.*\.safetensors$"
+
+
+def repo_files(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    left, right = tensors(a), tensors(b)
+    assert left.keys() == right.keys() and left
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+@pytest.fixture
+def repos(fake_hub: FakeHub, llama_bf16_sharded, llama_fp32) -> list[Path]:
+    """Two sharded bf16 LLaMAs and an fp32 one as hub repos; returns their local directories."""
+    local = [*llama_bf16_sharded, llama_fp32[0]]
+    for repo, path in zip(REPOS, local):
+        fake_hub.add_repo(repo, repo_files(path))
+    return local
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Requests of 64 KB, so that the tiny models take many, and faults land inside a file."""
+    monkeypatch.setattr(remote, "CHUNK_BYTES", 64 * 1024)
+
+
+@pytest.fixture
+def local_average(repos, tmp_path) -> Path:
+    out = tmp_path / "local"
+    result = cli("average", "-m", repos[0], "-m", repos[1], "-w", "0.3,0.7", "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def streamed_average(tmp_path: Path, *extra: str, output: str = "out"):
+    return cli("average", "-m", REPOS[0], "-m", REPOS[1], "-w", "0.3,0.7", "--stream", "-o", tmp_path / output,
+               *extra)
+
+
+def test_stream_merges_bit_identically_and_stores_nothing(fake_hub, repos, local_average, tmp_path):
+    size = sum(p.stat().st_size for p in (*repos[0].glob("*.safetensors"), *repos[1].glob("*.safetensors")))
+    result = streamed_average(tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert_identical(tmp_path / "out", local_average)
+    report = json.loads(result.stdout)
+    fetched = sum(report["fetched"].values())
+    assert set(report["fetched"]) == {"shard-a", "shard-b"}
+    assert fetched == size  # each byte once, headers included
+    from huggingface_hub import constants
+
+    cached = [p for p in Path(constants.HF_HUB_CACHE).rglob("*") if p.is_file()]
+    assert cached and max(p.stat().st_size for p in cached) < 64 * 1024  # config and tokenizer: no weights
+    weight_reads = fake_hub.requests_matching("GET", WEIGHT_FILES)
+    assert weight_reads and all({k.lower() for k in r.headers} >= {"range"} for r in weight_reads)
+
+
+def test_files_complete_in_the_cache_are_read_from_it(fake_hub, repos, local_average, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(REPOS[0])  # one input whole in the cache
+    fake_hub.clear_requests()
+    result = streamed_average(tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert_identical(tmp_path / "out", local_average)
+    assert set(json.loads(result.stdout)["fetched"]) == {"shard-b"}
+    assert not fake_hub.requests_matching("GET", f"/{REPOS[0]}/resolve/.*safetensors")
+
+
+def test_task_vector_merge_streams_its_passes(fake_hub, repos, tmp_path):
+    """TIES reads every input in three passes: streamed, it fetches them again (the plan says so)."""
+    text = (f'method = "ties"\n[base]\npath = "{REPOS[0]}"\n[ties]\ndensity = 0.4\n'
+            f'[[models]]\npath = "{REPOS[1]}"\n')
+    (tmp_path / "local.toml").write_text(text.replace(REPOS[0], str(repos[0])).replace(REPOS[1], str(repos[1])))
+    (tmp_path / "hub.toml").write_text(text)
+    assert cli("merge", tmp_path / "local.toml", "-o", tmp_path / "local").exit_code == 0
+    plan = cli("merge", tmp_path / "hub.toml", "--stream", "--dry-run", "-o", tmp_path / "out")
+    assert plan.exit_code == 0, plan.output
+    assert "streamed from the Hub by range requests" in plan.stderr and "fetched up to" in plan.stderr
+    result = cli("merge", tmp_path / "hub.toml", "--stream", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert_identical(tmp_path / "out", tmp_path / "local")
+
+
+@pytest.mark.parametrize("fault", [
+    {"cut": 20_000, "reset": True},  # the connection reset in the middle of a range
+    {"cut": 30_000},  # the body cut short
+    {"status": 500},
+    {"status": 429, "retry_after": "0"},
+], ids=["reset-mid-range", "body-cut-short", "500", "429"])
+def test_faults_are_retried_from_where_they_stopped(fake_hub, repos, local_average, tmp_path, monkeypatch, fault):
+    monkeypatch.setattr(remote, "BACKOFF_SECONDS", (0.0,))
+    fake_hub.fail_next(WEIGHT_FILES, method="GET", skip=3, **fault)
+    result = streamed_average(tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert_identical(tmp_path / "out", local_average)
+    if "cut" in fault:  # resumed from the byte where it stopped: no byte fetched twice
+        size = sum(p.stat().st_size for p in (*repos[0].glob("*.safetensors"), *repos[1].glob("*.safetensors")))
+        assert sum(json.loads(result.stdout)["fetched"].values()) <= size
+
+
+def test_faults_that_go_on_stop_the_merge_naming_the_file(fake_hub, repos, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_SECONDS", (0.0,))
+    fake_hub.fail_next(WEIGHT_FILES, method="GET", status=503, times=100)
+    result = streamed_average(tmp_path)
+    assert result.exit_code == 1, result.output
+    assert "org/shard-a: fetching model-0000" in result.stderr and "503" in result.stderr
+    assert "no output was put in place" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_a_flipped_byte_fails_the_sha256_check_and_no_output_appears(fake_hub, repos, tmp_path):
+    shard = sorted(p.name for p in repos[1].glob("*.safetensors"))[1]
+    fake_hub.tamper(REPOS[1], shard, offset=(repos[1] / shard).stat().st_size - 100)
+    result = streamed_average(tmp_path)
+    assert result.exit_code == 1, result.output
+    assert f"org/shard-b: the bytes fetched of {shard} do not match the Hub's sha256" in result.stderr
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_gated_repo_without_a_token_is_refused(fake_hub, repos, tmp_path, monkeypatch):
+    fake_hub.set_gated(REPOS[1])
+    result = streamed_average(tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "org/shard-b: gated repo, and no token was sent" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_token_travels_only_in_the_authorization_header(fake_hub, repos, local_average, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    fast_retries(monkeypatch)
+    fake_hub.fail_next(WEIGHT_FILES, method="GET", status=500, times=2)
+    monkeypatch.setattr(remote, "BACKOFF_SECONDS", (0.0,))
+    result = streamed_average(tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert fake_hub.token not in result.output
+    assert fake_hub.token not in "".join(p.read_text(errors="replace") for p in (tmp_path / "out").iterdir()
+                                         if p.is_file())
+    assert all(a == f"Bearer {fake_hub.token}" for a in fake_hub.auth_headers)
+
+
+def test_dry_run_counts_the_read_ahead_and_fetches_no_weights(fake_hub, repos, tmp_path):
+    plain = cli("average", "-m", REPOS[0], "-m", REPOS[1], "--dry-run", "--json", "-o", tmp_path / "out")
+    streamed = cli("average", "-m", REPOS[0], "-m", REPOS[1], "--dry-run", "--json", "-o", tmp_path / "out",
+                   "--stream", "--set", "stream_buffer=64MiB")
+    assert plain.exit_code == streamed.exit_code == 0, streamed.output
+    assert json.loads(streamed.stdout)["peak_memory"] - json.loads(plain.stdout)["peak_memory"] == 64 * 2**20
+    assert "models.0 (shard-a): streamed from the Hub by range requests" in streamed.stderr
+    header_reads = [r for r in fake_hub.requests_matching("GET", WEIGHT_FILES)
+                    if not r.headers.get("Range", r.headers.get("range", "")).startswith("bytes=0-7")]
+    assert all(int(r.headers.get("Range", r.headers.get("range")).split("-")[1]) < 2048 for r in header_reads)
+
+    local = cli("average", "-m", repos[0], "-m", repos[1], "--dry-run", "--stream", "-o", tmp_path / "out")
+    assert local.exit_code == 0 and "no input is fetched from the Hub" in local.stderr
