@@ -32,7 +32,7 @@ import torch
 from mergecli.errors import HubError
 from mergecli.io.hub_errors import hub_errors
 
-CHUNK_BYTES = 16 * 2**20  # one request: enough bytes that its latency is small against its transfer
+CHUNK_BYTES = 4 * 2**20  # one request: long against its latency, short enough that a read waits little for it
 DEFAULT_CONNECTIONS = 8
 DEFAULT_BUFFER = 256 * 2**20
 MAX_ATTEMPTS = 6
@@ -71,24 +71,30 @@ class RemoteFile:
         """Whether the Hub says what the file must hash to."""
         return self._hasher is not None
 
-    def absorb(self, start: int, data: bytes | bytearray | memoryview, *, keep_ahead: int = 0) -> None:
+    def absorb(self, start: int, data: bytes | bytearray | memoryview, *,
+               keep_ahead: int = 0) -> tuple[bool, list[int]]:
         """Hash what `data` (the bytes at `start`) adds in order; keep it for later when it lies ahead of the
-        hash and fits in `keep_ahead` more bytes, else drop it (verify fetches those bytes again)."""
+        hash and fits in `keep_ahead` more bytes, else drop it (verify fetches those bytes again).
+
+        Returns (whether `data` is kept for later, the starts of data kept earlier and hashed now)."""
         if self._hasher is None:
-            return
+            return False, []
         with self._lock:
             if start > self.hashed:
                 held = sum(len(piece) for piece in self._ahead.values())
                 if held + len(data) <= keep_ahead:
                     self._ahead[start] = data
-                return
+                    return True, []
+                return False, []
             self._extend(start, data)
-            while self._ahead:  # what was waiting for these bytes
+            drained = []
+            while True:  # what was waiting for these bytes
                 following = [s for s in self._ahead if s <= self.hashed]
                 if not following:
-                    break
-                for s in following:
+                    return False, drained
+                for s in sorted(following):
                     self._extend(s, self._ahead.pop(s))
+                    drained.append(s)
 
     def _extend(self, start: int, data: bytes | bytearray | memoryview) -> None:
         end = start + len(data)
@@ -188,6 +194,7 @@ class _Chunk:
     start: int
     length: int
     reads: int = 0  # announced reads it serves that are still to come
+    hashed: bool = False  # its bytes went into its file's hash (or were dropped from it: verify fetches them)
     data: bytearray | None = None
     error: BaseException | None = None
     ready: threading.Event = field(default_factory=threading.Event)
@@ -201,7 +208,9 @@ class Fetcher:
         self.files: list[RemoteFile] = []
         self._queue: deque[_Chunk] = deque()
         self._reads: dict[tuple[int, int, int], deque[_Chunk]] = {}
-        self._held = 0  # bytes fetched or being fetched and not yet read
+        self._held = 0  # bytes fetched or being fetched and not yet both read and hashed
+        self._kept: dict[tuple[int, int], _Chunk] = {}  # chunks whose bytes wait for earlier ones to be hashed
+        self._hashed_early: set[tuple[int, int]] = set()  # kept chunks hashed before they were registered
         self._cv = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -252,10 +261,14 @@ class Fetcher:
         target[:] = memoryview(chunk.data)[offset - chunk.start:offset - chunk.start + len(target)]
         with self._cv:
             chunk.reads -= 1
-            if chunk.reads == 0:
-                chunk.data = None
-                self._held -= chunk.length
-                self._cv.notify_all()
+            self._release(chunk)
+
+    def _release(self, chunk: _Chunk) -> None:
+        """Free a chunk's bytes once every read has them and they are hashed (under the condition)."""
+        if chunk.reads == 0 and chunk.hashed and chunk.data is not None:
+            chunk.data = None
+            self._held -= chunk.length
+            self._cv.notify_all()
 
     def _fetch_loop(self) -> None:
         while True:
@@ -267,13 +280,29 @@ class Fetcher:
                     return
                 chunk = self._queue.popleft()
                 self._held += chunk.length
+                room = self.buffer // 2 - sum(kept.length for kept in self._kept.values())  # for bytes ahead of a hash
             try:
                 data = bytearray(chunk.length)
                 fetch_range(chunk.file, chunk.start, data)
-                chunk.file.absorb(chunk.start, data, keep_ahead=self.buffer // 4)
-                chunk.data = data
+                kept, drained = chunk.file.absorb(chunk.start, data, keep_ahead=max(0, room))
             except BaseException as error:  # handed to the read that waits for it
                 chunk.error = error
+                chunk.ready.set()
+                continue
+            with self._cv:  # a kept chunk counts in the read-ahead until it is hashed
+                chunk.data = data
+                key = (id(chunk.file), chunk.start)
+                chunk.hashed = not kept or key in self._hashed_early
+                self._hashed_early.discard(key)
+                if not chunk.hashed:
+                    self._kept[key] = chunk
+                for start in drained:
+                    earlier = self._kept.pop((id(chunk.file), start), None)
+                    if earlier is None:
+                        self._hashed_early.add((id(chunk.file), start))
+                    else:
+                        earlier.hashed = True
+                        self._release(earlier)
             chunk.ready.set()
 
     def verify(self) -> None:

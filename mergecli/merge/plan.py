@@ -6,6 +6,7 @@ tensor's task, and lay out the output shards. Nothing is read yet, so a plan is 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,26 +81,26 @@ def open_inputs(recipe: Recipe, *, headers_only: bool = False) -> Inputs:
     Args:
         headers_only: hub inputs are known from their headers, their weights not downloaded.
     """
-    opened: list[Checkpoint] = []
     fetcher = Fetcher(connections=recipe.stream_connections, buffer=recipe.stream_buffer) if recipe.stream else None
-    try:
-        specs = [*([recipe.base] if recipe.base else []), *recipe.models]
-        for spec in specs:
-            opened.append(open_checkpoint(spec.path, revision=spec.revision, headers_only=headers_only,
-                                          fetcher=fetcher))
-        base = opened[0] if recipe.base else None
-    except InputNotFoundError as exc:
+    specs = [*([recipe.base] if recipe.base else []), *recipe.models]
+    with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:  # hub inputs resolve side by side
+        futures = [pool.submit(open_checkpoint, spec.path, revision=spec.revision, headers_only=headers_only,
+                               fetcher=fetcher) for spec in specs]
+        wait(futures)
+    opened: list[Checkpoint] = [future.result() for future in futures if future.exception() is None]
+    failure = next((future.exception() for future in futures if future.exception() is not None), None)
+    if failure is not None:  # the first failing input, in recipe order
         for checkpoint in opened:
             checkpoint.close()
-        if recipe.output is not None and recipe.base_dir is not None and Path(recipe.output) == recipe.base_dir:
-            exc.hint = ("this is the mergecli.toml of a merge output: its paths are relative to the output "
-                        "directory; if the output was moved, point them at the inputs again "
-                        "(--set models.N.path=PATH)")
-        raise
-    except BaseException:
-        for checkpoint in opened:
-            checkpoint.close()
-        raise
+        if fetcher is not None:
+            fetcher.close()
+        if isinstance(failure, InputNotFoundError) and recipe.output is not None and recipe.base_dir is not None \
+                and Path(recipe.output) == recipe.base_dir:
+            failure.hint = ("this is the mergecli.toml of a merge output: its paths are relative to the output "
+                            "directory; if the output was moved, point them at the inputs again "
+                            "(--set models.N.path=PATH)")
+        raise failure
+    base = opened[0] if recipe.base else None
     return Inputs(models=opened[1:] if base else opened, base=base, fetcher=fetcher if not headers_only else None)
 
 
