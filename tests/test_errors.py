@@ -72,10 +72,13 @@ def test_shard_missing_from_index(llama_bf16_sharded, tmp_path):
 
 
 def test_shape_mismatch_lists_every_tensor(pair, tmp_path):
+    """Bare weight files (no tokenizer to match rows by token): every differing tensor is listed. (With
+    tokenizers, vocabularies are united or refused by tests/test_vocabulary.py.)"""
     other = build_llama(tmp_path / "bigvocab", seed=5, vocab_size=160)
     inputs = [pair[0], other]
     before = digests(inputs)
-    result = cli("average", "-m", pair[0], "-m", other, "-o", tmp_path / "out")
+    result = cli("average", "-m", pair[0] / "model.safetensors", "-m", other / "model.safetensors",
+                 "-o", tmp_path / "out")
     check_failure(result, 1, "2 mismatches", "model.embed_tokens.weight: shapes differ",
                   "lm_head.weight: shapes differ", "bigvocab [160, 32]", tmp_path=tmp_path,
                   inputs=inputs, before=before)

@@ -19,6 +19,7 @@ from mergecli.merge.compatible import check_compatible, check_digests
 from mergecli.merge.stream import peak_memory
 from mergecli.merge.support import SupportFiles, plan_support
 from mergecli.merge.tasks import default_tasks
+from mergecli.merge.vocabulary import plan_vocabulary
 from mergecli.methods.base import Inputs, Method, Stage, TensorTask
 from mergecli.methods.registry import method_of
 from mergecli.recipe import Recipe, model_label
@@ -168,6 +169,9 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
     try:
         warnings: list[str] = []
         notes: list[str] = list(recovered)
+        vocabulary = plan_vocabulary(recipe, inputs, notes)
+        if vocabulary is not None:
+            inputs = vocabulary.views(inputs)
         dropped = check_compatible(recipe, inputs, notes)
         check_digests(recipe, inputs)
         specs = [*([recipe.base] if recipe.base else []), *recipe.models]
@@ -187,7 +191,7 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
             notes += stream_notes(recipe, inputs, stages)
         check_output_path(target, input_paths(inputs), force=force)
         shards = plan_shards([task.out for task in inputs_order(stages, inputs)], recipe.shard_size)
-        support = plan_support(recipe, inputs, warnings)
+        support = plan_support(recipe, inputs, warnings, vocabulary)
         return MergePlan(recipe, method, target, force, inputs, stages, shards, support, warnings, notes, sync)
     except BaseException:
         inputs.close()

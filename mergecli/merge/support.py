@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergecli.errors import CheckpointError
+from mergecli.errors import CheckpointError, MergecliError
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import CARD_FILE, TOKENIZER_FILES, regular_file
 from mergecli.merge.card import render_card
+from mergecli.merge.vocabulary import Vocabulary
 from mergecli.methods.base import Inputs, Method
 from mergecli.recipe import WEIGHT_SUFFIXES, Recipe, dump_recipe, path_keys
 
@@ -37,6 +38,7 @@ class SupportFiles:
     copies: dict[str, Path] = field(default_factory=dict)  # output file (relative path) → its source
     tokenizer_from: str | None = None
     pipeline_from: str | None = None  # where the sentence-transformers pipeline (modules.json) came from
+    added_tokens: list[tuple[str, bool]] = field(default_factory=list)  # (token, special) added to the tokenizer
     license: str | None = None  # from the reference's model card (else the first model's that has one)
 
 
@@ -60,8 +62,11 @@ def _safe(checkpoint: Checkpoint, name: str, warnings: list[str]) -> Path | None
     return path
 
 
-def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> SupportFiles:
-    """Choose the config and the tokenizer / processor files of the output, and read the config.
+def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str],
+                 vocabulary: Vocabulary | None = None) -> SupportFiles:
+    """Choose the config and the tokenizer / processor files of the output, and read the config: with a
+    united `vocabulary`, the tokenizer of the input it comes from (and the tokens it adds to it), and
+    the config's vocab_size its rows.
 
     Raises:
         CheckpointError: the chosen config.json is not a JSON object.
@@ -81,6 +86,13 @@ def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str]) -> Support
             _plan_pipeline(support, label, checkpoint, warnings)
             break
     support.license = next(filter(None, (card_license(_safe(ckpt, CARD_FILE, warnings)) for _, ckpt in named)), None)
+    if vocabulary is not None:
+        if support.config is not None:
+            text = support.config.get("text_config")
+            holder = text if isinstance(text, dict) and "vocab_size" in text else support.config
+            holder["vocab_size"] = vocabulary.rows
+        named.sort(key=lambda pair: pair[0] != vocabulary.source)  # its tokenizer first
+        support.added_tokens = list(vocabulary.added)
     if not recipe.copy_tokenizer:
         return support
     for marker in ("tokenizer_config.json", "preprocessor_config.json"):
@@ -152,6 +164,28 @@ def card_license(card: Path | None) -> str | None:
     return None
 
 
+def add_tokens(directory: Path, added: list[tuple[str, bool]]) -> None:
+    """Add the united vocabulary's new tokens to the tokenizer written in `directory`, through
+    transformers (so that every file it reads agrees), and check they got the rows planned for them.
+
+    Raises:
+        MergecliError: the tokenizer numbered them otherwise.
+    """
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    first = len(tokenizer)
+    for content, special in added:
+        tokenizer.add_tokens([AddedToken(content, special=special, normalized=not special)], special_tokens=special)
+    for row, (content, _) in enumerate(added, start=first):
+        if tokenizer.convert_tokens_to_ids(content) != row:
+            raise MergecliError(f"the output's tokenizer numbers the added token {content!r} "
+                                f"{tokenizer.convert_tokens_to_ids(content)}, its row is {row}",
+                                hint="use tokenizer = \"base\" for this tokenizer")
+    tokenizer.save_pretrained(directory)
+
+
 def scrub(value: Any) -> Any:
     """A JSON value with every path-valued key (`_name_or_path`) that holds an absolute local path
     reduced to its last component."""
@@ -219,6 +253,8 @@ def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recip
             (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         else:
             shutil.copyfile(source, directory / name)
+    if support.added_tokens and support.tokenizer_from is not None:
+        add_tokens(directory, support.added_tokens)
     (directory / "mergecli.toml").write_text(dump_recipe(recipe))
     card = render_card(recipe, method, config=config, title=directory_name, config_from=support.config_from,
                        pipeline_from=support.pipeline_from,

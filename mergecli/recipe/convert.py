@@ -68,7 +68,7 @@ def convert_mergekit(config: dict, *, source: str = "mergekit config") -> str:
         raise _refuse(source, f"merge_method: {merge_method!r} is not a method of mergecli "
                               f"(it has {', '.join(METHODS)})")
     known = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "name"}
+             "tokenizer", "name"}
     unknown = [key for key in config if key not in known]
     if unknown:
         raise _refuse(source, f"{unknown[0]}: mergekit's {unknown[0]!r} has no equivalent in mergecli")
@@ -89,9 +89,11 @@ def convert_mergekit(config: dict, *, source: str = "mergekit config") -> str:
         if dtype not in DTYPES:
             raise _refuse(source, f"dtype: {dtype!r} (mergecli writes float32, float16 or bfloat16)")
         lines.append(f"dtype = {toml_value(DTYPES[dtype])}")
-    tokenizer = config.get("tokenizer_source")
-    if tokenizer not in (None, "base"):
-        raise _refuse(source, f"tokenizer_source: {tokenizer!r}: mergecli copies the base model's tokenizer")
+    tokenizer, padding, named = _tokenizer(source, config, base_path, [path for path, _ in entries])
+    if tokenizer is not None:
+        lines.append(f"tokenizer = {toml_value(tokenizer)}")
+    if padding is not None:
+        lines.append(f"pad_to_multiple_of = {toml_value(padding)}")
     table, top = _parameters(source, "parameters", config.get("parameters") or {}, method)
     weight = table.pop("weight", None)  # mergekit's global weight: every model's that says none
     table = {**MERGEKIT_DEFAULTS.get(method, {}), **table}
@@ -114,8 +116,29 @@ def convert_mergekit(config: dict, *, source: str = "mergekit config") -> str:
         if method == "slerp":
             own.pop("weight", None)
         lines += ["", "[[models]]", f"path = {toml_value(path)}"]
+        if path == named:  # the model whose tokenizer is the output's
+            lines.append(f"name = {toml_value(tokenizer)}")
         lines += [f"{key} = {toml_value(value)}" for key, value in own.items()]
     return "\n".join(lines) + "\n"
+
+
+def _tokenizer(source: str, config: dict, base: str | None,
+               models: list[str]) -> tuple[str | None, int | None, str | None]:
+    """(the recipe's `tokenizer`, its `pad_to_multiple_of`, the path of the model it names) of mergekit's
+    `tokenizer_source` or `tokenizer: {source, pad_to_multiple_of}`."""
+    settings = config.get("tokenizer") or {}
+    if not isinstance(settings, dict) or any(key not in ("source", "pad_to_multiple_of") for key in settings):
+        raise _refuse(source, "tokenizer: only its `source` and `pad_to_multiple_of` have an equivalent in mergecli")
+    chosen = settings.get("source", config.get("tokenizer_source"))
+    padding = settings.get("pad_to_multiple_of")
+    if chosen in (None, "base") or (base is not None and chosen == base):
+        return None, padding, None
+    if chosen == "union":
+        return "union", padding, None
+    if chosen in models:
+        return Path(chosen).name or chosen, padding, chosen
+    raise _refuse(source, f"tokenizer source {chosen!r}: mergecli's output vocabulary is the base's, the union, or "
+                          "a model of the merge's")
 
 
 def _parameters(source: str, where: str, parameters: Any, method: str) -> tuple[dict, dict]:

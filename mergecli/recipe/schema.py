@@ -184,6 +184,8 @@ class Recipe(StrictModel):
     dtype: Dtype = "auto"
     shard_size: int = 5 * 10**9
     copy_tokenizer: Flag = True
+    tokenizer: str = Field(default="base", min_length=1)  # the output's vocabulary: "base", "union" or a model's name
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)  # the vocabulary rows, rounded up to a multiple
     normalize: Flag | None = None  # divide by the sum of the weights; unset: the method's default
     backbone_only: Flag = False
     allow_non_finite: Flag = False  # true: NaN / inf in an input or the result is a warning, not an error

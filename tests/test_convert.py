@@ -1,0 +1,89 @@
+"""`mergecli convert`: a mergekit config as the equivalent recipe, which then merges; what mergecli does
+not have is refused by name, never dropped."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from clirunner import cli
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def convert(tmp_path: Path, yaml_text: str):
+    path = tmp_path / "mergekit.yml"
+    path.write_text(yaml_text)
+    return cli("convert", path)
+
+
+def test_ties_config_becomes_a_recipe_that_merges(llama_fp32, tmp_path):
+    base, a, b = llama_fp32
+    result = convert(tmp_path, f"""
+merge_method: ties
+base_model: {base}
+dtype: bfloat16
+parameters:
+  normalize: false
+  lambda: 0.8
+  int8_mask: true
+models:
+  - model: {a}
+    parameters: {{weight: 0.7, density: 0.4}}
+  - model: {b}
+    parameters: {{weight: 0.3, density: 0.6}}
+tokenizer_source: union
+""")
+    assert result.exit_code == 0, result.output
+    recipe = tomllib.loads(result.stdout)
+    assert recipe["method"] == "ties" and recipe["dtype"] == "bfloat16" and recipe["normalize"] is False
+    assert recipe["tokenizer"] == "union" and recipe["base"]["path"] == str(base)
+    assert recipe["ties"] == {"lambda": 0.8, "density": 1.0}  # mergekit keeps everything unless told
+    assert [(m["path"], m["weight"], m["density"]) for m in recipe["models"]] == [(str(a), 0.7, 0.4),
+                                                                                  (str(b), 0.3, 0.6)]
+    (tmp_path / "recipe.toml").write_text(result.stdout)
+    merged = cli("merge", tmp_path / "recipe.toml", "-o", tmp_path / "out")
+    assert merged.exit_code == 0, merged.output
+
+
+def test_slerp_puts_mergekits_base_first_and_a_tokenizer_source_model_is_named(llama_fp32, tmp_path):
+    base, a, _ = llama_fp32
+    result = convert(tmp_path, f"""
+merge_method: slerp
+base_model: {a}
+parameters: {{t: 0.3}}
+models:
+  - model: {base}
+  - model: {a}
+tokenizer:
+  source: {base}
+  pad_to_multiple_of: 64
+""")
+    assert result.exit_code == 0, result.output
+    recipe = tomllib.loads(result.stdout)
+    assert [m["path"] for m in recipe["models"]] == [str(a), str(base)] and "base" not in recipe
+    assert recipe["slerp"] == {"t": 0.3} and recipe["pad_to_multiple_of"] == 64
+    named = next(m for m in recipe["models"] if m["path"] == str(base))
+    assert recipe["tokenizer"] == named["name"] == base.name
+
+
+@pytest.mark.parametrize("config, words", [
+    ("merge_method: ties\nslices:\n  - sources: []\n", "slices: layer slices (frankenmerges) are not supported"),
+    ("merge_method: ties\nparameters:\n  density: [0.1, 0.5]\nmodels: [{model: a}]\n",
+     "a per-layer gradient ([0.1, 0.5]) has no equivalent"),
+    ("merge_method: ties\nparameters:\n  density: {filter: mlp, value: 0.5}\nmodels: [{model: a}]\n",
+     "a filtered value"),
+    ("merge_method: model_stock\nmodels: [{model: a}]\n", "merge_method: 'model_stock' is not a method of mergecli"),
+    ("merge_method: linear\nmodels: [{model: a+lora}]\n", "a LoRA adapter applied on the fly"),
+    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union, tokens: {x: y}}\n",
+     "tokenizer: only its `source` and `pad_to_multiple_of`"),
+])
+def test_what_mergecli_lacks_is_refused_by_name(tmp_path, config, words):
+    result = convert(tmp_path, config)
+    assert result.exit_code == 2, result.output
+    assert words in result.stderr and "Traceback" not in result.output
