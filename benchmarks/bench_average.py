@@ -177,6 +177,49 @@ def build_checkpoint(path: Path, vocab: int, seed: int, shard_bytes: int = 500 *
     write_config(path, vocab)
 
 
+ADDED_TOKENS = 300  # the union contender: tokens one model (a chat fine-tune, say) added
+
+
+def write_tokenizer(path: Path, vocab: int, added: int = 0) -> None:
+    """A word-level tokenizer.json of `vocab` tokens, and `added` special tokens after them."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tokenizer.add_special_tokens([AddedToken(f"<added-{i}>", special=True) for i in range(added)])
+    tokenizer.save(str(path / "tokenizer.json"))
+
+
+def build_added(source: Path, path: Path, vocab: int, added: int) -> None:
+    """`source` with `added` rows appended to its embedding and head (random), and its tokenizer's
+    added tokens: the checkpoint of a fine-tune that added tokens. Shards without those tensors are
+    hard links to the source's."""
+    from safetensors import safe_open
+
+    if (path / "model.safetensors.index.json").exists():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    grown = {"model.embed_tokens.weight", "lm_head.weight"}
+    generator = torch.Generator().manual_seed(99)
+    for shard in sorted(set(index["weight_map"].values())):
+        names = [n for n, f in index["weight_map"].items() if f == shard]
+        if not grown & set(names):
+            os.link(source / shard, path / shard)
+            continue
+        with safe_open(source / shard, "pt") as f:
+            tensors = {n: f.get_tensor(n) for n in names}
+        for name in grown & set(names):
+            extra = (torch.randn(added, tensors[name].shape[1], generator=generator) * 0.02).to(torch.bfloat16)
+            tensors[name] = torch.cat([tensors[name], extra])
+        save_file(tensors, path / shard, metadata={"format": "pt"})
+        del tensors
+    total = sum((path / f).stat().st_size for f in set(index["weight_map"].values()))
+    index["metadata"]["total_size"] = total
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_config(path, vocab + added)
+    write_tokenizer(path, vocab, added)
+
+
 def measure(command: list[str], work_file: Path, env: dict[str, str] | None = None) -> tuple[float, float, float]:
     """(wall seconds, work seconds, peak RSS in MB) of one child process.
 
@@ -228,6 +271,13 @@ def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[li
                           + f"[{method}]\n{table}\n" + "".join(f'[[models]]\npath = "{m}"\n' for m in entries))
         runs[f"mergecli {method}"] = ([py, "-c", MERGECLI, "merge", str(recipe), "-q", "-o", str(out / method)],
                                       out / method, {})
+    added = work / f"{label}-2-added"
+    if added.exists():  # the third model with tokens added: the output's vocabulary is the union
+        recipe = work / f"union-{label}.toml"
+        recipe.write_text('tokenizer = "union"\nshard_size = "5GB"\n'
+                          + "".join(f'[[models]]\npath = "{m}"\n' for m in (*models[:2], added)))
+        runs[f"mergecli average, tokenizer = union (+{ADDED_TOKENS} tokens in one model)"] = (
+            [py, "-c", MERGECLI, "average", str(recipe), "-q", "-o", str(out / "union")], out / "union", {})
     before = os.environ.get("MERGECLI_BEFORE")  # a checkout of an earlier mergecli, to compare with
     if before:
         runs["mergecli average, earlier checkout"] = ([py, "-c", MERGECLI, *merge, str(out / "before")],
@@ -346,6 +396,8 @@ def main() -> None:
         models = [work / f"{label}-{i}" for i in range(3)]
         for seed, path in enumerate(models):  # in a child: this process must stay small
             subprocess.run([sys.executable, __file__, "--build", str(path), str(vocab), str(seed)], check=True)
+        if vocab == 128256:  # the union contender's inputs: tokenizers, and a model with tokens added
+            subprocess.run([sys.executable, __file__, "--build-added", str(work), str(vocab)], check=True)
         size = sum(f.stat().st_size for f in models[0].glob("*.safetensors")) / MB
         results = run_set(label, models, work, options.repeats, [w for w in options.only.split(",") if w])
         floor = results["copy floor (read all, write one)"]
@@ -385,5 +437,10 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--build"]:
         build_checkpoint(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1:2] == ["--build-added"]:
+        root, size = Path(sys.argv[2]), int(sys.argv[3])
+        for i in range(3):
+            write_tokenizer(root / f"vocab{size}-{i}", size)
+        build_added(root / f"vocab{size}-2", root / f"vocab{size}-2-added", size, ADDED_TOKENS)
     else:
         main()

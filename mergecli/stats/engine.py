@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,25 +45,66 @@ class Activations:
     prefix_modules: set[str]
     tokens: int  # real tokens entering the blocks (padding excluded)
     block: int = 0
+    extras: list[tuple] = field(default_factory=list)  # per batch: what a block returns besides the hidden states
 
     def close(self) -> None:
         self.hidden.close()
 
 
+_RETURNS_TENSOR: dict[type, bool] = {}  # block class → whether it returns its hidden states bare (probed)
+_RETURNS_EXTRAS: dict[type, bool] = {}  # block class → whether its tuple holds more than the hidden states
+
+
 def _returns_tensor(block: torch.nn.Module) -> bool:
+    """Whether the block class returns a tensor (else a tuple whose first item is the hidden states):
+    as probed on a real call (`_probe`), else as its forward's annotation says."""
+    known = _RETURNS_TENSOR.get(type(block))
+    if known is not None:
+        return known
     return inspect.signature(type(block).forward).return_annotation in (torch.Tensor, "torch.Tensor")
 
 
+class _Probe(torch.nn.Module):
+    """Block 0 run for real once, to see what a block returns (GPT-NeoX's layers return a bare tensor
+    and say nothing of it), then the pass stops."""
+
+    def __init__(self, skeleton: Any, block: torch.nn.Module):
+        super().__init__()
+        self.skeleton, self.block = skeleton, block
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.skeleton.load([self.block])
+        try:
+            out = self.block(*args, **kwargs)
+        finally:
+            self.skeleton.release([self.block])
+        _RETURNS_TENSOR[type(self.block)] = isinstance(out, torch.Tensor)
+        _RETURNS_EXTRAS[type(self.block)] = isinstance(out, tuple) and len(out) > 1
+        raise _Stop
+
+
 class _Catcher(torch.nn.Module):
-    def __init__(self, index: int, last: bool, record: Callable[[int, tuple, dict], None], tensor: bool):
+    """Stands in for block `index` in the prefix pass: records its arguments, passes the hidden states
+    on. Where a block returns more than its hidden states (T5's position bias, computed by block 0 and
+    handed to every later block), block 0 runs for real (`real`) and the others return its extras."""
+
+    def __init__(self, index: int, last: bool, record: Callable[[int, tuple, dict], None], tensor: bool,
+                 real: torch.nn.Module | None = None, extras: list | None = None):
         super().__init__()
         self.index, self.last, self.record, self.tensor = index, last, record, tensor
+        self.real, self.extras = real, extras
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.record(self.index, args, kwargs)
         if self.last:
             raise _Stop
-        return args[0] if self.tensor else (args[0],)
+        if self.tensor:
+            return args[0]
+        if self.extras is None:
+            return (args[0],)
+        if self.real is not None:
+            self.extras.append(tuple(self.real(*args, **kwargs)[1:]))
+        return (args[0], *self.extras[-1])
 
 
 class _Replay(torch.nn.Module):
@@ -71,9 +112,10 @@ class _Replay(torch.nn.Module):
         super().__init__()
         self.tensor = tensor
         self.output: torch.Tensor | None = None
+        self.extras: tuple = ()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.output if self.tensor else (self.output,)
+        return self.output if self.tensor else (self.output, *self.extras)
 
 
 @contextmanager
@@ -133,7 +175,13 @@ def run_prefix(skeleton: Skeleton, batches: list[Batch], forward: Forward, budge
                collector: GramCollector | None = None) -> Activations:
     """Run the modules before the first block on every batch and capture the first block's inputs."""
     count = len(skeleton.blocks)
-    tensor = _returns_tensor(skeleton.blocks[0])
+    first = skeleton.blocks[0]
+    if type(first) not in _RETURNS_TENSOR and batches:  # what a block returns, from one real call
+        with _blocks_replaced(skeleton, lambda i: _Probe(skeleton, first) if i == 0 else skeleton.blocks[i]), \
+                _loaded_on_call(skeleton, set()), torch.inference_mode():
+            _run(skeleton, forward, batches[0])
+    tensor = _returns_tensor(first)
+    extras: list | None = [] if _RETURNS_EXTRAS.get(type(first)) else None
     hidden = HiddenStates(budget, f"{name}-prefix")
     calls: list[list[tuple[tuple, dict]]] = []
     ran: set[str] = set()
@@ -147,16 +195,23 @@ def run_prefix(skeleton: Skeleton, batches: list[Batch], forward: Forward, budge
             tokens += int(batch.mask.sum()) if batch.mask is not None else args[0].shape[:-1].numel()
         calls[-1].append((args[1:], kwargs))
 
-    with _blocks_replaced(skeleton, lambda i: _Catcher(i, i == count - 1, record, tensor)), \
-            _loaded_on_call(skeleton, ran), torch.inference_mode():
-        for batch in batches:
-            calls.append([])
-            if collector is not None:
-                collector.begin_batch(batch.mask)
-            _run(skeleton, forward, batch)
-            if len(calls[-1]) != count:
-                raise StatsError(f"{skeleton.label}: the model did not run its {count} blocks in order")
-    return Activations(batches, hidden, calls, ran, tokens)
+    if extras is not None:
+        skeleton.load([first])
+    try:
+        with _blocks_replaced(skeleton, lambda i: _Catcher(i, i == count - 1, record, tensor,
+                                                           first if i == 0 else None, extras)), \
+                _loaded_on_call(skeleton, ran), torch.inference_mode():
+            for batch in batches:
+                calls.append([])
+                if collector is not None:
+                    collector.begin_batch(batch.mask)
+                _run(skeleton, forward, batch)
+                if len(calls[-1]) != count:
+                    raise StatsError(f"{skeleton.label}: the model did not run its {count} blocks in order")
+    finally:
+        if extras is not None:
+            skeleton.release([first])
+    return Activations(batches, hidden, calls, ran, tokens, extras=extras or [])
 
 
 def run_block(skeleton: Skeleton, index: int, acts: Activations, *, collector: GramCollector | None = None,
@@ -206,6 +261,7 @@ def run_tail(skeleton: Skeleton, acts: Activations, forward: Forward, *, collect
         with _blocks_replaced(skeleton, lambda i: replay), _loaded_on_call(skeleton, set()), torch.inference_mode():
             for number, batch in enumerate(acts.batches):
                 replay.output = acts.hidden.get(number)
+                replay.extras = acts.extras[number] if acts.extras else ()
                 collector.begin_batch(batch.mask)
                 _run(skeleton, forward, batch)
     finally:

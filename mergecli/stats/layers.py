@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from mergecli.errors import StatsError
 from mergecli.io.safetensors import TensorInfo
 
 Orientation = Literal["out_in", "in_out"]
@@ -37,8 +38,42 @@ def stored_name(name: str, shape: tuple[int, ...], tensors: dict[str, TensorInfo
     for candidate in candidates:
         info = tensors.get(candidate)
         if info is not None and tuple(info.shape) == tuple(shape):
-            return candidate
+            return info.name  # its name in the file (`loaded_names` may list it under another)
     return None
+
+
+def loaded_names(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The checkpoint's tensors, also under the names transformers gives them when it loads `model`'s
+    class: its own key renamings (`embed_out` → `lm_head` for GPT-NeoX, `gamma` → `weight`, ...), not a
+    table of mergecli's.
+
+    Raises:
+        StatsError: the class fuses or splits stored tensors on loading (MoE experts stored one by one
+            and held fused): RegMean cannot match its layers to the file's tensors.
+    """
+    from transformers.conversion_mapping import WeightConverter, WeightRenaming, get_model_conversion_mapping
+
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # a class transformers has no mapping for: its names are the file's
+        return tensors
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    for converter in converters:
+        fused = [name for name in tensors if converter.rename_source_key(name)[1] is not None]
+        if fused:
+            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise StatsError(f"{kind}: the checkpoint stores {fused[0]} and others that transformers fuses into "
+                             f"{converter.target_patterns[0].strip('.')} when it loads this class (MoE experts): "
+                             "RegMean cannot merge such layers yet",
+                             hint="merge this model with average or a task-vector method (mergecli merge)")
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    named = dict(tensors)
+    for name, info in tensors.items():
+        loaded = name
+        for renaming in renamings:
+            loaded = renaming.rename_source_key(loaded)[0]
+        named.setdefault(loaded, info)
+    return named
 
 
 def checkpoint_prefixes(tensors: dict[str, TensorInfo]) -> list[str]:
@@ -57,6 +92,7 @@ def find_linear_layers(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -
     """
     from transformers.pytorch_utils import Conv1D
 
+    tensors = loaded_names(model, tensors)
     prefixes = checkpoint_prefixes(tensors)
     try:
         tied = getattr(model.get_input_embeddings(), "weight", None)

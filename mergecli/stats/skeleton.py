@@ -17,7 +17,7 @@ import torch
 from mergecli.errors import StatsError
 from mergecli.io.architecture import model_class, params_on_meta, quiet_transformers
 from mergecli.io.checkpoint import Checkpoint
-from mergecli.stats.layers import LinearLayer, checkpoint_prefixes, stored_name
+from mergecli.stats.layers import LinearLayer, checkpoint_prefixes, loaded_names, stored_name
 
 
 def first_line(exc: BaseException) -> str:
@@ -61,7 +61,7 @@ class Skeleton:
             self.blocks_path, self.blocks = find_blocks(self.model, images=self.images)
         except StatsError as exc:
             raise StatsError(f"{self.label}: {exc.message}") from None
-        tensors = self.checkpoint.tensors
+        tensors = loaded_names(self.model, self.checkpoint.tensors)
         prefixes = checkpoint_prefixes(tensors)
         canonical: dict[int, str] = {}
         for module_name, module in self.model.named_modules(remove_duplicate=False):

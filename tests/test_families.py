@@ -1,0 +1,122 @@
+"""RegMean and RegMean++ across transformers families, each a tiny model saved by the installed
+transformers with `save_pretrained`: collect-stats, merge and RegMean++, and the output loads back.
+GPT-NeoX (whose file names its head `embed_out`) and the T5 encoder (whose blocks hand a position bias
+on) are checked against float64 least squares per linear layer; MoE checkpoints, whose experts the
+file stores apart and the class holds fused, are refused by `validate` with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from builders import word_tokenizer
+from clirunner import cli
+from references import layer_inputs, random_texts, text_inputs, write_txt
+
+SMALL = {"vocab_size": 128, "max_position_embeddings": 128}
+DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2}
+FAMILIES = {  # model_type → (class, config keys)
+    "mistral": ("MistralForCausalLM", DECODER),
+    "qwen3": ("Qwen3ForCausalLM", {**DECODER, "head_dim": 8}),
+    "phi3": ("Phi3ForCausalLM", {**DECODER, "pad_token_id": 0}),
+    "opt": ("OPTForCausalLM", {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "word_embed_proj_dim": 32}),
+    "gpt_neox": ("GPTNeoXForCausalLM", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                        "num_attention_heads": 4}),
+    "roberta": ("RobertaModel", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "max_position_embeddings": 160}),
+    "t5": ("T5EncoderModel", {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}),
+}
+MOE = {
+    "mixtral": ("MixtralForCausalLM", {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", {**DECODER, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+                                          "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+}
+TEXTS = ["the model merge weight layer token data", "the a of to and in is it that", "math code text image train",
+         "test loss mean sum one all", "model data token weight merge layer"] * 4
+
+
+def build(path: Path, kind: str, spec: tuple[str, dict], seed: int, dtype=torch.float32) -> Path:
+    class_name, keys = spec
+    config = transformers.AutoConfig.for_model(kind, **{**SMALL, **keys})
+    torch.manual_seed(seed)
+    model = getattr(transformers, class_name)(config).to(dtype)
+    with torch.no_grad():  # norms that look trained, so that no Gram is singular
+        for name, parameter in model.named_parameters():
+            if "norm" in name.lower() and parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    model.save_pretrained(path)
+    word_tokenizer(128).save_pretrained(path)
+    return path
+
+
+def regmean_recipe(tmp_path: Path, models: list[Path], data: Path, examples: int = 20) -> Path:
+    lines = ['method = "regmean"', 'output = "out"']
+    for model in models:
+        lines += ["[[models]]", f'path = "{model}"', f'data = "{data}"']
+    lines += ["[regmean]", 'stats_dir = "stats"', f"num_examples = {examples}", "batch_size = 5", "max_length = 16",
+              "reduce_non_diagonal_ratio = 1.0"]
+    path = tmp_path / "recipe.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_family_collects_merges_and_loads_back(kind, tmp_path):
+    models = [build(tmp_path / f"{kind}-{i}", kind, FAMILIES[kind], seed=i) for i in range(2)]
+    recipe = regmean_recipe(tmp_path, models, write_txt(tmp_path / "data.txt", TEXTS))
+    assert cli("validate", recipe).exit_code == 0
+    for command in (("regmean", "collect-stats", recipe), ("regmean", "merge", recipe),
+                    ("regmean", "merge", recipe, "--set", "regmean.sequential=true", "-o", tmp_path / "pp")):
+        result = cli(*command)
+        assert result.exit_code == 0, result.output
+    for out in (tmp_path / "out", tmp_path / "pp"):
+        model = getattr(transformers, FAMILIES[kind][0]).from_pretrained(out)
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([[4, 5, 6, 7]]))[0]
+        assert torch.isfinite(hidden).all()
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "t5"])
+def test_linear_layers_are_least_squares_fits(kind, tmp_path):
+    models = [build(tmp_path / f"{kind}-{i}", kind, FAMILIES[kind], seed=10 + i, dtype=torch.float64)
+              for i in range(2)]
+    texts = random_texts(7, 40, shortest=8, longest=16)  # distinct tokens enough for full-rank Grams
+    data = write_txt(tmp_path / "data.txt", texts)
+    recipe = regmean_recipe(tmp_path, models, data, examples=40)
+    assert cli("regmean", "collect-stats", recipe).exit_code == 0
+    result = cli("regmean", "merge", recipe)
+    assert result.exit_code == 0, result.output
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    inputs = [load_file(m / "model.safetensors") for m in models]
+    xs = [layer_inputs(m, text_inputs(m, texts, max_length=16)) for m in models]
+    stored = {"lm_head": "embed_out"}  # GPT-NeoX's file names its head by its legacy name
+    checked = 0
+    for module in xs[0]:
+        name = f"{stored.get(module, module)}.weight"
+        if name not in merged:
+            continue
+        a = torch.cat([(1 / x[module].shape[0]) ** 0.5 * x[module] for x in xs])
+        b = torch.cat([(1 / x[module].shape[0]) ** 0.5 * x[module] @ w[name].double().T for x, w in zip(xs, inputs)])
+        expected = torch.linalg.lstsq(a, b, driver="gelsd").solution.T
+        error = torch.linalg.norm(merged[name].double() - expected) / torch.linalg.norm(expected)
+        assert error < 1e-8, f"{name}: relative error {float(error):.2e}"
+        checked += 1
+    assert checked >= 2 * 4 + (1 if kind == "gpt_neox" else 0)
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_moe_checkpoints_are_refused_by_validate_with_the_reason(kind, tmp_path):
+    models = [build(tmp_path / f"{kind}-{i}", kind, MOE[kind], seed=i) for i in range(2)]
+    recipe = regmean_recipe(tmp_path, models, write_txt(tmp_path / "data.txt", TEXTS))
+    result = cli("validate", recipe)
+    assert result.exit_code == 1, result.output
+    assert f"{kind}: the checkpoint stores" in result.stderr and "RegMean cannot merge such layers yet" in result.stderr
+    assert "Traceback" not in result.output
+    averaged = cli("average", "-m", models[0], "-m", models[1], "-o", tmp_path / "avg")  # other methods merge it
+    assert averaged.exit_code == 0, averaged.output
