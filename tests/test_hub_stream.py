@@ -182,3 +182,36 @@ def test_dry_run_counts_the_read_ahead_and_fetches_no_weights(fake_hub, repos, t
 
     local = cli("average", "-m", repos[0], "-m", repos[1], "--dry-run", "--stream", "-o", tmp_path / "out")
     assert local.exit_code == 0 and "no input is fetched from the Hub" in local.stderr
+
+
+def test_regmean_collects_and_merges_streamed_as_from_local_files(fake_hub, repos, tmp_path):
+    """collect-stats reads each block's weights by range requests as the block runs; the statistics and
+    the merge are those of the local files, and nothing of the weights is stored."""
+    (tmp_path / "data.txt").write_text("the model merge weight layer token data\nthe a of to and in is\n" * 6)
+
+    def recipe(name: str, paths: list[str]) -> Path:
+        lines = ['method = "regmean"', f'output = "out-{name}"']
+        for path, model in zip(paths, ("a", "b")):
+            lines += ["[[models]]", f'path = "{path}"', f'name = "{model}"', 'data = "data.txt"']
+        lines += ["[regmean]", f'stats_dir = "stats-{name}"', "num_examples = 8", "batch_size = 4",
+                  "max_length = 12"]
+        (tmp_path / f"{name}.toml").write_text("\n".join(lines) + "\n")
+        return tmp_path / f"{name}.toml"
+
+    local, hub = recipe("local", [str(repos[0]), str(repos[1])]), recipe("hub", REPOS[:2])
+    for command in (("regmean", "collect-stats", local), ("regmean", "merge", local),
+                    ("regmean", "collect-stats", hub, "--stream"), ("regmean", "merge", hub, "--stream")):
+        result = cli(*command)
+        assert result.exit_code == 0, result.output
+    for model in ("a", "b"):
+        files = sorted((tmp_path / "stats-local" / model).glob("*.safetensors"))
+        assert files
+        for file in files:  # the Grams (their metadata names the input: a path, or a repo and commit)
+            local_grams, hub_grams = load_file(file), load_file(tmp_path / "stats-hub" / model / file.name)
+            assert local_grams.keys() == hub_grams.keys()
+            assert all(torch.equal(local_grams[k], hub_grams[k]) for k in local_grams), file.name
+    assert_identical(tmp_path / "out-hub", tmp_path / "out-local")
+    from huggingface_hub import constants
+
+    cached = [p for p in Path(constants.HF_HUB_CACHE).rglob("*") if p.is_file()]
+    assert max(p.stat().st_size for p in cached) < 64 * 1024  # config and tokenizer: no weights

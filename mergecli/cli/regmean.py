@@ -24,6 +24,7 @@ from mergecli.cli._options import (
     RecipeArg,
     SetOpt,
     StatsSetOpt,
+    StreamOpt,
 )
 from mergecli.cli._render import human_bytes, progress
 
@@ -81,6 +82,7 @@ def collect_stats(
     set_: StatsSetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute statistics that are up to date.")] = False,
     memory_budget: MemoryBudgetOpt = None,
+    stream: StreamOpt = False,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
     model: OldModelOpt = None,
@@ -99,7 +101,7 @@ def collect_stats(
 
     if model:
         warn("--model is now --only on collect-stats (on the merge commands, -m/--model is a model to merge)")
-    spec = load_recipe(recipe, overrides=with_budget(set_, memory_budget))
+    spec = load_recipe(recipe, overrides=[*with_budget(set_, memory_budget), *(["stream=true"] if stream else [])])
     require_command(spec, "regmean merge")
     if spec.settings.sequential:
         info("nothing to do: this recipe sets regmean.sequential = true (RegMean++), whose statistics are "
@@ -112,7 +114,8 @@ def collect_stats(
     if process_rank()[0] != 0:  # under torchrun, rank 0 speaks for every process
         set_mode(quiet=True)
     done = collect_all(spec.models, spec.settings, only=[*(only or []), *(model or [])], force=force, device=device,
-                       reporter=_Reporter())
+                       reporter=_Reporter(),
+                       stream=(spec.stream_connections, spec.stream_buffer) if spec.stream else None)
     result({"models": done}, lambda: None)
 
 
@@ -127,6 +130,7 @@ def merge(
     device: DeviceOpt = "cpu",
     dry_run: DryRunOpt = False,
     no_sync: NoSyncOpt = False,
+    stream: StreamOpt = False,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -143,7 +147,7 @@ def merge(
     """
     from mergecli.recipe import load_recipe
 
-    spec = load_recipe(recipe, overrides=with_budget(set_, memory_budget))
+    spec = load_recipe(recipe, overrides=[*with_budget(set_, memory_budget), *(["stream=true"] if stream else [])])
     plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run, sync=not no_sync,
                  device=device)
 

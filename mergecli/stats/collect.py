@@ -27,6 +27,7 @@ from mergecli.errors import OutputInPlace, StatsError, UsageError
 from mergecli.io.atomic import STATISTICS, atomic_directory, clean_directory, scratch_directory
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.memory import give_back_memory
+from mergecli.io.remote import Fetcher
 from mergecli.recipe import ModelSpec, model_label
 from mergecli.stats.calibration import Batch, CalibrationData, model_batches, read_examples
 from mergecli.stats.device import resolve_device
@@ -55,6 +56,7 @@ class StatsJob:
     up_to_date: bool
     reason: str  # why it is (re)computed, or why it is skipped
     warnings: list[str] = field(default_factory=list)
+    stream: tuple[int, int] | None = None  # `--stream`: (connections, read-ahead bytes) of its hub reads
 
     @property
     def name(self) -> str:
@@ -104,8 +106,8 @@ class StatsReporter(Protocol):
 
 
 def collect_all(models: list[ModelSpec], settings: CalibrationSettings, *, only: list[str] | tuple[str, ...] = (),
-                force: bool = False, device: str = "cpu",
-                reporter: StatsReporter | None = None) -> list[dict[str, Any]]:
+                force: bool = False, device: str = "cpu", reporter: StatsReporter | None = None,
+                stream: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Collect the statistics of every selected model that needs them, one model after another.
 
     Returns:
@@ -118,7 +120,7 @@ def collect_all(models: list[ModelSpec], settings: CalibrationSettings, *, only:
     done: list[dict[str, Any]] = []
     with StatsSession(device) as session:
         tell = reporter if session.rank == 0 else None
-        for job in plan_stats(models, settings, only=only, force=force):
+        for job in plan_stats(models, settings, only=only, force=force, stream=stream):
             if job.up_to_date:
                 if tell:
                     tell.skipped(job)
@@ -136,7 +138,7 @@ def collect_all(models: list[ModelSpec], settings: CalibrationSettings, *, only:
 
 
 def plan_stats(models: list[ModelSpec], settings: CalibrationSettings, *, only: list[str] | tuple[str, ...] = (),
-               force: bool = False) -> list[StatsJob]:
+               force: bool = False, stream: tuple[int, int] | None = None) -> list[StatsJob]:
     """Check the selected models' checkpoints and calibration data; say which need statistics.
 
     Args:
@@ -144,6 +146,7 @@ def plan_stats(models: list[ModelSpec], settings: CalibrationSettings, *, only: 
         settings: where the statistics go and how the data is read (the method's table).
         only: model names to collect (default: all).
         force: recompute even statistics that are up to date.
+        stream: (connections, read-ahead bytes): hub models are read by range requests (`--stream`).
 
     Raises:
         UsageError: unknown model name, a model without `data`, missing data.
@@ -163,10 +166,11 @@ def plan_stats(models: list[ModelSpec], settings: CalibrationSettings, *, only: 
             label = model_label(index, spec)
             data = read_examples(spec.data, num_examples=settings.num_examples,
                                  text_field=settings.text_field, label=f"{label}.data")
-            checkpoint = open_checkpoint(spec.path, revision=spec.revision)
+            headers = Fetcher(connections=stream[0], buffer=stream[1]) if stream else None  # nothing fetched ahead
+            checkpoint = open_checkpoint(spec.path, revision=spec.revision, fetcher=headers)
             directory = Path(settings.stats_dir) / spec.name
             job = StatsJob(spec, index, directory, checkpoint, checkpoint.fingerprint(), data, settings,
-                           False, "", list(data.warnings))
+                           False, "", list(data.warnings), stream)
             jobs.append(job)
             if checkpoint.directory is None or not (checkpoint.directory / "config.json").is_file():
                 raise StatsError(f"{label}: {spec.path} is not a model directory with config.json",
@@ -244,7 +248,11 @@ class StatsSession:
         started = time.perf_counter()
         warnings = list(job.warnings)
         with contextlib.ExitStack() as stack:
-            checkpoint = stack.enter_context(open_checkpoint(job.spec.path, revision=job.spec.revision))
+            fetcher = Fetcher(connections=job.stream[0], buffer=job.stream[1]) if job.stream else None
+            if fetcher is not None:
+                stack.callback(fetcher.close)
+            checkpoint = stack.enter_context(open_checkpoint(job.spec.path, revision=job.spec.revision,
+                                                             fetcher=fetcher))
             budget = MemoryBudget(job.settings.memory_budget, scratch_directory(job.directory.parent, "spill"))
             stack.callback(budget.close)
             skeleton, layers, batches, max_length = self._prepare(job, checkpoint, warnings)
@@ -270,6 +278,8 @@ class StatsSession:
                               weights_sha256=checkpoint.first_rows_digest([layer.weight for layer in ran]),
                               data=settings, examples=examples, tokens=tokens, layers=ran,
                               gram_of=reached.gram_of, gram_tokens=reached.gram_tokens)
+            if fetcher is not None:  # every byte read from the hub against its sha256, before the statistics count
+                fetcher.verify()
             size = files.finish(meta) if files else 0
         return StatsResult(job.name, job.directory, examples, tokens, len(ran), len(reached.gram_tokens), size,
                            time.perf_counter() - started, warnings, budget.spilled)

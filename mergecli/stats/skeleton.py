@@ -86,17 +86,23 @@ class Skeleton:
         return [key for key, places in self._places.items() if any(id(m) in wanted for m, _, _ in places)]
 
     def load(self, modules: Iterable[torch.nn.Module], *, recurse: bool = True) -> None:
-        """Read the weights of `modules` (and their submodules) into them, in the compute dtype."""
+        """Read the weights of `modules` (and their submodules) into them, in the compute dtype; with
+        `--stream`, every read of the call is announced first, so that they are fetched side by side."""
+        wanted = []
         for key in self._keys(modules, recurse=recurse):
-            places = self._places[key]
-            module, attr, is_buffer = places[0]
+            module, attr, is_buffer = self._places[key][0]
             current = module._buffers[attr] if is_buffer else module._parameters[attr]
             if current is not None and current.device.type != "meta" and not is_buffer:
                 continue  # already loaded
-            stored = self.stored.get(key)
-            if stored is None:
-                continue  # a buffer the checkpoint does not store: keep the built one
-            tensor = self.checkpoint.read(stored)
+            if key in self.stored:  # else a buffer the checkpoint does not store: keep the built one
+                wanted.append(key)
+        if self.checkpoint.fetcher is not None:
+            reads = [self.checkpoint.remote_read(self.stored[key], None) for key in wanted]
+            self.checkpoint.fetcher.schedule([read for read in reads if read is not None])
+        for key in wanted:
+            places = self._places[key]
+            is_buffer = places[0][2]
+            tensor = self.checkpoint.read(self.stored[key])
             if tensor.is_floating_point():
                 tensor = tensor.to(device=self.device, dtype=self.dtype)
             else:
