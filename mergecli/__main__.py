@@ -11,17 +11,32 @@ import sys
 
 from mergecli.errors import OutputInPlace, Terminated, interrupted_exit_code
 
+_received: list[int] = []  # the signals that interrupted this run, in order
+
 
 def _terminate(signum: int, frame: object) -> None:
+    _received.append(signum)
     raise Terminated
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _install_handlers() -> None:
+    """Ours for SIGINT, then SIGTERM (a signal may land while they are being installed: the caller
+    is ready for it)."""
+    try:
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (embedded use)
+        pass
 
 
 def main() -> None:
     try:
-        signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (embedded use)
-        pass
-    try:
+        _install_handlers()
         from mergecli.cli.app import app
 
         app(prog_name="mergecli")
@@ -34,6 +49,12 @@ def main() -> None:
         if isinstance(cause, KeyboardInterrupt):
             _interrupted(cause)
         if exit_.code in (130, 143):
+            errors = sys.modules.get("mergecli.cli._errors")
+            if not getattr(errors, "interruption_reported", False):  # typer's own exit, from a signal
+                # that met no handler of ours (a busy machine moves where it lands): say it, and
+                # which signal it was
+                sys.stderr.write("interrupted before anything was written\n")
+                _exit_now(143 if _received and _received[-1] == signal.SIGTERM else 130)
             _exit_now(exit_.code)
         _ignore_signals()
         raise

@@ -20,6 +20,9 @@ def debug_enabled() -> bool:
     return os.environ.get("MERGECLI_DEBUG", "") not in ("", "0", "false")
 
 
+interruption_reported = False  # the running command said it was interrupted (for __main__)
+
+
 def report_errors(command: F) -> F:
     """Run a command in the output mode its `--quiet` / `--json` options ask for; turn errors into
     `error: ...` (+ `hint: ...`) on stderr and an exit code."""
@@ -46,6 +49,8 @@ def report_errors(command: F) -> F:
         except KeyboardInterrupt as interruption:
             if debug_enabled():
                 raise
+            global interruption_reported
+            interruption_reported = True
             print_error("interrupted; nothing half-written was left behind "
                          "(inputs, existing outputs and finished statistics are untouched)")
             raise typer.Exit(interrupted_exit_code(interruption)) from None
