@@ -251,9 +251,9 @@ def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUT
     if notes is not None:
         notes.extend(recovered)
     temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
-    temporary.mkdir()
     old = None
-    try:
+    try:  # from its creation on: a signal right after the mkdir must remove it too
+        temporary.mkdir()
         yield temporary
         write_manifest(temporary, kind)
         if sync:
