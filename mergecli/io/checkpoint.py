@@ -7,6 +7,7 @@ Safetensors files are read with `pread` (io/safetensors.py). PyTorch state dicts
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 
 from mergecli.errors import CheckpointError, HubError, InputNotFoundError
 from mergecli.io import hub
-from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, weight_map, within
+from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, regular_file, weight_map, within
 from mergecli.io.remote import Fetcher, RemoteFile
 from mergecli.io.safetensors import DTYPE_CODES, TensorInfo, header_length, parse_header, pread_into, read_header
 
@@ -76,6 +77,18 @@ class Checkpoint:
         if rows is None or not info.shape:
             return info.offset, info.nbytes
         return info.offset + rows[0] * info.row_bytes, (rows[1] - rows[0]) * info.row_bytes
+
+    def config(self) -> dict | None:
+        """Its config.json as a JSON object; None without one, with one that links out of the input, or
+        with one that is not a JSON object."""
+        path = self.directory / "config.json" if self.directory is not None else None
+        if path is None or not regular_file(path, self.root or self.directory):
+            return None
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        return config if isinstance(config, dict) else None
 
     @property
     def remote_files(self) -> list[RemoteFile]:

@@ -252,7 +252,7 @@ class Fetcher:
                 del self._reads[(id(file), offset, len(target))]
         if chunk is None:
             fetch_range(file, offset, target)
-            file.absorb(offset, bytes(target), keep_ahead=0)
+            file.absorb(offset, target)  # hashed now or not kept: no copy needed
             return
         while not chunk.ready.wait(0.5):  # a timeout: Ctrl-C reaches a waiting main thread
             pass

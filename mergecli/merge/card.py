@@ -55,8 +55,7 @@ def loader_class(config: dict | None) -> str:
 def hub_ids(recipe: Recipe) -> list[str]:
     """Hub repo ids among the base and the models (a local copy's declared `hub_id`), in recipe order,
     without duplicates."""
-    specs = ([recipe.base] if recipe.base else []) + list(recipe.models)
-    ids = [spec.hub_id or spec.path for spec in specs]
+    ids = [spec.hub_id or spec.path for spec in recipe.input_specs]
     return list(dict.fromkeys(repo for repo in ids if looks_like_repo_id(repo)))
 
 

@@ -5,7 +5,6 @@ tensors that transformers does not load dropped, and the inputs' digests as the 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 
@@ -24,11 +23,8 @@ def _label(recipe: Recipe, inputs: Inputs, checkpoint: Checkpoint) -> str:
 
 def _architecture(checkpoint: Checkpoint) -> str | None:
     """`llama (LlamaForCausalLM)`, from the checkpoint's config.json; None without one."""
-    try:
-        config = json.loads((checkpoint.directory / "config.json").read_text()) if checkpoint.directory else None
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(config, dict):
+    config = checkpoint.config()
+    if config is None:
         return None
     kind, classes = config.get("model_type"), ", ".join(map(str, config.get("architectures") or []))
     return f"{kind} ({classes})" if classes else str(kind) if kind else None

@@ -83,7 +83,7 @@ def open_inputs(recipe: Recipe, *, headers_only: bool = False) -> Inputs:
         headers_only: hub inputs are known from their headers, their weights not downloaded.
     """
     fetcher = Fetcher(connections=recipe.stream_connections, buffer=recipe.stream_buffer) if recipe.stream else None
-    specs = [*([recipe.base] if recipe.base else []), *recipe.models]
+    specs = recipe.input_specs
     with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:  # hub inputs resolve side by side
         futures = [pool.submit(open_checkpoint, spec.path, revision=spec.revision, headers_only=headers_only,
                                fetcher=fetcher) for spec in specs]
@@ -107,10 +107,7 @@ def open_inputs(recipe: Recipe, *, headers_only: bool = False) -> Inputs:
 
 def stream_notes(recipe: Recipe, inputs: Inputs, stages: list[Stage]) -> list[str]:
     """What `--stream` will fetch: which inputs, how many times each (a method's prepasses read again)."""
-    specs = [*([recipe.base] if recipe.base else []), *recipe.models]
-    labels = [("base" if recipe.base and i == 0 else model_label(i - (1 if recipe.base else 0), spec))
-              for i, spec in enumerate(specs)]
-    streamed = [(label, checkpoint) for label, checkpoint in zip(labels, inputs.all)
+    streamed = [(label, checkpoint) for label, checkpoint in zip(recipe.input_labels, inputs.all)
                 if checkpoint.commit and any(not file.is_file() for file in checkpoint.files)]
     if not streamed:
         return ["--stream: no input is fetched from the Hub (local, or complete in the cache)"]
@@ -174,9 +171,9 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
             inputs = vocabulary.views(inputs)
         dropped = check_compatible(recipe, inputs, notes)
         check_digests(recipe, inputs)
-        specs = [*([recipe.base] if recipe.base else []), *recipe.models]
         notes += [f"{spec.path}: no such local path, so it was taken from the Hugging Face Hub"
-                  for spec, checkpoint in zip(specs, inputs.all) if checkpoint.commit and "/" not in spec.path]
+                  for spec, checkpoint in zip(recipe.input_specs, inputs.all)
+                  if checkpoint.commit and "/" not in spec.path]
         notes += [f"{model_label(i, spec)} has weight 0: it is not read, and counts only in the sum of the weights"
                   for i, spec in enumerate(recipe.models) if spec.weight == 0]
         if len(recipe.models) == 1:

@@ -122,9 +122,7 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
                 writer.finish()
             finally:
                 writer.close()
-            sizes = {spec.name: ckpt.nbytes for spec, ckpt in zip(plan.recipe.models, plan.inputs.models)}
-            if plan.inputs.base:
-                sizes["base"] = plan.inputs.base.nbytes
+            sizes = {name: ckpt.nbytes for name, ckpt in zip(plan.recipe.input_names, plan.inputs.all)}
             write_support_files(directory, support=plan.support, method=plan.method, dtype=config_dtype(plan),
                                 recipe=recipe, sizes=sizes,
                                 directory_name=plan.output.name)
@@ -140,6 +138,5 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
 
 def fetched_per_input(plan: MergePlan) -> dict[str, int]:
     """Bytes fetched from the Hub by range requests (`--stream`), per streamed input, by its name."""
-    names = [*(["base"] if plan.inputs.base else []), *(spec.name for spec in plan.recipe.models)]
     return {name: sum(file.fetched for file in checkpoint.remote_files)
-            for name, checkpoint in zip(names, plan.inputs.all) if checkpoint.remote_files}
+            for name, checkpoint in zip(plan.recipe.input_names, plan.inputs.all) if checkpoint.remote_files}

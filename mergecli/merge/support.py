@@ -44,9 +44,7 @@ class SupportFiles:
 
 def _labels(recipe: Recipe, inputs: Inputs) -> list[tuple[str, Checkpoint]]:
     """The inputs in the order support files are looked for: the reference, then the models."""
-    named = [("base", inputs.base)] if inputs.base else []
-    named += [(spec.name, ckpt) for spec, ckpt in zip(recipe.models, inputs.models)]
-    return named
+    return list(zip(recipe.input_names, inputs.all))
 
 
 def _safe(checkpoint: Checkpoint, name: str, warnings: list[str]) -> Path | None:

@@ -19,7 +19,6 @@ before anything is read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import regular_file
 from mergecli.io.safetensors import TensorInfo
 from mergecli.methods.base import Inputs
-from mergecli.recipe import Recipe, model_label
+from mergecli.recipe import Recipe
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -158,14 +157,8 @@ def read_tokens(checkpoint: Checkpoint, label: str) -> Tokens:
 
 def _config_rows(checkpoint: Checkpoint) -> int | None:
     """The config's `vocab_size` (that of its text config, for a model of several parts)."""
-    path = checkpoint.directory / "config.json" if checkpoint.directory is not None else None
-    if path is None or not regular_file(path, checkpoint.root or checkpoint.directory):
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError, UnicodeDecodeError):
-        return None
-    if not isinstance(config, dict):
+    config = checkpoint.config()
+    if config is None:
         return None
     rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
     return rows if isinstance(rows, int) and rows > 0 else None
@@ -213,7 +206,7 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
         RecipeError: `tokenizer` names no model.
         CheckpointError: an input has no tokenizer.json, or vocabularies differ beyond added tokens.
     """
-    labels = (["base"] if inputs.base else []) + [model_label(i, s) for i, s in enumerate(recipe.models)]
+    labels = recipe.input_labels
     names = [spec.name for spec in recipe.models]
     choice = recipe.tokenizer
     if choice not in ("base", "union", *names):
@@ -267,5 +260,4 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
                      f", {total} rows")
     tensors = vocabulary_tensors(inputs.all, rows)
     weights = ([0.0] if inputs.base else []) + [abs(spec.weight) for spec in recipe.models]
-    short = (["base"] if inputs.base else []) + names  # as the support files name the inputs
-    return Vocabulary(out, total, short[source], added, maps, tensors, weights, inputs.base is not None)
+    return Vocabulary(out, total, recipe.input_names[source], added, maps, tensors, weights, inputs.base is not None)

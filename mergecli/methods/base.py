@@ -116,11 +116,6 @@ class Inputs:
     fetcher: Fetcher | None = None  # `--stream`: what reads the hub inputs by range requests
 
     @property
-    def streamed(self) -> list[Checkpoint]:
-        """The inputs read from the Hub by range requests."""
-        return [checkpoint for checkpoint in self.all if checkpoint.remote_files]
-
-    @property
     def reference(self) -> Checkpoint:
         """Where head, excluded and integer tensors, config and tokenizer come from."""
         return self.base or self.models[0]

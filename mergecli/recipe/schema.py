@@ -272,6 +272,21 @@ class Recipe(StrictModel):
         return self
 
     @property
+    def input_specs(self) -> list[BaseSpec | ModelSpec]:
+        """The base (when there is one), then the models: the order of the opened inputs."""
+        return [*([self.base] if self.base else []), *self.models]
+
+    @property
+    def input_names(self) -> list[str]:
+        """`base` and each model's name, in `input_specs` order (what support files and cards say)."""
+        return [*(["base"] if self.base else []), *(spec.name for spec in self.models)]
+
+    @property
+    def input_labels(self) -> list[str]:
+        """How messages name them: `base`, `models.1 (math)`, in `input_specs` order."""
+        return [*(["base"] if self.base else []), *(model_label(i, spec) for i, spec in enumerate(self.models))]
+
+    @property
     def head_patterns(self) -> list[str]:
         """The regexes of head tensors for `backbone_only` (the `head` key, else HEAD_PATTERNS)."""
         return self.head if self.head is not None else HEAD_PATTERNS

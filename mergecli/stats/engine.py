@@ -51,16 +51,17 @@ class Activations:
         self.hidden.close()
 
 
-_RETURNS_TENSOR: dict[type, bool] = {}  # block class → whether it returns its hidden states bare (probed)
-_RETURNS_EXTRAS: dict[type, bool] = {}  # block class → whether its tuple holds more than the hidden states
+# block class → how many items a call returns, as probed (`_Probe`): 0 for the hidden states bare, else
+# a tuple's length (more than 1: it hands on more than the hidden states)
+_RETURNS: dict[type, int] = {}
 
 
 def _returns_tensor(block: torch.nn.Module) -> bool:
     """Whether the block class returns a tensor (else a tuple whose first item is the hidden states):
-    as probed on a real call (`_probe`), else as its forward's annotation says."""
-    known = _RETURNS_TENSOR.get(type(block))
-    if known is not None:
-        return known
+    as probed on a real call (`_Probe`), else as its forward's annotation says."""
+    items = _RETURNS.get(type(block))
+    if items is not None:
+        return items == 0
     return inspect.signature(type(block).forward).return_annotation in (torch.Tensor, "torch.Tensor")
 
 
@@ -78,8 +79,7 @@ class _Probe(torch.nn.Module):
             out = self.block(*args, **kwargs)
         finally:
             self.skeleton.release([self.block])
-        _RETURNS_TENSOR[type(self.block)] = isinstance(out, torch.Tensor)
-        _RETURNS_EXTRAS[type(self.block)] = isinstance(out, tuple) and len(out) > 1
+        _RETURNS[type(self.block)] = 0 if isinstance(out, torch.Tensor) else len(out) if isinstance(out, tuple) else 1
         raise _Stop
 
 
@@ -176,12 +176,12 @@ def run_prefix(skeleton: Skeleton, batches: list[Batch], forward: Forward, budge
     """Run the modules before the first block on every batch and capture the first block's inputs."""
     count = len(skeleton.blocks)
     first = skeleton.blocks[0]
-    if type(first) not in _RETURNS_TENSOR and batches:  # what a block returns, from one real call
+    if type(first) not in _RETURNS and batches:  # what a block returns, from one real call
         with _blocks_replaced(skeleton, lambda i: _Probe(skeleton, first) if i == 0 else skeleton.blocks[i]), \
                 _loaded_on_call(skeleton, set()), torch.inference_mode():
             _run(skeleton, forward, batches[0])
     tensor = _returns_tensor(first)
-    extras: list | None = [] if _RETURNS_EXTRAS.get(type(first)) else None
+    extras: list | None = [] if _RETURNS.get(type(first), 1) > 1 else None
     hidden = HiddenStates(budget, f"{name}-prefix")
     calls: list[list[tuple[tuple, dict]]] = []
     ran: set[str] = set()
