@@ -179,6 +179,14 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def assert_same_tensors(a: Path, b: Path) -> None:
+    """Two checkpoint directories hold the same tensors, bit for bit."""
+    left, right = load_dir(a), load_dir(b)
+    assert left.keys() == right.keys() and left
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
 def perturbed_copy(source: Path, target: Path, *, seed: int, scale: float = 0.02,
                    edit=None) -> Path:
     """A copy of a checkpoint directory with noise added to every floating tensor (and `edit`)."""

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from builders import build_llama
 from clirunner import cli
-from fakehub import FakeHub, fast_retries, use_fake_hub
+from fakehub import FakeHub, fast_retries, repo_files, use_fake_hub
 from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
 from mergecli.io.checkpoint import open_checkpoint
+from references import assert_same_tensors, load_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,25 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 
 TOKEN = "hf_SECRET_inputs_5f3a9c0d1e2b"
 REPOS = ["org/llama-a", "org/llama-b"]
-
-
-def repo_files(path: Path) -> dict[str, bytes]:
-    """A model directory as the files of a hub repo."""
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    left, right = load_dir(a), load_dir(b)
-    assert left.keys() == right.keys() and left
-    for name in left:
-        assert torch.equal(left[name], right[name]), name
 
 
 def write_recipe(path: Path, models: list[dict], **settings) -> Path:

@@ -12,32 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from clirunner import cli
-from fakehub import FakeHub, fast_retries
+from fakehub import FakeHub, fast_retries, repo_files
 from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
 from mergecli.io import remote
+from references import assert_same_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 REPOS = ["org/shard-a", "org/shard-b", "org/shard-base"]
 WEIGHT_FILES = r"/resolve/[0-9a-f]{40}/model.*\.safetensors$"
-
-
-def repo_files(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    left, right = tensors(a), tensors(b)
-    assert left.keys() == right.keys() and left
-    for name in left:
-        assert torch.equal(left[name], right[name]), name
 
 
 @pytest.fixture
@@ -72,7 +55,7 @@ def test_stream_merges_bit_identically_and_stores_nothing(fake_hub, repos, local
     size = sum(p.stat().st_size for p in (*repos[0].glob("*.safetensors"), *repos[1].glob("*.safetensors")))
     result = streamed_average(tmp_path, "--json")
     assert result.exit_code == 0, result.output
-    assert_identical(tmp_path / "out", local_average)
+    assert_same_tensors(tmp_path / "out", local_average)
     report = json.loads(result.stdout)
     fetched = sum(report["fetched"].values())
     assert set(report["fetched"]) == {"shard-a", "shard-b"}
@@ -92,7 +75,7 @@ def test_files_complete_in_the_cache_are_read_from_it(fake_hub, repos, local_ave
     fake_hub.clear_requests()
     result = streamed_average(tmp_path, "--json")
     assert result.exit_code == 0, result.output
-    assert_identical(tmp_path / "out", local_average)
+    assert_same_tensors(tmp_path / "out", local_average)
     assert set(json.loads(result.stdout)["fetched"]) == {"shard-b"}
     assert not fake_hub.requests_matching("GET", f"/{REPOS[0]}/resolve/.*safetensors")
 
@@ -109,7 +92,7 @@ def test_task_vector_merge_streams_its_passes(fake_hub, repos, tmp_path):
     assert "streamed from the Hub by range requests" in plan.stderr and "fetched up to" in plan.stderr
     result = cli("merge", tmp_path / "hub.toml", "--stream", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert_identical(tmp_path / "out", tmp_path / "local")
+    assert_same_tensors(tmp_path / "out", tmp_path / "local")
 
 
 @pytest.mark.parametrize("fault", [
@@ -123,7 +106,7 @@ def test_faults_are_retried_from_where_they_stopped(fake_hub, repos, local_avera
     fake_hub.fail_next(WEIGHT_FILES, method="GET", skip=3, **fault)
     result = streamed_average(tmp_path, "--json")
     assert result.exit_code == 0, result.output
-    assert_identical(tmp_path / "out", local_average)
+    assert_same_tensors(tmp_path / "out", local_average)
     if "cut" in fault:  # resumed from the byte where it stopped: no byte fetched twice
         size = sum(p.stat().st_size for p in (*repos[0].glob("*.safetensors"), *repos[1].glob("*.safetensors")))
         assert sum(json.loads(result.stdout)["fetched"].values()) <= size
@@ -210,7 +193,7 @@ def test_regmean_collects_and_merges_streamed_as_from_local_files(fake_hub, repo
             local_grams, hub_grams = load_file(file), load_file(tmp_path / "stats-hub" / model / file.name)
             assert local_grams.keys() == hub_grams.keys()
             assert all(torch.equal(local_grams[k], hub_grams[k]) for k in local_grams), file.name
-    assert_identical(tmp_path / "out-hub", tmp_path / "out-local")
+    assert_same_tensors(tmp_path / "out-hub", tmp_path / "out-local")
     from huggingface_hub import constants
 
     cached = [p for p in Path(constants.HF_HUB_CACHE).rglob("*") if p.is_file()]

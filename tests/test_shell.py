@@ -21,16 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from builders import build_bert, build_gpt2, build_llama
 from clirunner import cli, cli_process
-from fakehub import FakeHub
+from fakehub import FakeHub, repo_files
 from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
 from references import minilm_dir
 
 # huggingface_hub's own LFS PUT (data=<file>) triggers this httpx2 deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-def repo_files(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def names_in(path: Path) -> set[str]:

@@ -27,9 +27,9 @@ anonymous requests read public repos; writes need a write token (anonymous 401, 
 A private repo is 401 RepoNotFound to anonymous callers; a gated repo's files need `grant_access`.
 """
 
-from fakehub.repos import CommitRecord
+from fakehub.repos import CommitRecord, repo_files
 from fakehub.server import DEFAULT_TOKEN, FakeHub, RequestRecord
 from fakehub.wiring import fake_hub, fast_retries, point_huggingface_hub, running_hub, use_fake_hub
 
 __all__ = ["DEFAULT_TOKEN", "CommitRecord", "FakeHub", "RequestRecord", "fake_hub", "fast_retries",
-           "point_huggingface_hub", "running_hub", "use_fake_hub"]
+           "point_huggingface_hub", "repo_files", "running_hub", "use_fake_hub"]

@@ -9,6 +9,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
+from pathlib import Path
 
 # The hub stores files of 10 MB or more, or binary ones, in LFS; so does the fake.
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
@@ -19,6 +20,11 @@ DEFAULT_GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def repo_files(path: Path) -> dict[str, bytes]:
+    """A model directory as the files of a hub repo (relative path → bytes), for `FakeHub.add_repo`."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @dataclass(frozen=True)
