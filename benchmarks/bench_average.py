@@ -57,17 +57,24 @@ METHODS = {"task_arithmetic": "lambda = 1.0", "ties": "density = 0.5", "dare_tie
 MERGEKIT_METHODS = {"task_arithmetic": "  lambda: 1.0\n", "ties": "  density: 0.5\n", "slerp": "  t: 0.5\n"}
 
 # Each child writes its work time (seconds after its imports) to the file named by BENCH_WORK_FILE.
+# mergecli runs through its command's entry point, which ends the process itself (os._exit, after the
+# output is in place): the work time is written on the way out.
 MERGECLI = """
 import os, sys, time
 import torch, mergecli.cli.app, mergecli.merge.run
+import mergecli.__main__ as entry
 started = time.perf_counter()
+def record():
+    open(os.environ["BENCH_WORK_FILE"], "w").write(str(time.perf_counter() - started))
+exit_now = entry._exit_now
+entry._exit_now = lambda code: (record(), exit_now(code))
 sys.argv = ["mergecli", *sys.argv[1:]]
 try:
-    mergecli.cli.app.app()
-except SystemExit as done:
+    entry.main()
+except SystemExit as done:  # an earlier checkout's entry point (MERGECLI_BEFORE) returns this way
     if done.code:
         raise
-open(os.environ["BENCH_WORK_FILE"], "w").write(str(time.perf_counter() - started))
+record()
 """
 
 COPY_FLOOR = """

@@ -57,7 +57,7 @@ def main() -> None:
                 _exit_now(143 if _received and _received[-1] == signal.SIGTERM else 130)
             _exit_now(exit_.code)
         _ignore_signals()
-        raise
+        _exit_now(_exit_code(exit_))  # the run's work is done and durable; see _exit_now
     except Exception as error:  # an import that failed because a signal interrupted it
         interruption = _interruption_behind(error)
         if interruption is None:
@@ -95,13 +95,26 @@ def _interrupted(interruption: KeyboardInterrupt) -> None:
     _exit_now(interrupted_exit_code(interruption))
 
 
+def _exit_code(exit_: SystemExit) -> int:
+    """The status `sys.exit(code)` would give: 0 for None, a message's 1 (written to stderr)."""
+    if exit_.code is None or isinstance(exit_.code, int):
+        return exit_.code or 0
+    sys.stderr.write(f"{exit_.code}\n")
+    return 1
+
+
 def _exit_now(code: int) -> None:
-    """End an interrupted run with `code`, skipping interpreter finalization: CPython 3.11 flags a
+    """End the run with `code`, skipping interpreter finalization. Its cleanup is done by now (its
+    `finally` blocks ran, the output is synced and in place), and finalization only undoes imports:
+    with torch loaded it takes half a second, which every run would wait for (a pipeline of several
+    mergecli calls, several halves). And for an interrupted run: CPython 3.11 flags a
     KeyboardInterrupt raised inside exec'd code (while a dataclass is built, say) as unhandled even
-    after it was caught, and would then end the process by SIGINT instead of with this code. The
-    cleanup of the run is done by now (its `finally` blocks ran)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    after it was caught, and would then end the process by SIGINT instead of with this code."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (`| head`), or a closed stream
+            pass
     os._exit(code)
 
 

@@ -5,6 +5,7 @@ is bit-identical to the same merge of the local files, or a clean refusal with n
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from clirunner import cli
 from fakehub import FakeHub, fast_retries, repo_files
 from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
-from mergecli.io import remote
+from mergecli.io import ranges, remote
 from references import assert_same_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -102,7 +103,7 @@ def test_task_vector_merge_streams_its_passes(fake_hub, repos, tmp_path):
     {"status": 429, "retry_after": "0"},
 ], ids=["reset-mid-range", "body-cut-short", "500", "429"])
 def test_faults_are_retried_from_where_they_stopped(fake_hub, repos, local_average, tmp_path, monkeypatch, fault):
-    monkeypatch.setattr(remote, "BACKOFF_SECONDS", (0.0,))
+    monkeypatch.setattr(ranges, "BACKOFF_SECONDS", (0.0,))
     fake_hub.fail_next(WEIGHT_FILES, method="GET", skip=3, **fault)
     result = streamed_average(tmp_path, "--json")
     assert result.exit_code == 0, result.output
@@ -113,7 +114,7 @@ def test_faults_are_retried_from_where_they_stopped(fake_hub, repos, local_avera
 
 
 def test_faults_that_go_on_stop_the_merge_naming_the_file(fake_hub, repos, tmp_path, monkeypatch):
-    monkeypatch.setattr(remote, "BACKOFF_SECONDS", (0.0,))
+    monkeypatch.setattr(ranges, "BACKOFF_SECONDS", (0.0,))
     fake_hub.fail_next(WEIGHT_FILES, method="GET", status=503, times=100)
     result = streamed_average(tmp_path)
     assert result.exit_code == 1, result.output
@@ -143,7 +144,7 @@ def test_the_token_travels_only_in_the_authorization_header(fake_hub, repos, loc
     monkeypatch.setenv("HF_TOKEN", fake_hub.token)
     fast_retries(monkeypatch)
     fake_hub.fail_next(WEIGHT_FILES, method="GET", status=500, times=2)
-    monkeypatch.setattr(remote, "BACKOFF_SECONDS", (0.0,))
+    monkeypatch.setattr(ranges, "BACKOFF_SECONDS", (0.0,))
     result = streamed_average(tmp_path, "--json")
     assert result.exit_code == 0, result.output
     assert fake_hub.token not in result.output
@@ -198,3 +199,50 @@ def test_regmean_collects_and_merges_streamed_as_from_local_files(fake_hub, repo
 
     cached = [p for p in Path(constants.HF_HUB_CACHE).rglob("*") if p.is_file()]
     assert max(p.stat().st_size for p in cached) < 64 * 1024  # config and tokenizer: no weights
+
+
+def test_fetching_begins_while_the_merge_is_still_planned(fake_hub, repos, local_average, tmp_path):
+    """The head start: weight bytes flow before the plan resolves the inputs (a run imports torch
+    meanwhile), and the plan's reads claim them: still each byte fetched once."""
+    fake_hub.clear_requests()
+    result = streamed_average(tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert_same_tensors(tmp_path / "out", local_average)
+    requests = fake_hub.requests
+    resolutions = [i for i, r in enumerate(requests) if r.path.startswith(f"/api/models/{REPOS[0]}/revision/")]
+    weight_bytes = [i for i, r in enumerate(requests) if r.method == "GET" and re.search(WEIGHT_FILES, r.path)
+                    and not r.headers["Range"].startswith(("bytes=0-", "bytes=8-"))]  # not a header
+    assert len(resolutions) == 2 and weight_bytes[0] < resolutions[1]  # the head start's, then the plan's
+    size = sum(p.stat().st_size for p in (*repos[0].glob("*.safetensors"), *repos[1].glob("*.safetensors")))
+    assert sum(json.loads(result.stdout)["fetched"].values()) == size
+
+
+def test_head_start_chunks_serve_reads_across_their_bounds_and_the_unclaimed_are_let_go(fake_hub, repos,
+                                                                                       monkeypatch):
+    from mergecli.io import hub
+
+    monkeypatch.setattr(remote, "CHUNK_BYTES", 1024)
+
+    snapshot = hub.resolve(REPOS[0])
+    name = max(snapshot.weights, key=lambda n: (repos[0] / n).stat().st_size)
+    data = (repos[0] / name).read_bytes()
+    prefix, raw, size = hub.remote_header(snapshot, name)
+    chunk, start = remote.CHUNK_BYTES, len(prefix + raw)
+    assert size == len(data) > start + 6 * chunk
+    fetcher = remote.Fetcher(connections=2, buffer=4 * chunk)  # the head start: the first four chunks
+    file = fetcher.add(remote.RemoteFile(REPOS[0], snapshot.commit, name, size, prefix + raw,
+                                         sha256=hub.file_identity(snapshot, name).sha256))
+    fetcher.prefetch([[file]])
+    reads = [(start + 1000, chunk),  # across the bound of the first two chunks
+             (start + 2 * chunk - 10, 3 * chunk),  # the last two of the head start and past its end
+             (start + 6 * chunk, 999)]  # beyond it
+    fetcher.schedule([(file, offset, length) for offset, length in reads])
+    try:
+        for offset, length in reads:
+            out = torch.empty(length, dtype=torch.uint8)
+            fetcher.read_into(file, offset, out)
+            assert out.numpy().tobytes() == data[offset:offset + length]
+        fetcher.verify()  # the whole file hashed in order: the Hub's sha256
+        assert fetcher.held == 0  # every chunk read and hashed, let go
+    finally:
+        fetcher.close()

@@ -15,6 +15,7 @@ from mergecli.cli._render import human_bytes, print_plan, print_report, progress
 from mergecli.errors import OutputInPlace, UsageError
 
 if TYPE_CHECKING:
+    from mergecli.io.head_start import HeadStart
     from mergecli.merge.plan import MergePlan
     from mergecli.recipe import Recipe
 
@@ -32,15 +33,22 @@ def require_command(recipe: Recipe, command: str) -> None:
 def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bool, dry_run: bool,
                  sync: bool = True, device: str = "cpu") -> None:
     """Dry run: print the plan. Otherwise merge, report, and push if the recipe asks."""
-    import_torch()
-    from mergecli.merge.plan import plan_merge
+    head_start = start_streaming(recipe, output, force=force) if recipe.stream and not dry_run else None
+    try:
+        import_torch()
+        from mergecli.merge.plan import plan_merge
 
-    require_command(recipe, command)
-    if recipe.push_to_hub and not dry_run:
-        from mergecli.publish.push import check_access
+        require_command(recipe, command)
+        if recipe.push_to_hub and not dry_run:
+            from mergecli.publish.push import check_access
 
-        check_access(recipe.push.repo_id)  # before the merge: a token problem found after it wastes the merge
-    plan = plan_merge(recipe, output=output, force=force or dry_run, dry_run=dry_run, sync=sync, device=device)
+            check_access(recipe.push.repo_id)  # before the merge: a token problem found after it wastes the merge
+        plan = plan_merge(recipe, output=output, force=force or dry_run, dry_run=dry_run, sync=sync, device=device,
+                          fetcher=head_start.fetcher() if head_start else None)
+    except BaseException:
+        if head_start is not None:
+            head_start.fetcher().close()
+        raise
     if dry_run:
         try:
             print_plan(plan, title=f"{recipe.method} (dry run: nothing written)")
@@ -52,6 +60,17 @@ def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bo
         from mergecli.cli.push import push_after_merge
 
         push_after_merge(plan.output, recipe)
+
+
+def start_streaming(recipe: Recipe, output: Path | None, *, force: bool) -> HeadStart:
+    """With `--stream`: start fetching the hub inputs while torch imports and the merge is planned,
+    once the output is known to be writable (a refusal then costs no transfer)."""
+    from mergecli.io.atomic import check_output_path, output_directory
+    from mergecli.io.head_start import HeadStart
+
+    check_output_path(output_directory(output if output is not None else recipe.output), [], force=force)
+    return HeadStart([(spec.path, spec.revision) for spec in recipe.input_specs],
+                     connections=recipe.stream_connections, buffer=recipe.stream_buffer)
 
 
 def fetch_rate(plan: MergePlan) -> Callable[[], str]:

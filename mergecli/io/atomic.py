@@ -144,6 +144,14 @@ def _overlap(output: Path, path: Path) -> str | None:
     return None
 
 
+def output_directory(target: Path | str | None) -> Path:
+    """The output directory given (`-o`, else the recipe's `output`), absolute; a link is not followed
+    (check_output_path refuses it)."""
+    if target is None:
+        raise UsageError("no output directory", hint="set `output` in the recipe or pass -o DIR")
+    return Path(os.path.abspath(Path(target).expanduser()))
+
+
 def check_output_path(output: Path, inputs: list[Path], *, force: bool, kind: str = MERGE_OUTPUT) -> None:
     """Refuse an output that is a link, one that exists (without `force`), one that `--force` may not
     replace (it holds files mergecli did not write), and any output that overlaps an input, symlinks

@@ -311,13 +311,19 @@ def _open_remote(snapshot: hub.Snapshot, fetcher: Fetcher | None = None) -> Chec
         if fetcher is not None and file.is_file():
             infos, _ = read_header(_check_file(file, root))
         else:
-            prefix, raw, size = hub.remote_header(snapshot, file.name)
+            started = fetcher.known(snapshot.repo_id, snapshot.commit, file.name) if fetcher is not None else None
+            if started is not None:  # its header came with the fetcher's head start (cli/_merge.py)
+                prefix, raw, size = started.head[:8], started.head[8:], started.size
+            else:
+                prefix, raw, size = hub.remote_header(snapshot, file.name)
             header_length(file, prefix, size)
             infos = parse_header(file, raw, size)[0]
             if fetcher is not None:
-                identity = hub.file_identity(snapshot, file.name)
-                remote[file] = fetcher.add(RemoteFile(snapshot.repo_id, snapshot.commit, file.name, size,
-                                                      prefix + raw, sha256=identity.sha256, git_oid=identity.git_oid))
+                if started is None:
+                    identity = hub.file_identity(snapshot, file.name)
+                    started = fetcher.add(RemoteFile(snapshot.repo_id, snapshot.commit, file.name, size,
+                                                     prefix + raw, sha256=identity.sha256, git_oid=identity.git_oid))
+                remote[file] = started
         for info in infos:
             if info.name in tensors:
                 raise CheckpointError(file, f"tensor {info.name!r} is stored twice "

@@ -28,7 +28,7 @@ from mergecli.io.files import (
     weight_map,
 )
 from mergecli.io.hub_errors import hub_errors
-from mergecli.io.remote import get_range
+from mergecli.io.ranges import MAX_ATTEMPTS, get_range
 
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _REPO_ID = re.compile(f"(?:{_REPO_PART}/)?{_REPO_PART}")  # org/name, or a canonical name (gpt2)
@@ -108,17 +108,17 @@ def fetch_weights(snapshot: Snapshot) -> Path:
         return _snapshot(snapshot.repo_id, snapshot.commit, metadata + snapshot.weights, required=snapshot.weights)
 
 
-def remote_header(snapshot: Snapshot, name: str) -> tuple[bytes, bytes, int]:
+def remote_header(snapshot: Snapshot, name: str, *, attempts: int = MAX_ATTEMPTS) -> tuple[bytes, bytes, int]:
     """Read one safetensors file's header from the hub with two HTTP range requests (its size
     field, then the header), never a byte of its tensors: `(first 8 bytes, header JSON, file size)`.
-    Faults are retried as the streamed reads' are (io/remote.py)."""
+    Faults are retried as the streamed reads' are (io/ranges.py), `attempts` tries in all."""
     prefix = bytearray(8)
-    size = get_range(snapshot.repo_id, snapshot.commit, name, 0, prefix)
+    size = get_range(snapshot.repo_id, snapshot.commit, name, 0, prefix, attempts=attempts)
     length = int.from_bytes(prefix, "little") if size >= 8 else 0
     if not 0 < length <= min(MAX_HEADER, size - 8):  # the caller's checks say what is wrong
         return bytes(prefix[:max(0, min(8, size))]), b"", size
     header = bytearray(length)
-    get_range(snapshot.repo_id, snapshot.commit, name, 8, header)
+    get_range(snapshot.repo_id, snapshot.commit, name, 8, header, attempts=attempts)
     return bytes(prefix), bytes(header), size
 
 

@@ -7,38 +7,38 @@ connections fetch those requests in that order, ahead of the merge but never mor
 bytes ahead, so fetching overlaps combining and writing and memory stays bounded. A read the pass
 did not announce is fetched when asked.
 
+A head start (`prefetch`) fills the link while the merge is still being planned (torch alone takes
+seconds to import): each input's files from the end of their headers, in file order, up to the
+read-ahead bound; the first pass's reads claim those chunks, a read spanning two of them copying
+from both. This module imports nothing heavy, so that the head start can begin before torch.
+
 Integrity: every file is hashed in file order as its bytes arrive (its header first), a chunk that
 arrives ahead of the hash being kept until the bytes before it come, within a bound; `verify`, after
 the merge, fetches what was never read (or was dropped past the bound) and compares the digest with
 the Hub's (the LFS sha256, or the git blob id of a small file). A mismatch fails the merge before
 its output is put in place.
 
-Faults: a dropped connection, a body cut short, a 5xx or a 429 (after its Retry-After) is retried
-from the byte where it stopped, with backoff, MAX_ATTEMPTS times; then the merge stops naming the
-file. URLs, headers, token, endpoint and proxies are huggingface_hub's, pinned to the commit.
+Each request goes through io/ranges.py (faults retried from the byte where they stopped).
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergecli.errors import HubError
-from mergecli.io.hub_errors import hub_errors
+from mergecli.io.ranges import get_range
+
+if TYPE_CHECKING:  # this module runs before torch is imported (`Fetcher.prefetch`)
+    import torch
 
 CHUNK_BYTES = 4 * 2**20  # one request: long against its latency, short enough that a read waits little for it
 DEFAULT_CONNECTIONS = 8
 DEFAULT_BUFFER = 256 * 2**20
-MAX_ATTEMPTS = 6
-BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
-MAX_RETRY_AFTER = 60.0
-TIMEOUT_SECONDS = 60.0
 
 
 @dataclass(eq=False)
@@ -115,77 +115,9 @@ class RemoteFile:
         return self._hasher.hexdigest() == (self.sha256 or self.git_oid)
 
 
-class _Transient(Exception):
-    """A fault worth retrying: a 5xx, a 429, a body cut short."""
-
-    def __init__(self, what: str, wait: float | None = None):
-        super().__init__(what)
-        self.wait = wait
-
-
 def fetch_range(file: RemoteFile, start: int, out: bytearray | memoryview) -> None:
     """Fill `out` with the bytes of `file` from `start` (see `get_range`), counting them as fetched."""
     get_range(file.repo_id, file.commit, file.name, start, out, counted=file.count_fetched)
-
-
-def get_range(repo_id: str, commit: str, name: str, start: int, out: bytearray | memoryview, *,
-              counted: Callable[[int], None] | None = None) -> int:
-    """Fill `out` with the bytes of a hub file from `start`, retrying faults from the byte where they
-    stopped; returns the file's size (from Content-Range).
-
-    Raises:
-        HubError: the faults went on MAX_ATTEMPTS times (`stream-failed`), the hub refused (typed), or
-            it does not answer range requests.
-    """
-    import httpx2
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    view, got, attempt, size = memoryview(out), 0, 0, -1
-    url, headers = hf_hub_url(repo_id, name, revision=commit), build_hf_headers()
-    with hub_errors(repo_id, revision=commit):
-        while got < len(view):
-            try:
-                last = start + len(view) - 1
-                with get_session().stream("GET", url, headers={**headers, "Range": f"bytes={start + got}-{last}"},
-                                          follow_redirects=True, timeout=TIMEOUT_SECONDS) as response:
-                    if response.status_code == 429 or response.status_code >= 500:
-                        raise _Transient(f"HTTP {response.status_code}", _retry_after(response))
-                    if response.status_code >= 400:
-                        response.read()  # the error's words are in the body
-                        hf_raise_for_status(response)
-                    total = response.headers.get("Content-Range", "").rpartition("/")[2]
-                    if response.status_code != 206 or not total.isdigit():
-                        raise HubError("no-range-requests", repo_id=repo_id, files=(name,))
-                    size = int(total)
-                    for piece in response.iter_bytes():
-                        taken = min(len(piece), len(view) - got)
-                        view[got:got + taken] = piece[:taken]
-                        got += taken
-                        if counted is not None:
-                            counted(taken)
-                if got < len(view) and start + got < size:
-                    raise _Transient("the body ended early")
-                if got < len(view):  # asked past the end: what there is
-                    return size
-                attempt = 0
-            except (httpx2.TransportError, _Transient) as fault:
-                attempt += 1
-                if attempt >= MAX_ATTEMPTS:
-                    raise HubError("stream-failed", repo_id=repo_id, revision=commit, files=(name,),
-                                   detail=f"{fault or type(fault).__name__}, {MAX_ATTEMPTS} attempts") from None
-                wait = getattr(fault, "wait", None)
-                time.sleep(min(wait, MAX_RETRY_AFTER) if wait is not None
-                           else BACKOFF_SECONDS[min(attempt - 1, len(BACKOFF_SECONDS) - 1)])
-    return size
-
-
-def _retry_after(response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
 
 
 @dataclass(eq=False)
@@ -193,11 +125,15 @@ class _Chunk:
     file: RemoteFile
     start: int
     length: int
-    reads: int = 0  # announced reads it serves that are still to come
+    reads: int = 0  # announced reads it serves that are still to come (+1 while a head start holds it)
     hashed: bool = False  # its bytes went into its file's hash (or were dropped from it: verify fetches them)
     data: bytearray | None = None
     error: BaseException | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
 
 
 class Fetcher:
@@ -207,7 +143,8 @@ class Fetcher:
         self.connections, self.buffer = connections, buffer
         self.files: list[RemoteFile] = []
         self._queue: deque[_Chunk] = deque()
-        self._reads: dict[tuple[int, int, int], deque[_Chunk]] = {}
+        self._reads: dict[tuple[int, int, int], deque[list[_Chunk]]] = {}  # a read → the chunks it copies from
+        self._early: dict[int, list[_Chunk]] = {}  # per file, the head start's chunks, until the first schedule
         self._held = 0  # bytes fetched or being fetched and not yet both read and hashed
         self._kept: dict[tuple[int, int], _Chunk] = {}  # chunks whose bytes wait for earlier ones to be hashed
         self._hashed_early: set[tuple[int, int]] = set()  # kept chunks hashed before they were registered
@@ -219,49 +156,103 @@ class Fetcher:
         self.files.append(file)
         return file
 
+    def known(self, repo_id: str, commit: str, name: str) -> RemoteFile | None:
+        """The file already added for this repo, commit and name (by a head start), if any."""
+        return next((file for file in self.files
+                     if (file.repo_id, file.commit, file.name) == (repo_id, commit, name)), None)
+
     @property
     def fetched(self) -> int:
         return sum(file.fetched for file in self.files)
+
+    @property
+    def held(self) -> int:
+        """Bytes in the read-ahead now: fetched, or being fetched, and not yet both read and hashed."""
+        with self._cv:
+            return self._held
+
+    def prefetch(self, files: list[list[RemoteFile]]) -> None:
+        """A head start, before the merge knows its reads: fetch each input's files (one list per input)
+        from the end of their headers, in order, CHUNK_BYTES at a time, taking a chunk from each input in
+        turn, up to the read-ahead bound. The first `schedule` claims what its reads need; the rest is
+        dropped (and fetched again if read later)."""
+        with self._cv:
+            pending = [self._head_start_chunks(input_files) for input_files in files]
+            planned = 0
+            while pending and planned < self.buffer:
+                for sequence in list(pending):
+                    chunk = next(sequence, None)
+                    if chunk is None:
+                        pending.remove(sequence)
+                        continue
+                    self._early.setdefault(id(chunk.file), []).append(chunk)
+                    self._queue.append(chunk)
+                    planned += chunk.length
+            self._start_threads()
+
+    @staticmethod
+    def _head_start_chunks(files: list[RemoteFile]) -> Iterator[_Chunk]:
+        for file in files:
+            for start in range(len(file.head), file.size, CHUNK_BYTES):
+                yield _Chunk(file, start, min(CHUNK_BYTES, file.size - start), reads=1)
 
     def schedule(self, reads: list[tuple[RemoteFile, int, int]]) -> None:
         """The reads (file, offset, length) the next pass makes, in the order it makes them."""
         open_chunks: dict[int, _Chunk] = {}
         with self._cv:
             for file, offset, length in reads:
-                chunk = open_chunks.get(id(file))
-                if chunk is None or chunk.start + chunk.length != offset or chunk.length + length > CHUNK_BYTES:
-                    chunk = open_chunks[id(file)] = _Chunk(file, offset, 0)
-                    self._queue.append(chunk)
-                chunk.length += length
-                chunk.reads += 1
-                self._reads.setdefault((id(file), offset, length), deque()).append(chunk)
-            while len(self._threads) < self.connections and self._queue:
-                thread = threading.Thread(target=self._fetch_loop, name="mergecli-fetch", daemon=True)
-                self._threads.append(thread)
-                thread.start()
+                early = [c for c in self._early.get(id(file), ()) if c.start < offset + length and c.end > offset]
+                covered = max((c.end for c in early), default=offset)  # a head start covers a file's prefix
+                chunks = early
+                if covered < offset + length:
+                    rest = offset + length - covered
+                    chunk = open_chunks.get(id(file))
+                    if chunk is None or chunk.end != covered or chunk.length + rest > CHUNK_BYTES:
+                        chunk = open_chunks[id(file)] = _Chunk(file, covered, 0)
+                        self._queue.append(chunk)
+                    chunk.length += rest
+                    chunks = [*early, chunk]
+                for chunk in chunks:
+                    chunk.reads += 1
+                self._reads.setdefault((id(file), offset, length), deque()).append(chunks)
+            for chunks in self._early.values():  # the head start's hold ends: unclaimed chunks are let go
+                for chunk in chunks:
+                    chunk.reads -= 1
+                    self._release(chunk)
+            self._early.clear()
+            self._queue = deque(chunk for chunk in self._queue if chunk.reads > 0)
+            self._start_threads()
             self._cv.notify_all()
 
+    def _start_threads(self) -> None:
+        while len(self._threads) < self.connections and self._queue:
+            thread = threading.Thread(target=self._fetch_loop, name="mergecli-fetch", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
     def read_into(self, file: RemoteFile, offset: int, out: torch.Tensor) -> None:
-        """Copy `len(out)` bytes of `file` at `offset` into `out` (uint8, contiguous): from the chunk
-        that was fetched for it, or fetched now when the read was not announced."""
+        """Copy `len(out)` bytes of `file` at `offset` into `out` (uint8, contiguous): from the chunks
+        that were fetched for it, or fetched now when the read was not announced."""
         target = memoryview(out.numpy()).cast("B")
         with self._cv:
             waiting = self._reads.get((id(file), offset, len(target)))
-            chunk = waiting.popleft() if waiting else None
+            chunks = waiting.popleft() if waiting else None
             if waiting is not None and not waiting:
                 del self._reads[(id(file), offset, len(target))]
-        if chunk is None:
+        if chunks is None:
             fetch_range(file, offset, target)
             file.absorb(offset, target)  # hashed now or not kept: no copy needed
             return
-        while not chunk.ready.wait(0.5):  # a timeout: Ctrl-C reaches a waiting main thread
-            pass
-        if chunk.error is not None:
-            raise chunk.error
-        target[:] = memoryview(chunk.data)[offset - chunk.start:offset - chunk.start + len(target)]
-        with self._cv:
-            chunk.reads -= 1
-            self._release(chunk)
+        for chunk in chunks:
+            while not chunk.ready.wait(0.5):  # a timeout: Ctrl-C reaches a waiting main thread
+                pass
+            if chunk.error is not None:
+                raise chunk.error
+            first, last = max(offset, chunk.start), min(offset + len(target), chunk.end)
+            target[first - offset:last - offset] = memoryview(chunk.data)[first - chunk.start:last - chunk.start]
+            with self._cv:
+                chunk.reads -= 1
+                self._release(chunk)
 
     def _release(self, chunk: _Chunk) -> None:
         """Free a chunk's bytes once every read has them and they are hashed (under the condition)."""
@@ -296,14 +287,19 @@ class Fetcher:
                 self._hashed_early.discard(key)
                 if not chunk.hashed:
                     self._kept[key] = chunk
-                for start in drained:
-                    earlier = self._kept.pop((id(chunk.file), start), None)
-                    if earlier is None:
-                        self._hashed_early.add((id(chunk.file), start))
-                    else:
-                        earlier.hashed = True
-                        self._release(earlier)
+                self._drained(chunk.file, drained)
+                self._release(chunk)  # a head start's chunk that no read claimed
             chunk.ready.set()
+
+    def _drained(self, file: RemoteFile, starts: list[int]) -> None:
+        """Chunks kept ahead of the hash of `file` and hashed now: let go once read (under the condition)."""
+        for start in starts:
+            earlier = self._kept.pop((id(file), start), None)
+            if earlier is None:
+                self._hashed_early.add((id(file), start))
+            else:
+                earlier.hashed = True
+                self._release(earlier)
 
     def verify(self) -> None:
         """Fetch what each file's hash still lacks, in order, and compare it with the Hub's digest.
@@ -318,7 +314,9 @@ class Fetcher:
                 start = file.hashed
                 data = bytearray(min(CHUNK_BYTES, file.size - start, max(1, file.next_ahead() - start)))
                 fetch_range(file, start, data)
-                file.absorb(start, data)
+                _, drained = file.absorb(start, data)
+                with self._cv:
+                    self._drained(file, drained)
             if not file.digest_matches():
                 raise HubError("stream-checksum", repo_id=file.repo_id, revision=file.commit, files=(file.name,))
 

@@ -5,13 +5,12 @@ tensor's task, and lay out the output shards. Nothing is read yet, so a plan is 
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergecli.errors import InputNotFoundError, UsageError
-from mergecli.io.atomic import check_output_path, recover
+from mergecli.errors import InputNotFoundError
+from mergecli.io.atomic import check_output_path, output_directory, recover
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.remote import Fetcher
 from mergecli.io.writer import ShardPlan, plan_shards
@@ -76,13 +75,15 @@ class MergePlan:
         return counts
 
 
-def open_inputs(recipe: Recipe, *, headers_only: bool = False) -> Inputs:
+def open_inputs(recipe: Recipe, *, headers_only: bool = False, fetcher: Fetcher | None = None) -> Inputs:
     """Open every model of the recipe (and the base); close them all if one fails.
 
     Args:
         headers_only: hub inputs are known from their headers, their weights not downloaded.
+        fetcher: with `--stream`, the one a head start began (io/head_start.py); else a new one.
     """
-    fetcher = Fetcher(connections=recipe.stream_connections, buffer=recipe.stream_buffer) if recipe.stream else None
+    if recipe.stream and fetcher is None:
+        fetcher = Fetcher(connections=recipe.stream_connections, buffer=recipe.stream_buffer)
     specs = recipe.input_specs
     with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:  # hub inputs resolve side by side
         futures = [pool.submit(open_checkpoint, spec.path, revision=spec.revision, headers_only=headers_only,
@@ -127,13 +128,6 @@ def input_paths(inputs: Inputs) -> list[Path]:
     return [c.directory or c.files[0] for c in inputs.all]
 
 
-def resolve_output(recipe: Recipe, output: Path | str | None) -> Path:
-    target = output if output is not None else recipe.output
-    if target is None:
-        raise UsageError("no output directory", hint="set `output` in the recipe or pass -o DIR")
-    return Path(os.path.abspath(Path(target).expanduser()))  # a link is not followed: it is refused
-
-
 def inputs_order(stages: list[Stage], inputs: Inputs) -> list[TensorTask]:
     """The tasks in the reference checkpoint's tensor order, whatever order they run in: the output
     is laid out like the input."""
@@ -142,7 +136,8 @@ def inputs_order(stages: list[Stage], inputs: Inputs) -> list[TensorTask]:
 
 
 def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool = False,
-               dry_run: bool = False, sync: bool = True, device: str = "cpu") -> MergePlan:
+               dry_run: bool = False, sync: bool = True, device: str = "cpu",
+               fetcher: Fetcher | None = None) -> MergePlan:
     """Open and check the inputs of a recipe, let its method plan every tensor, and lay out the
     output; read no tensor. Unless `dry_run`, first restore or remove what killed runs left beside
     the output (said in the plan's warnings). With `dry_run`, hub inputs are planned from their
@@ -159,9 +154,9 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
     """
     method = method_of(recipe)
     method.check(recipe)
-    target = resolve_output(recipe, output)
+    target = output_directory(output if output is not None else recipe.output)
     recovered = [] if dry_run else recover(target)
-    inputs = open_inputs(recipe, headers_only=dry_run)
+    inputs = open_inputs(recipe, headers_only=dry_run, fetcher=fetcher)
     inputs.dry_run, inputs.device = dry_run, device
     try:
         warnings: list[str] = []

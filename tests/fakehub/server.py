@@ -13,7 +13,7 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -41,6 +41,7 @@ class RequestRecord:
     path: str  # raw path + query, as sent
     headers: dict[str, str]
     status: int | None = None  # None: the connection was dropped
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""`--stream`'s head start: the hub inputs' headers are read and their bytes start to flow while the
+process is still importing torch and planning (seconds, against a link that could carry hundreds of
+MB in that time).
+
+A thread resolves each hub input, reads its files' headers and the Hub's sha256 for each, adds them
+to the merge's `Fetcher` and has it fetch the start of every file (`Fetcher.prefetch`). Nothing here
+imports torch. What goes wrong here is not reported here, nor retried: the plan that follows opens
+the same inputs, meets the same problem and deals with it as it always does.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mergecli.io import hub
+from mergecli.io.remote import Fetcher, RemoteFile
+
+
+class HeadStart:
+    """The fetcher of a streamed merge, started before the plan; `fetcher()` waits for its headers."""
+
+    def __init__(self, inputs: list[tuple[str, str | None]], *, connections: int, buffer: int):
+        self._fetcher = Fetcher(connections=connections, buffer=buffer)
+        self._thread = threading.Thread(target=self._start, args=(inputs,), name="mergecli-head-start", daemon=True)
+        self._thread.start()
+
+    def fetcher(self) -> Fetcher:
+        """The fetcher, its files added, once the head start has begun fetching."""
+        self._thread.join()
+        return self._fetcher
+
+    def _start(self, inputs: list[tuple[str, str | None]]) -> None:
+        with ThreadPoolExecutor(max_workers=min(8, len(inputs))) as pool:
+            found = list(pool.map(lambda spec: _remote_files(*spec), inputs))
+        for files in found:  # in the recipe's order, whatever order they were found in
+            for file in files:
+                self._fetcher.add(file)
+        if any(found):
+            self._fetcher.prefetch([files for files in found if files])
+
+
+def _remote_files(path: str, revision: str | None) -> list[RemoteFile]:
+    """The files of one input that a streamed merge will fetch (none for a local path, a snapshot the
+    cache holds, or anything the plan will refuse)."""
+    from huggingface_hub import constants
+
+    if Path(path).expanduser().is_absolute() or not hub.looks_like_repo_id(path) or constants.is_offline_mode():
+        return []  # a local path (load_recipe made them absolute), or a hub that cannot be asked
+    try:
+        snapshot = hub.resolve(path, revision=revision)
+        if snapshot.cached or not all(name.endswith(".safetensors") for name in snapshot.weights):
+            return []
+        files = []
+        for name in snapshot.weights:
+            if (snapshot.folder / name).is_file():
+                continue
+            prefix, raw, size = hub.remote_header(snapshot, name, attempts=1)  # a fault: the plan retries
+            if not raw:  # not a safetensors header: the plan says so
+                return []
+            identity = hub.file_identity(snapshot, name)
+            files.append(RemoteFile(snapshot.repo_id, snapshot.commit, name, size, prefix + raw,
+                                    sha256=identity.sha256, git_oid=identity.git_oid))
+        return files
+    except Exception:  # noqa: BLE001 — the plan meets it again and reports it
+        return []
