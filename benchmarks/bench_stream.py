@@ -116,6 +116,9 @@ def main() -> None:
                 home.mkdir(parents=True)
                 env = hub.subprocess_env(home)
                 env.pop("PYTHONPATH", None)
+                # torch's libraries warm in the page cache, as on a machine that runs mergecli: the round's
+                # download (3 GB written, then removed) may have pushed them out
+                subprocess.run([sys.executable, "-c", bench_average.BASELINE], check=True)
                 sent = hub.bytes_sent
                 wall, _, rss = bench_average.measure(command, work / "work-seconds", env=env)
                 runs[name].append((wall, rss - baseline, disk_used(home), disk_used(out),
