@@ -1,7 +1,8 @@
 """RegMean and RegMean++ across transformers families, each a tiny model saved by the installed
 transformers with `save_pretrained`: collect-stats, merge and RegMean++, and the output loads back.
 GPT-NeoX (whose file names its head `embed_out`) and the T5 encoder (whose blocks hand a position bias
-on) are checked against float64 least squares per linear layer; MoE checkpoints, whose experts the
+on) are checked against float64 least squares per linear layer; the image encoders ViT and SigLIP
+vision are calibrated on images; MoE checkpoints, whose experts the
 file stores apart and the class holds fused, are refused by `validate` with the reason."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from builders import word_tokenizer
 from clirunner import cli
-from references import layer_inputs, random_texts, text_inputs, write_txt
+from references import layer_inputs, random_texts, text_inputs, write_images, write_txt
 
 SMALL = {"vocab_size": 128, "max_position_embeddings": 128}
 DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -79,6 +80,55 @@ def test_family_collects_merges_and_loads_back(kind, tmp_path):
         model = getattr(transformers, FAMILIES[kind][0]).from_pretrained(out)
         with torch.no_grad():
             hidden = model(input_ids=torch.tensor([[4, 5, 6, 7]]))[0]
+        assert torch.isfinite(hidden).all()
+
+
+ENCODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "image_size": 32, "patch_size": 8}
+IMAGE_FAMILIES = {  # model_type → (class, config class, image processor)
+    "vit": ("ViTModel", "ViTConfig", "ViTImageProcessor"),
+    "siglip_vision_model": ("SiglipVisionModel", "SiglipVisionConfig", "SiglipImageProcessor"),
+}
+
+
+@pytest.mark.parametrize("kind", list(IMAGE_FAMILIES))
+def test_image_encoder_family_collects_merges_and_loads_back(kind, tmp_path):
+    class_name, config_name, processor_name = IMAGE_FAMILIES[kind]
+    models = []
+    for seed in range(2):
+        path = tmp_path / f"{kind}-{seed}"
+        torch.manual_seed(seed)
+        model = getattr(transformers, class_name)(getattr(transformers, config_name)(**ENCODER))
+        with torch.no_grad():  # LayerNorms that look trained, so that no Gram is singular
+            for module in model.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.weight.normal_(1.0, 0.2)
+                    module.bias.normal_(0.0, 0.2)
+        model.save_pretrained(path)
+        getattr(transformers, processor_name)(size={"height": 32, "width": 32}).save_pretrained(path)
+        models.append(path)
+    images = write_images(tmp_path / "images", 6, seed=0)
+    recipe = regmean_recipe(tmp_path, models, images, examples=6)
+    assert cli("validate", recipe).exit_code == 0
+    for command in (("regmean", "collect-stats", recipe), ("regmean", "merge", recipe),
+                    ("regmean", "merge", recipe, "--set", "regmean.sequential=true", "-o", tmp_path / "pp")):
+        result = cli(*command)
+        assert result.exit_code == 0, result.output
+    originals = [load_file(path / "model.safetensors") for path in models]
+    for out in ("out", "pp"):
+        merged = load_file(tmp_path / out / "model.safetensors")
+        query = next(name for name in merged if name.endswith(("query.weight", "q_proj.weight")))
+        assert not torch.allclose(merged[query], (originals[0][query] + originals[1][query]) / 2)  # solved
+        if kind == "siglip_vision_model":  # the pooling head's MultiheadAttention reads out_proj without calling it
+            name = "head.attention.out_proj.weight"
+            torch.testing.assert_close(merged[name], (originals[0][name] + originals[1][name]) / 2)
+    if kind == "siglip_vision_model":
+        assert "head.attention.out_proj.weight: its layer never ran on the calibration data; it is averaged" \
+            in result.output
+    for out in (tmp_path / "out", tmp_path / "pp"):
+        model = getattr(transformers, class_name).from_pretrained(out)
+        with torch.no_grad():
+            hidden = model(pixel_values=torch.randn(1, 3, 32, 32))[0]
         assert torch.isfinite(hidden).all()
 
 

@@ -133,17 +133,19 @@ def _blocks_replaced(skeleton: Skeleton, make: Callable[[int], torch.nn.Module])
 @contextmanager
 def _loaded_on_call(skeleton: Skeleton, ran: set[str]) -> Iterator[None]:
     """Load each module outside the blocks when it is first called (recording its name), and free
-    them all afterwards: only what the pass really runs is ever read."""
+    them all afterwards: only what the pass really runs is ever read. A `MultiheadAttention` (SigLIP's
+    pooling head) reads its `out_proj` weight without calling it: it is loaded with its submodules."""
     inside = {id(m) for m in skeleton.blocks.modules()}
     outside = [(name, m) for name, m in skeleton.model.named_modules() if id(m) not in inside]
-    loaded: list[torch.nn.Module] = []
+    loaded: list[tuple[torch.nn.Module, bool]] = []
 
     def hook_for(name: str) -> Callable:
         def load(module: torch.nn.Module, args: tuple) -> None:
             if name not in ran:
                 ran.add(name)
-                skeleton.load([module], recurse=False)
-                loaded.append(module)
+                whole = isinstance(module, torch.nn.MultiheadAttention)
+                skeleton.load([module], recurse=whole)
+                loaded.append((module, whole))
         return load
 
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in outside]
@@ -152,7 +154,8 @@ def _loaded_on_call(skeleton: Skeleton, ran: set[str]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-        skeleton.release(loaded, recurse=False)
+        for whole in (False, True):
+            skeleton.release([module for module, recursed in loaded if recursed == whole], recurse=whole)
 
 
 def _forward_error(label: str, exc: BaseException) -> StatsError:

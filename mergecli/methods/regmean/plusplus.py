@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ import torch
 from mergecli.io.atomic import scratch_directory
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.memory import give_back_memory
-from mergecli.methods.base import FLOPS_PER_BYTE, Inputs, Stage, TensorTask
+from mergecli.methods.base import FLOPS_PER_BYTE, Combine, Inputs, Stage, TensorTask
 from mergecli.methods.regmean.solve import regmean_task
 from mergecli.recipe import Recipe, model_label
 from mergecli.stats.calibration import Batch, model_batches, read_examples
@@ -173,10 +173,22 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
                 out.append(by_name[name])
                 continue
             sources = [lambda i=i, name=name: state.gram(i, name) for i in range(len(inputs.models))]
-            out.append(regmean_task(by_name[name], sources, recipe, warnings, models=tuple(inputs.models),
-                                    orientation=layer.orientation,
-                                    in_features=layer.in_features, kind="regmean++"))
+            task = regmean_task(by_name[name], sources, recipe, warnings, models=tuple(inputs.models),
+                                orientation=layer.orientation, in_features=layer.in_features, kind="regmean++")
+            out.append(replace(task, combine=solved_or_averaged(name, task.combine, by_name[name].combine)))
         return out
+
+    def solved_or_averaged(name: str, solve: Combine, average: Combine) -> Combine:
+        """A layer whose module never ran in its stage (SigLIP's pooling head reads `out_proj.weight`
+        without calling it) has no Grams: it is averaged, and the merge says so."""
+        def combine(blocks: list[torch.Tensor], merged: torch.Tensor) -> torch.Tensor:
+            if all(name in grams.layers for grams in state.grams):
+                return solve(blocks, merged)
+            note = f"regmean++: {name}: its layer never ran on the calibration data; it is averaged"
+            if note not in warnings:
+                warnings.append(note)
+            return average(blocks, merged)
+        return combine
 
     block_of = _block_of_tensors(skeleton)
     tail_names = {layer.weight for layer in tail}
