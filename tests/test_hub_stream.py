@@ -246,3 +246,21 @@ def test_head_start_chunks_serve_reads_across_their_bounds_and_the_unclaimed_are
         assert fetcher.held == 0  # every chunk read and hashed, let go
     finally:
         fetcher.close()
+
+
+def test_a_refusal_before_the_merge_costs_no_transfer(fake_hub, repos, tmp_path):
+    """An output that exists without --force is refused before the head start fetches anything."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    result = streamed_average(tmp_path)
+    assert result.exit_code == 2 and "already exists" in result.stderr, result.output
+    assert not fake_hub.requests_matching("GET", WEIGHT_FILES)
+
+
+def test_a_missing_repo_is_reported_once_whatever_the_head_start_met(fake_hub, repos, tmp_path):
+    result = cli("average", "-m", REPOS[0], "-m", "org/no-such-model", "--stream", "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and "org/no-such-model" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr
+    assert not (tmp_path / "out").exists()
