@@ -26,6 +26,11 @@ _BUCKETS = 1 << 16
 STORE_ENTRIES = 2**21  # per population: the bucket's low bits per block kept in the second pass (16 MB)
 
 
+def _as_float(bits: int) -> float:
+    """The float32 value of a bit pattern (`bits - 1` of a positive one: the float32 just below it)."""
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
+
+
 def magnitudes(vector: torch.Tensor) -> torch.Tensor:
     """|x| as float32 (flat), in this thread's buffer: float64 values are compared as the float32
     values nearest to them. Their bit patterns, read as int32, order as the magnitudes do."""
@@ -133,12 +138,17 @@ class TopMagnitudes:
             return vector
         if self.k == 0:
             return vector.zero_()
-        found = magnitudes(vector)
-        threshold = torch.tensor(self.threshold, dtype=torch.int32).view(torch.float32).item()
+        threshold = _as_float(self.threshold)
         before = self.tie_offsets.get(start, 0)  # values equal to the threshold before this block
         keeps_ties = before + self.ties.get(start, 0) <= self.ties_kept
         if not math.isfinite(threshold) or (not keeps_ties and before < self.ties_kept):
-            return vector.mul_(self._kept_by_position(found.view(torch.int32), start))  # the cut is in this block
+            bits = magnitudes(vector).view(torch.int32)
+            return vector.mul_(self._kept_by_position(bits, start))  # the cut is in this block
+        if vector.dtype == torch.float32:  # one pass: hardshrink keeps x where |x| > λ, else gives 0
+            if keeps_ties and self.threshold == 0:
+                return vector  # every |x| ≥ 0
+            return torch.hardshrink(vector, _as_float(self.threshold - 1) if keeps_ties else threshold, out=vector)
+        found = magnitudes(vector)
         # |x| − t is > 0 exactly where |x| > t, and 0 where equal (float subtraction of unequal values never
         # gives 0): its sign, then +1 and at most 1 (equal ones kept) or at least 0 (dropped), is the 0/1
         # mask, in float arithmetic (several times faster on a CPU than comparisons giving bool masks)
