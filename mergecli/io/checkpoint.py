@@ -278,9 +278,8 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
         InputNotFoundError: neither a local path nor a hub repo id.
         CheckpointError: the files are corrupt, truncated or of an unsupported kind.
     """
-    local = Path(path).expanduser()
-    is_repo_id = not local.is_absolute() and hub.looks_like_repo_id(path)
-    if not is_repo_id:
+    if not hub.names_repo(path):
+        local = Path(path).expanduser()
         if os.path.lexists(local):
             return open_local(local, source=path)
         raise InputNotFoundError(path)
@@ -289,12 +288,8 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
     except HubError as exc:
         exc.local_path_tried = True  # the message says first that no such local path exists
         raise
-    if (headers_only or fetcher) and not snapshot.cached and all(name.endswith(".safetensors")
-                                                                 for name in snapshot.weights):
-        from huggingface_hub import constants
-
-        if not constants.is_offline_mode():
-            return _open_remote(snapshot, None if headers_only else fetcher)
+    if (headers_only or fetcher) and hub.streamable(snapshot):
+        return _open_remote(snapshot, None if headers_only else fetcher)
     directory = hub.fetch_weights(snapshot)
     # snapshots/<commit>/ links into the repo folder's blobs/: the repo folder is the input's tree
     return open_local(directory, source=path, commit=snapshot.commit, root=directory.parent.parent)
@@ -311,19 +306,15 @@ def _open_remote(snapshot: hub.Snapshot, fetcher: Fetcher | None = None) -> Chec
         if fetcher is not None and file.is_file():
             infos, _ = read_header(_check_file(file, root))
         else:
-            started = fetcher.known(snapshot.repo_id, snapshot.commit, file.name) if fetcher is not None else None
-            if started is not None:  # its header came with the fetcher's head start (cli/_merge.py)
-                prefix, raw, size = started.head[:8], started.head[8:], started.size
+            if fetcher is not None:  # a head start (cli/_merge.py) may have added it already
+                remote[file] = (fetcher.known(snapshot.repo_id, snapshot.commit, file.name)
+                                or fetcher.add(hub.remote_file(snapshot, file.name)))
+                head, size = remote[file].head, remote[file].size
+                prefix, raw = head[:8], head[8:]
             else:
                 prefix, raw, size = hub.remote_header(snapshot, file.name)
             header_length(file, prefix, size)
             infos = parse_header(file, raw, size)[0]
-            if fetcher is not None:
-                if started is None:
-                    identity = hub.file_identity(snapshot, file.name)
-                    started = fetcher.add(RemoteFile(snapshot.repo_id, snapshot.commit, file.name, size,
-                                                     prefix + raw, sha256=identity.sha256, git_oid=identity.git_oid))
-                remote[file] = started
         for info in infos:
             if info.name in tensors:
                 raise CheckpointError(file, f"tensor {info.name!r} is stored twice "

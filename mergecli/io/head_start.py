@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from mergecli.io import hub
 from mergecli.io.remote import Fetcher, RemoteFile
@@ -42,26 +41,16 @@ class HeadStart:
 
 
 def _remote_files(path: str, revision: str | None) -> list[RemoteFile]:
-    """The files of one input that a streamed merge will fetch (none for a local path, a snapshot the
-    cache holds, or anything the plan will refuse)."""
-    from huggingface_hub import constants
-
-    if Path(path).expanduser().is_absolute() or not hub.looks_like_repo_id(path) or constants.is_offline_mode():
-        return []  # a local path (load_recipe made them absolute), or a hub that cannot be asked
+    """The files of one input that a streamed merge will fetch: those `open_checkpoint` would stream
+    (none for a local path, a snapshot the cache holds, or anything the plan will refuse)."""
+    if not hub.names_repo(path):
+        return []
     try:
         snapshot = hub.resolve(path, revision=revision)
-        if snapshot.cached or not all(name.endswith(".safetensors") for name in snapshot.weights):
+        if not hub.streamable(snapshot):
             return []
-        files = []
-        for name in snapshot.weights:
-            if (snapshot.folder / name).is_file():
-                continue
-            prefix, raw, size = hub.remote_header(snapshot, name, attempts=1)  # a fault: the plan retries
-            if not raw:  # not a safetensors header: the plan says so
-                return []
-            identity = hub.file_identity(snapshot, name)
-            files.append(RemoteFile(snapshot.repo_id, snapshot.commit, name, size, prefix + raw,
-                                    sha256=identity.sha256, git_oid=identity.git_oid))
-        return files
+        files = [hub.remote_file(snapshot, name, attempts=1)  # a fault: the plan retries
+                 for name in snapshot.weights if not (snapshot.folder / name).is_file()]
+        return [] if any(len(file.head) <= 8 for file in files) else files  # a bad header: the plan says so
     except Exception:  # noqa: BLE001 — the plan meets it again and reports it
         return []

@@ -29,10 +29,17 @@ from mergecli.io.files import (
 )
 from mergecli.io.hub_errors import hub_errors
 from mergecli.io.ranges import MAX_ATTEMPTS, get_range
+from mergecli.io.remote import RemoteFile
 
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _REPO_ID = re.compile(f"(?:{_REPO_PART}/)?{_REPO_PART}")  # org/name, or a canonical name (gpt2)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def names_repo(path: str) -> bool:
+    """Whether an input's path is a hub repo id. A relative path that may be one is one: it is never
+    looked up in the current directory (load_recipe makes a recipe's local paths absolute)."""
+    return not Path(path).expanduser().is_absolute() and looks_like_repo_id(path)
 
 
 def looks_like_repo_id(path: str) -> bool:
@@ -120,6 +127,23 @@ def remote_header(snapshot: Snapshot, name: str, *, attempts: int = MAX_ATTEMPTS
     header = bytearray(length)
     get_range(snapshot.repo_id, snapshot.commit, name, 8, header, attempts=attempts)
     return bytes(prefix), bytes(header), size
+
+
+def streamable(snapshot: Snapshot) -> bool:
+    """Whether the snapshot's weights can be read by range requests rather than downloaded: safetensors
+    files, not all of them complete in the cache, and a hub that may be asked."""
+    from huggingface_hub import constants
+
+    return (not snapshot.cached and all(name.endswith(".safetensors") for name in snapshot.weights)
+            and not constants.is_offline_mode())
+
+
+def remote_file(snapshot: Snapshot, name: str, *, attempts: int = MAX_ATTEMPTS) -> RemoteFile:
+    """One weight file to stream: its header (`remote_header`) and the Hub's digest of it (`file_identity`)."""
+    prefix, raw, size = remote_header(snapshot, name, attempts=attempts)
+    identity = file_identity(snapshot, name)
+    return RemoteFile(snapshot.repo_id, snapshot.commit, name, size, prefix + raw,
+                      sha256=identity.sha256, git_oid=identity.git_oid)
 
 
 @dataclass(frozen=True)

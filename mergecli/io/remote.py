@@ -215,12 +215,13 @@ class Fetcher:
                 for chunk in chunks:
                     chunk.reads += 1
                 self._reads.setdefault((id(file), offset, length), deque()).append(chunks)
-            for chunks in self._early.values():  # the head start's hold ends: unclaimed chunks are let go
-                for chunk in chunks:
-                    chunk.reads -= 1
-                    self._release(chunk)
-            self._early.clear()
-            self._queue = deque(chunk for chunk in self._queue if chunk.reads > 0)
+            if self._early:  # the head start's hold ends: unclaimed chunks are let go, fetched or not
+                for chunks in self._early.values():
+                    for chunk in chunks:
+                        chunk.reads -= 1
+                        self._release(chunk)
+                self._early.clear()
+                self._queue = deque(chunk for chunk in self._queue if chunk.reads > 0)
             self._start_threads()
             self._cv.notify_all()
 
