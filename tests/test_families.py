@@ -2,11 +2,14 @@
 transformers with `save_pretrained`: collect-stats, merge and RegMean++, and the output loads back.
 GPT-NeoX (whose file names its head `embed_out`) and the T5 encoder (whose blocks hand a position bias
 on) are checked against float64 least squares per linear layer; the image encoders ViT and SigLIP
-vision are calibrated on images; MoE checkpoints, whose experts the
-file stores apart and the class holds fused, are refused by `validate` with the reason."""
+vision are calibrated on images. MoE checkpoints (Mixtral, Qwen3-MoE), whose experts the file stores
+apart and the class holds fused: each expert's projections are least-squares fits over the tokens
+routed to it (routing recomputed here from the file's router), and an expert that saw too few tokens
+is averaged and named in the plan and the card."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,14 @@ from safetensors.torch import load_file
 
 from builders import word_tokenizer
 from clirunner import cli
-from references import layer_inputs, random_texts, text_inputs, write_images, write_txt
+from references import (
+    layer_inputs,
+    module_inputs,
+    random_texts,
+    text_inputs,
+    write_images,
+    write_txt,
+)
 
 SMALL = {"vocab_size": 128, "max_position_embeddings": 128}
 DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -36,7 +46,7 @@ FAMILIES = {  # model_type → (class, config keys)
 MOE = {
     "mixtral": ("MixtralForCausalLM", {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("Qwen3MoeForCausalLM", {**DECODER, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
-                                          "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+                                          "moe_intermediate_size": 64, "decoder_sparse_step": 1}),
 }
 TEXTS = ["the model merge weight layer token data", "the a of to and in is it that", "math code text image train",
          "test loss mean sum one all", "model data token weight merge layer"] * 4
@@ -161,12 +171,84 @@ def test_linear_layers_are_least_squares_fits(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_checkpoints_are_refused_by_validate_with_the_reason(kind, tmp_path):
+def test_moe_family_collects_merges_and_averages_experts_short_of_tokens(kind, tmp_path):
     models = [build(tmp_path / f"{kind}-{i}", kind, MOE[kind], seed=i) for i in range(2)]
+    recipe = regmean_recipe(tmp_path, models, write_txt(tmp_path / "data.txt", TEXTS))
+    assert cli("validate", recipe).exit_code == 0
+    assert cli("regmean", "collect-stats", recipe).exit_code == 0
+    planned = cli("validate", recipe)
+    outputs = {"out": cli("regmean", "merge", recipe),
+               "pp": cli("regmean", "merge", recipe, "--set", "regmean.sequential=true", "-o", tmp_path / "pp")}
+    originals = [load_file(path / "model.safetensors") for path in models]
+    stats = [json.loads((tmp_path / "stats" / path.name / "stats.json").read_text())["layers"] for path in models]
+    for out, result in outputs.items():
+        assert result.exit_code == 0, result.output
+        merged = load_file(tmp_path / out / "model.safetensors")
+        experts = [name for name in merged if ".experts." in name]
+        averaged = {name for name in experts
+                    if torch.equal(merged[name], (originals[0][name] + originals[1][name]) / 2)}
+        if out == "out":  # 100 tokens over 4 experts, top 2: some experts see fewer than they have inputs
+            few = {name for name in experts if any(s[name]["tokens"] < s[name]["in_features"] for s in stats)}
+            assert few and averaged == few
+            assert f"{len(few)} tensors averaged (MoE experts with fewer calibration tokens than inputs)" \
+                in planned.output
+        assert f"{len(averaged)} tensors averaged (MoE experts with fewer calibration tokens than inputs)" \
+            in (tmp_path / out / "README.md").read_text()
+        assert len(averaged) < len(experts)  # the others are solved
+        router = next(name for name in merged if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")))
+        assert not torch.allclose(merged[router], (originals[0][router] + originals[1][router]) / 2)
+        model = getattr(transformers, MOE[kind][0]).from_pretrained(tmp_path / out)
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=torch.tensor([[4, 5, 6, 7]]))[0]).all()
+
+
+def test_moe_experts_are_least_squares_fits_of_their_routed_tokens(tmp_path):
+    kind = "mixtral"
+    models = [build(tmp_path / f"{kind}-{i}", kind, MOE[kind], seed=10 + i, dtype=torch.float64) for i in range(2)]
+    texts = random_texts(7, 60, shortest=8, longest=16)
+    recipe = regmean_recipe(tmp_path, models, write_txt(tmp_path / "data.txt", texts), examples=60)
+    assert cli("regmean", "collect-stats", recipe).exit_code == 0
+    result = cli("regmean", "merge", recipe)
+    assert result.exit_code == 0, result.output
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    files = [load_file(m / "model.safetensors") for m in models]
+    blocks = [f"model.layers.{layer}.mlp" for layer in range(DECODER["num_hidden_layers"])]
+    references = [transformers.MixtralForCausalLM.from_pretrained(m, dtype="auto", experts_implementation="eager")
+                  for m in models]  # float64: the grouped matmul has no float64 kernel
+    xs = [module_inputs(r.eval(), blocks, text_inputs(m, texts, max_length=16)) for r, m in zip(references, models)]
+    checked = 0
+    for layer, block in enumerate(blocks):
+        stored = f"model.layers.{layer}.block_sparse_moe"
+        inputs: dict[str, list[torch.Tensor]] = {f"{stored}.gate.weight": [x[block] for x in xs]}
+        for x, w in zip(xs, files):  # the routing, recomputed from the file's router: softmax, top 2
+            top = torch.topk(torch.softmax(x[block] @ w[f"{stored}.gate.weight"].T, dim=-1), 2).indices
+            for expert in range(4):
+                rows = x[block][(top == expert).any(dim=-1)]
+                prefix = f"{stored}.experts.{expert}"
+                gate, up = rows @ w[f"{prefix}.w1.weight"].T, rows @ w[f"{prefix}.w3.weight"].T
+                gated = torch.nn.functional.silu(gate) * up
+                for name, value in ((f"{prefix}.w1.weight", rows), (f"{prefix}.w3.weight", rows),
+                                    (f"{prefix}.w2.weight", gated)):
+                    inputs.setdefault(name, []).append(value)
+        for name, rows in inputs.items():
+            assert all(r.shape[0] >= r.shape[1] for r in rows), f"{name}: too few tokens for a fit"
+            a = torch.cat([(1 / r.shape[0]) ** 0.5 * r for r in rows])
+            b = torch.cat([(1 / r.shape[0]) ** 0.5 * r @ w[name].T for r, w in zip(rows, files)])
+            expected = torch.linalg.lstsq(a, b, driver="gelsd").solution.T
+            error = torch.linalg.norm(merged[name] - expected) / torch.linalg.norm(expected)
+            assert error < 1e-8, f"{name}: relative error {float(error):.2e}"
+            checked += 1
+    assert checked == 2 * (1 + 4 * 3)
+
+
+def test_experts_stored_fused_are_refused_by_validate_with_the_reason(tmp_path):
+    spec = ("GptOssForCausalLM", {**DECODER, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2})
+    models = [build(tmp_path / f"gpt_oss-{i}", "gpt_oss", spec, seed=i) for i in range(2)]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(models[0] / "model.safetensors")  # [E, H, 2I]
     recipe = regmean_recipe(tmp_path, models, write_txt(tmp_path / "data.txt", TEXTS))
     result = cli("validate", recipe)
     assert result.exit_code == 1, result.output
-    assert f"{kind}: the checkpoint stores" in result.stderr and "RegMean cannot merge such layers yet" in result.stderr
-    assert "Traceback" not in result.output
+    assert "gpt_oss: the checkpoint stores the experts of model.layers.0.mlp.experts fused" in result.stderr
+    assert "RegMean cannot merge such layers yet" in result.stderr and "Traceback" not in result.output
     averaged = cli("average", "-m", models[0], "-m", models[1], "-o", tmp_path / "avg")  # other methods merge it
     assert averaged.exit_code == 0, averaged.output

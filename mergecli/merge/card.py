@@ -148,7 +148,7 @@ def _usage(recipe: Recipe, config: dict | None, title: str, *, sentence_transfor
 def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: str = "merged-model",
                 config_from: str | None = None, tokenizer_from: str | None = None,
                 sizes: dict[str, int] | None = None, license: str | None = None,
-                pipeline_from: str | None = None) -> str:
+                pipeline_from: str | None = None, notes: dict[str, list[str]] | None = None) -> str:
     """A model card: front matter, models and weights, method, usage, and the recipe that made it.
 
     Args:
@@ -160,6 +160,7 @@ def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: s
         sizes: each input's bytes, by the same names.
         license: the license id of the inputs' cards (the base's, else the first model's that has one).
         pipeline_from: where a sentence-transformers pipeline was copied from (None: there is none).
+        notes: per task kind (as `method.kinds` names it), which tensors were merged so and why.
     """
     sizes = sizes or {}
     count = len(recipe.models)
@@ -186,7 +187,11 @@ def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: s
                   f"sentence-transformers pipeline from {_input(pipeline_from)}" if pipeline_from else ""]
     if any(provenance):
         lines += [f"Support files: {'; '.join(p for p in provenance if p)}.", ""]
-    lines += ["## Method", "", *_method(recipe, method, config), ""]
+    lines += ["## Method", "", *_method(recipe, method, config)]
+    for kind, listed in (notes or {}).items():
+        lines.append(f"- {len(listed)} tensor{'s' * (len(listed) != 1)} {method.kinds.get(kind, kind)}: "
+                     + ", ".join(f"`{_cell(note)}`" for note in listed))
+    lines.append("")
     if config is not None:
         lines += _usage(recipe, config, title, sentence_transformers=st)
     lines += ["## Recipe", "",

@@ -70,9 +70,19 @@ class MergePlan:
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for task in self.tasks:
-            counts[task.kind] = counts.get(task.kind, 0) + 1
+        for stage in self.stages:
+            for kind, _ in stage.outcomes():
+                counts[kind] = counts.get(kind, 0) + 1
         return counts
+
+    def task_notes(self) -> dict[str, list[str]]:
+        """Per task kind, the notes of its tasks (which tensors, and why), for the card."""
+        notes: dict[str, list[str]] = {}
+        for stage in self.stages:
+            for kind, note in stage.outcomes():
+                if note:
+                    notes.setdefault(kind, []).append(note)
+        return notes
 
 
 def open_inputs(recipe: Recipe, *, headers_only: bool = False, fetcher: Fetcher | None = None) -> Inputs:

@@ -124,8 +124,8 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
                 writer.close()
             sizes = {name: ckpt.nbytes for name, ckpt in zip(plan.recipe.input_names, plan.inputs.all)}
             write_support_files(directory, support=plan.support, method=plan.method, dtype=config_dtype(plan),
-                                recipe=recipe, sizes=sizes,
-                                directory_name=plan.output.name)
+                                recipe=recipe, sizes=sizes, directory_name=plan.output.name,
+                                notes=plan.task_notes())
     finally:
         for stage in plan.stages:
             if stage.cleanup:

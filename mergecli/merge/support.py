@@ -225,10 +225,12 @@ def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path, *, normalize: 
 
 
 def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recipe, method: Method,
-                        dtype: str, sizes: dict[str, int], directory_name: str) -> None:
+                        dtype: str, sizes: dict[str, int], directory_name: str,
+                        notes: dict[str, list[str]] | None = None) -> None:
     """config.json (with the output dtype), tokenizer files, mergecli.toml and the model card.
 
     Args:
+        notes: per task kind, why tensors of that kind were merged as they were (`TensorTask.note`).
         recipe: the resolved recipe (`resolved_recipe`).
         directory_name: the output's final name (`directory` is its temporary sibling).
         dtype: the output's floating dtype ("bfloat16"), for the config.
@@ -256,5 +258,5 @@ def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recip
     (directory / "mergecli.toml").write_text(dump_recipe(recipe))
     card = render_card(recipe, method, config=config, title=directory_name, config_from=support.config_from,
                        pipeline_from=support.pipeline_from,
-                       tokenizer_from=support.tokenizer_from, sizes=sizes, license=support.license)
+                       tokenizer_from=support.tokenizer_from, sizes=sizes, license=support.license, notes=notes)
     (directory / "README.md").write_text(card)

@@ -10,7 +10,7 @@ wrong one refused, before torch is loaded.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pydantic import BaseModel
@@ -76,6 +76,7 @@ class TensorTask:
     cost: float = 0.0  # work beyond reading, in bytes read that take as long (a solve's flops / FLOPS_PER_BYTE)
     prepasses: tuple[Prepass, ...] = ()  # streamed reads before the combine (see Prepass), in order
     positional: bool = False  # the combine takes the flat position of each block's first element
+    note: str = ""  # why the tensor is merged as it is, where the plan cannot show it by its kind alone
 
     @property
     def bytes_read(self) -> int:
@@ -101,6 +102,13 @@ class Stage:
     work_bytes: int = 0
     label: str = ""  # what progress calls the stage ("block 3/12")
     hook_cost: float = 0.0  # the work of `before` and `after` (forward passes), in the units of TensorTask.work
+    # tensor name → (kind, note) a combine chose as the stage ran, in place of its task's (RegMean++
+    # averages an expert that saw too few tokens)
+    decided: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def outcomes(self) -> list[tuple[str, str]]:
+        """Each task's (kind, note), as planned or as decided while the stage ran."""
+        return [self.decided.get(task.out.name, (task.kind, task.note)) for task in self.tasks]
 
 
 @dataclass

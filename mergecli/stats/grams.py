@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from mergecli.errors import StatsError
+from mergecli.stats.experts import ExpertsHook, is_experts
 from mergecli.stats.layers import LinearLayer
 
 GRAM_DTYPE = torch.float64
@@ -194,7 +195,11 @@ class GramCollector:
 
     def __enter__(self) -> GramCollector:
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            if is_experts(module):  # a Gram per expert and projection, each over the tokens routed to it
+                hook = ExpertsHook(name, self._add_expert, lambda x: row_mask(x, self._mask))
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -248,6 +253,11 @@ class GramCollector:
                                              staged=rows.dtype != torch.float64)
         total.add(rows, tokens)
         self.batch_rows = max(self.batch_rows, tokens)
+
+    def _add_expert(self, key: str, rows: torch.Tensor) -> None:
+        self._add(key, rows, rows.shape[0])
+        self.gram_of[key] = key
+        self.fired.add(key)
 
     def layers(self, layers: list[LinearLayer]) -> list[LinearLayer]:
         """The layers among `layers` that ran (and so have statistics)."""

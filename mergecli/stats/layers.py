@@ -1,5 +1,6 @@
 """Which layers RegMean merges: every `nn.Linear` / HF `Conv1D` of a model whose weight is stored in
-its checkpoint, with the orientation of that weight (`[out, in]` or `[in, out]`).
+its checkpoint, with the orientation of that weight (`[out, in]` or `[in, out]`); and in a MoE
+model, every stored expert projection and the router (stats/experts.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ import torch
 
 from mergecli.errors import StatsError
 from mergecli.io.safetensors import TensorInfo
+from mergecli.stats.experts import (
+    PROJECTIONS,
+    FusedParameter,
+    check_experts,
+    expert_key,
+    fused_parameters,
+    is_experts,
+)
 
 Orientation = Literal["out_in", "in_out"]
 
@@ -23,6 +32,13 @@ class LinearLayer:
     weight: str
     orientation: Orientation  # "out_in": nn.Linear `[out, in]`; "in_out": HF Conv1D `[in, out]`
     in_features: int
+    experts: str = ""  # an expert's projection: the fused experts module it is part of (`module` names it)
+    expert: int | None = None
+
+    @property
+    def hooked(self) -> str:
+        """The module whose forward pre-hook sees this layer's input."""
+        return self.experts or self.module
 
 
 def stored_name(name: str, shape: tuple[int, ...], tensors: dict[str, TensorInfo], prefixes: list[str]) -> str | None:
@@ -32,48 +48,84 @@ def stored_name(name: str, shape: tuple[int, ...], tensors: dict[str, TensorInfo
     Args:
         prefixes: the first components of the checkpoint's tensor names (`checkpoint_prefixes`).
     """
-    parts = name.split(".")
-    candidates = [name, *(".".join(parts[k:]) for k in range(1, len(parts))),
-                  *(f"{prefix}.{name}" for prefix in prefixes)]
-    for candidate in candidates:
+    for candidate in candidate_names(name, prefixes):
         info = tensors.get(candidate)
         if info is not None and tuple(info.shape) == tuple(shape):
-            return info.name  # its name in the file (`loaded_names` may list it under another)
+            return info.name  # its name in the file (`stored_names` may list it under another)
     return None
 
 
-def loaded_names(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
-    """The checkpoint's tensors, also under the names transformers gives them when it loads `model`'s
-    class: its own key renamings (`embed_out` → `lm_head` for GPT-NeoX, `gamma` → `weight`, ...), not a
-    table of mergecli's.
+def candidate_names(name: str, prefixes: list[str]) -> list[str]:
+    """The names a parameter of the loaded class may have in its checkpoint: its own, without its
+    leading components, or under one of the checkpoint's prefixes."""
+    parts = name.split(".")
+    return [name, *(".".join(parts[k:]) for k in range(1, len(parts))), *(f"{prefix}.{name}" for prefix in prefixes)]
 
-    Raises:
-        StatsError: the class fuses or splits stored tensors on loading (MoE experts stored one by one
-            and held fused): RegMean cannot match its layers to the file's tensors.
-    """
+
+def _conversion(model: torch.nn.Module) -> tuple[list, list]:
+    """transformers' key renamings and tensor converters for loading `model`'s class."""
     from transformers.conversion_mapping import WeightConverter, WeightRenaming, get_model_conversion_mapping
 
     try:
         transforms = get_model_conversion_mapping(model)
     except Exception:  # a class transformers has no mapping for: its names are the file's
-        return tensors
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    for converter in converters:
-        fused = [name for name in tensors if converter.rename_source_key(name)[1] is not None]
-        if fused:
-            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-            raise StatsError(f"{kind}: the checkpoint stores {fused[0]} and others that transformers fuses into "
-                             f"{converter.target_patterns[0].strip('.')} when it loads this class (MoE experts): "
-                             "RegMean cannot merge such layers yet",
-                             hint="merge this model with average or a task-vector method (mergecli merge)")
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        return [], []
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+@dataclass(frozen=True)
+class StoredNames:
+    """How a model's parameters are found in its checkpoint."""
+
+    tensors: dict[str, TensorInfo]  # the checkpoint's tensors, also under their loaded names
+    prefixes: list[str]
+    fused: dict[str, FusedParameter]  # loaded name of a fused parameter → what it is built from
+
+    def stored(self, name: str, shape: tuple[int, ...]) -> str | None:
+        return stored_name(name, shape, self.tensors, self.prefixes)
+
+    def fused_as(self, name: str) -> FusedParameter | None:
+        return next((self.fused[c] for c in candidate_names(name, self.prefixes) if c in self.fused), None)
+
+
+def stored_names(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -> StoredNames:
+    """The checkpoint's tensors under the names transformers gives them when it loads `model`'s class:
+    its own key renamings (`embed_out` → `lm_head` for GPT-NeoX, `gamma` → `weight`, ...) and tensor
+    converters (MoE experts stored one by one and held fused), not a table of mergecli's.
+
+    Raises:
+        StatsError: the class fuses stored tensors in a way RegMean cannot follow.
+    """
+    renamings, converters = _conversion(model)
     named = dict(tensors)
     for name, info in tensors.items():
         loaded = name
         for renaming in renamings:
             loaded = renaming.rename_source_key(loaded)[0]
         named.setdefault(loaded, info)
-    return named
+    fused = fused_parameters(model, tensors, renamings, converters) if converters else {}
+    prefixes = checkpoint_prefixes(named)
+    every = StoredNames(named, prefixes, fused)
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    held: dict[str, FusedParameter] = {}
+    for module_name, module in model.named_modules():
+        for attr, _ in module.named_parameters(recurse=False):
+            found = every.fused_as(f"{module_name}.{attr}")
+            if found is None:
+                continue
+            if not is_experts(module):
+                raise StatsError(f"{kind}: the checkpoint stores {found.stored[0]} and others that transformers "
+                                 f"fuses into {found.name} when it loads this class: RegMean cannot merge "
+                                 "such layers yet",
+                                 hint="merge this model with average or a task-vector method (mergecli merge)")
+            check_experts(module, kind, found, tensors)
+            held[f"{module_name}.{attr}"] = found
+        if is_experts(module) and not all(f"{module_name}.{attr}" in held for attr in PROJECTIONS):
+            raise StatsError(f"{kind}: the checkpoint stores the experts of {module_name} fused, not one tensor per "
+                             "expert and projection: RegMean cannot merge such layers yet",
+                             hint="merge this model with average or a task-vector method (mergecli merge)")
+    return StoredNames(named, prefixes, held)
 
 
 def checkpoint_prefixes(tensors: dict[str, TensorInfo]) -> list[str]:
@@ -83,7 +135,9 @@ def checkpoint_prefixes(tensors: dict[str, TensorInfo]) -> list[str]:
 
 def find_linear_layers(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -> tuple[list[LinearLayer],
                                                                                           list[str]]:
-    """Every `nn.Linear` / HF `Conv1D` of `model` whose weight is stored in the checkpoint.
+    """Every `nn.Linear` / HF `Conv1D` of `model` whose weight is stored in the checkpoint; in a MoE
+    model also every stored expert projection, and the router (the experts' sibling whose 2-D weight
+    has a row per expert).
 
     Returns:
         The layers, and the module paths of linear layers with no weight of their own in the
@@ -92,24 +146,27 @@ def find_linear_layers(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -
     """
     from transformers.pytorch_utils import Conv1D
 
-    tensors = loaded_names(model, tensors)
-    prefixes = checkpoint_prefixes(tensors)
+    names = stored_names(model, tensors)
     try:
         tied = getattr(model.get_input_embeddings(), "weight", None)
     except (AttributeError, NotImplementedError):  # a model without token embeddings
         tied = None
+    routers = _routers(model)
     layers: list[LinearLayer] = []
     unmatched: list[str] = []
     used: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if is_experts(module):
+            layers += _expert_layers(name, module, names)
+            continue
+        if isinstance(module, torch.nn.Linear) or name in routers:
             orientation: Orientation = "out_in"
         elif isinstance(module, Conv1D):
             orientation = "in_out"
         else:
             continue
         shape = tuple(module.weight.shape)
-        weight = stored_name(f"{name}.weight", shape, tensors, prefixes)
+        weight = names.stored(f"{name}.weight", shape)
         if weight is None or weight in used:
             if module.weight is not tied:
                 unmatched.append(name)
@@ -118,3 +175,35 @@ def find_linear_layers(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -
         in_features = shape[1] if orientation == "out_in" else shape[0]
         layers.append(LinearLayer(name, weight, orientation, in_features))
     return layers, unmatched
+
+
+def _routers(model: torch.nn.Module) -> set[str]:
+    """The routers of a MoE model: a module beside an experts module, not an `nn.Linear` but with a
+    2-D `weight` of one row per expert, which it applies to its input as a linear layer does."""
+    found = set()
+    for name, module in model.named_modules():
+        experts = [child for child in module.children() if is_experts(child)]
+        if not experts:
+            continue
+        count = experts[0].gate_up_proj.shape[0]
+        for child_name, child in module.named_children():
+            weight = child._parameters.get("weight")
+            if not isinstance(child, torch.nn.Linear) and weight is not None and weight.dim() == 2 \
+                    and weight.shape[0] == count:
+                found.add(f"{name}.{child_name}" if name else child_name)
+    return found
+
+
+def _expert_layers(path: str, module: torch.nn.Module, names: StoredNames) -> list[LinearLayer]:
+    """A layer per stored expert tensor: `gate_proj` and `up_proj` (or w1, w3) read the tokens routed
+    to their expert, `down_proj` (w2) the gated product."""
+    layers = []
+    for projection in ("gate_up_proj", "down_proj"):
+        fused = names.fused_as(f"{path}.{projection}")
+        if fused is None:
+            continue
+        in_features = getattr(module, projection).shape[2]
+        for stored in fused.parts.values():
+            layers += [LinearLayer(expert_key(path, expert, projection), weight, "out_in", in_features, path, expert)
+                       for expert, weight in enumerate(stored)]
+    return layers

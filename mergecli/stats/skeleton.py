@@ -17,7 +17,8 @@ import torch
 from mergecli.errors import StatsError
 from mergecli.io.architecture import model_class, params_on_meta, quiet_transformers
 from mergecli.io.checkpoint import Checkpoint
-from mergecli.stats.layers import LinearLayer, checkpoint_prefixes, loaded_names, stored_name
+from mergecli.stats.experts import FusedParameter, load_fused
+from mergecli.stats.layers import LinearLayer, stored_names
 
 
 def first_line(exc: BaseException) -> str:
@@ -55,14 +56,14 @@ class Skeleton:
     # parameter name → where it is set: (module, attribute, is a buffer)
     _places: dict[str, list[tuple[torch.nn.Module, str, bool]]] = field(default_factory=dict)
     stored: dict[str, str] = field(default_factory=dict)  # parameter name → checkpoint tensor
+    fused: dict[str, FusedParameter] = field(default_factory=dict)  # parameter name → its stored parts (MoE)
 
     def __post_init__(self) -> None:
         try:
             self.blocks_path, self.blocks = find_blocks(self.model, images=self.images)
         except StatsError as exc:
             raise StatsError(f"{self.label}: {exc.message}") from None
-        tensors = loaded_names(self.model, self.checkpoint.tensors)
-        prefixes = checkpoint_prefixes(tensors)
+        names = stored_names(self.model, self.checkpoint.tensors)
         canonical: dict[int, str] = {}
         for module_name, module in self.model.named_modules(remove_duplicate=False):
             owned = [(attr, p, False) for attr, p in module._parameters.items() if p is not None]
@@ -72,10 +73,13 @@ class Skeleton:
                 full = f"{module_name}.{attr}" if module_name else attr
                 key = canonical.setdefault(id(tensor), full)
                 self._places.setdefault(key, []).append((module, attr, is_buffer))
-                stored = stored_name(full, tuple(tensor.shape), tensors, prefixes)
+                stored = names.stored(full, tuple(tensor.shape))
                 if stored and key not in self.stored:
                     self.stored[key] = stored
-        missing = [key for key, places in self._places.items() if key not in self.stored and not places[0][2]]
+                elif full in names.fused:
+                    self.fused[key] = names.fused[full]
+        missing = [key for key, places in self._places.items()
+                   if key not in self.stored and key not in self.fused and not places[0][2]]
         if missing:
             raise StatsError(f"{self.label}: the checkpoint has no weight for {missing[0]}"
                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}",
@@ -94,15 +98,16 @@ class Skeleton:
             current = module._buffers[attr] if is_buffer else module._parameters[attr]
             if current is not None and current.device.type != "meta" and not is_buffer:
                 continue  # already loaded
-            if key in self.stored:  # else a buffer the checkpoint does not store: keep the built one
+            if key in self.stored or key in self.fused:  # else a buffer the checkpoint does not store
                 wanted.append(key)
         if self.checkpoint.fetcher is not None:
-            reads = [self.checkpoint.remote_read(self.stored[key], None) for key in wanted]
+            reads = [self.checkpoint.remote_read(name, None) for key in wanted for name in self.stored_as(key)]
             self.checkpoint.fetcher.schedule([read for read in reads if read is not None])
         for key in wanted:
             places = self._places[key]
             is_buffer = places[0][2]
-            tensor = self.checkpoint.read(self.stored[key])
+            tensor = load_fused(self.fused[key], self.checkpoint.read) if key in self.fused \
+                else self.checkpoint.read(self.stored[key])
             if tensor.is_floating_point():
                 tensor = tensor.to(device=self.device, dtype=self.dtype)
             else:
@@ -110,6 +115,10 @@ class Skeleton:
             value = tensor if is_buffer else torch.nn.Parameter(tensor, requires_grad=False)
             for module, attr, _ in places:
                 (module._buffers if is_buffer else module._parameters)[attr] = value
+
+    def stored_as(self, key: str) -> list[str]:
+        """The checkpoint tensors parameter `key` is read from (several for a fused one)."""
+        return self.fused[key].stored if key in self.fused else [self.stored[key]] if key in self.stored else []
 
     def release(self, modules: Iterable[torch.nn.Module], *, recurse: bool = True) -> None:
         """Drop the weights of `modules` (back to the meta device)."""
@@ -157,6 +166,8 @@ def build_skeleton(directory: Path, checkpoint: Checkpoint, *, device: str, labe
         config.use_cache = False
     cls = model_class(config)
     dtype = dtype or compute_dtype(checkpoint, device)
+    if dtype == torch.float64 and hasattr(config, "_experts_implementation"):
+        config._experts_implementation = "eager"  # MoE experts: the grouped matmul has no float64 kernel
     try:
         with params_on_meta():
             if cls is transformers.AutoModel:
@@ -203,6 +214,7 @@ def stage_layers(skeleton: Skeleton, layers: list[LinearLayer]) -> tuple[list[Li
 
 
 def hooked(skeleton: Skeleton, layers: list[LinearLayer]) -> dict[str, torch.nn.Module]:
-    """The modules of `layers`, by their path: what a Gram collector hooks."""
+    """The modules of `layers`, by their path: what a Gram collector hooks (for an expert's projection,
+    its experts module)."""
     modules = dict(skeleton.model.named_modules())
-    return {layer.module: modules[layer.module] for layer in layers}
+    return {layer.hooked: modules[layer.hooked] for layer in layers}

@@ -64,7 +64,8 @@ def stats_meta(*, model: str, source: str, revision: str | None, fingerprint: st
         "dtype": "float64", "packing": "upper",
         "layers": {layer.weight: {"module": layer.module, "gram": gram_of[layer.module],
                                   "orientation": layer.orientation, "in_features": layer.in_features,
-                                  "tokens": gram_tokens[gram_of[layer.module]]}
+                                  "tokens": gram_tokens[gram_of[layer.module]],
+                                  **({"expert": layer.expert} if layer.expert is not None else {})}
                    for layer in layers},
         "grams": {},
     }
@@ -167,6 +168,13 @@ class LayerStats:
     orientation: Orientation
     in_features: int
     tokens: int
+    expert: int | None = None  # an expert's projection in a MoE layer: its expert
+
+    @property
+    def underdetermined(self) -> bool:
+        """An expert that saw fewer tokens than it has inputs: RegMean would fit it to too little, so
+        it is averaged."""
+        return self.expert is not None and self.tokens < self.in_features
 
 
 @dataclass(frozen=True)
@@ -291,7 +299,8 @@ def load_stats(directory: Path, *, label: str = "") -> ModelStats:
                          "differs): corrupt statistics", hint=RERUN)
     try:
         layers = {
-            weight: LayerStats(weight, str(e["gram"]), e["orientation"], int(e["in_features"]), int(e["tokens"]))
+            weight: LayerStats(weight, str(e["gram"]), e["orientation"], int(e["in_features"]), int(e["tokens"]),
+                               None if e.get("expert") is None else int(e["expert"]))
             for weight, e in meta["layers"].items()
         }
         files: dict[str, dict[str, TensorInfo]] = {}

@@ -10,7 +10,7 @@ from mergecli.io.atomic import clean_directory
 from mergecli.methods.base import Inputs, Method, Stage, TensorTask, register
 from mergecli.methods.regmean.plusplus import plusplus_stages
 from mergecli.methods.regmean.settings import RegMeanSettings
-from mergecli.methods.regmean.tasks import regmean_tasks
+from mergecli.methods.regmean.tasks import EXPERT_AVERAGE, regmean_tasks
 from mergecli.recipe import Recipe
 from mergecli.stats.device import resolve_device
 from mergecli.stats.settings import require_data
@@ -24,7 +24,8 @@ class RegMean(Method):
     title = "RegMean merge"
     command = "regmean merge"
     settings = RegMeanSettings
-    kinds = {"regmean": "RegMean (linear weights)", "regmean++": "RegMean++ (linear weights)"}
+    kinds = {"regmean": "RegMean (linear weights)", "regmean++": "RegMean++ (linear weights)",
+             EXPERT_AVERAGE: "averaged (MoE experts with fewer calibration tokens than inputs)"}
 
     def check(self, recipe: Recipe) -> None:
         require_data(list(enumerate(recipe.models)))

@@ -29,6 +29,7 @@ from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.memory import give_back_memory
 from mergecli.methods.base import FLOPS_PER_BYTE, Combine, Inputs, Stage, TensorTask
 from mergecli.methods.regmean.solve import regmean_task
+from mergecli.methods.regmean.tasks import EXPERT_AVERAGE, few_tokens_warning
 from mergecli.recipe import Recipe, model_label
 from mergecli.stats.calibration import Batch, model_batches, read_examples
 from mergecli.stats.device import resolve_device
@@ -162,6 +163,7 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
     state = SequentialMerge(recipe, inputs, device=resolve_device(inputs.device))
 
     by_name = {task.out.name: task for task in tasks}
+    decided: dict[str, tuple[str, str]] = {}  # shared by the stages: what the solves chose as they ran
     linear = {layer.weight: layer for layer in layers if by_name.get(layer.weight, None) is not None
               and by_name[layer.weight].kind == "average"}  # excluded / head weights stay as they are
 
@@ -180,11 +182,19 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
 
     def solved_or_averaged(name: str, solve: Combine, average: Combine) -> Combine:
         """A layer whose module never ran in its stage (SigLIP's pooling head reads `out_proj.weight`
-        without calling it) has no Grams: it is averaged, and the merge says so."""
+        without calling it) has no Grams, and an expert may see fewer tokens than it has inputs:
+        each is averaged, and the merge says so."""
         def combine(blocks: list[torch.Tensor], merged: torch.Tensor) -> torch.Tensor:
-            if all(name in grams.layers for grams in state.grams):
+            layers = [grams.layers.get(name) for grams in state.grams]
+            if any(layer is None for layer in layers):
+                note = f"regmean++: {name}: its layer never ran on the calibration data; it is averaged"
+            elif any(layer.underdetermined for layer in layers):
+                tokens = "/".join(str(layer.tokens) for layer in layers)
+                decided[name] = (EXPERT_AVERAGE, f"{name} ({tokens} tokens, {layers[0].in_features} inputs)")
+                _say_few(warnings, [note for kind, note in decided.values() if kind == EXPERT_AVERAGE])
+                return average(blocks, merged)
+            else:
                 return solve(blocks, merged)
-            note = f"regmean++: {name}: its layer never ran on the calibration data; it is averaged"
             if note not in warnings:
                 warnings.append(note)
             return average(blocks, merged)
@@ -214,16 +224,30 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
         return 2 * tokens * flops / FLOPS_PER_BYTE
 
     first = tasks_of([n for n in by_name if n not in block_of and n not in tail_names])
-    stages = [Stage(first, before_prefix, after_prefix, label="prefix", hook_cost=forward_cost(first, prefix))]
+    stages = [Stage(first, before_prefix, after_prefix, label="prefix", hook_cost=forward_cost(first, prefix),
+                    decided=decided)]
     for index, block_layers in enumerate(per_block):
         block = tasks_of([n for n in by_name if block_of.get(n) == index])
         stages.append(Stage(block, *_block_hooks(state, index, block_layers),
-                            label=f"block {index + 1}/{len(per_block)}", hook_cost=forward_cost(block, block_layers)))
+                            label=f"block {index + 1}/{len(per_block)}", hook_cost=forward_cost(block, block_layers),
+                            decided=decided))
     collect_tail = (lambda: state.collect(tail, lambda c, collector: run_tail(
         c.skeleton, c.acts, c.forward, collector=collector, stop_after={t.module for t in tail}))) if tail else None
     last = tasks_of([n for n in by_name if n in tail_names])
-    stages.append(Stage(last, collect_tail, cleanup=state.close, label="tail", hook_cost=forward_cost(last, tail) / 2))
+    stages.append(Stage(last, collect_tail, cleanup=state.close, label="tail", hook_cost=forward_cost(last, tail) / 2,
+                        decided=decided))
     return stages
+
+
+def _say_few(warnings: list[str], few: list[str]) -> None:
+    """One warning for every expert weight averaged so far (it grows as the blocks are merged)."""
+    lead = "regmean++: expert weight(s) saw fewer calibration tokens"
+    line = few_tokens_warning("regmean++", few)
+    at = next((i for i, w in enumerate(warnings) if w.startswith(lead)), None)
+    if at is None:
+        warnings.append(line)
+    else:
+        warnings[at] = line
 
 
 def _block_hooks(state: SequentialMerge, index: int,
@@ -244,5 +268,5 @@ def _block_hooks(state: SequentialMerge, index: int,
 def _block_of_tensors(skeleton: Skeleton) -> dict[str, int]:
     """Checkpoint tensor name → the block it belongs to."""
     prefix = skeleton.blocks_path + "."
-    return {stored: int(key[len(prefix):].split(".", 1)[0])
-            for key, stored in skeleton.stored.items() if key.startswith(prefix)}
+    keys = [key for key in [*skeleton.stored, *skeleton.fused] if key.startswith(prefix)]
+    return {stored: int(key[len(prefix):].split(".", 1)[0]) for key in keys for stored in skeleton.stored_as(key)}

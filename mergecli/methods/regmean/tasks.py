@@ -7,6 +7,7 @@ compared with the recipe's data settings; no Gram matrix is read until its layer
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +30,14 @@ from mergecli.stats.store import (
     data_changes,
     load_stats,
 )
+
+EXPERT_AVERAGE = "expert-average"  # the kind of an expert's weight averaged for want of tokens
+
+
+def few_tokens_warning(method: str, few: list[str]) -> str:
+    """The warning that names the expert weights averaged for want of calibration tokens."""
+    return (f"{method}: expert weight(s) saw fewer calibration tokens than they have inputs in some model, "
+            f"and {len(few)} are averaged (tokens per model): {', '.join(few[:5])}{' ...' if len(few) > 5 else ''}")
 
 
 def load_recipe_stats(recipe: Recipe, checkpoints: list[Checkpoint], *,
@@ -126,11 +135,18 @@ def regmean_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warni
         warnings.append(f"regmean: {len(some)} linear weight(s) have statistics in only some models "
                         f"and are averaged: {', '.join(some[:5])}")
     dead: list[str] = []
+    few: list[str] = []
     for position, task in enumerate(tasks):
         if task.kind == "average" and task.out.name in hooked:
             layers = [s.layers[task.out.name] for s in stats]
             for index, layer in enumerate(layers):
                 _check_layer(task.out.name, task.out.shape, layer, model_label(index, recipe.models[index]))
+            if any(layer.underdetermined for layer in layers):
+                tokens = "/".join(str(layer.tokens) for layer in layers)
+                tasks[position] = replace(task, kind=EXPERT_AVERAGE,
+                                          note=f"{task.out.name} ({tokens} tokens, {layers[0].in_features} inputs)")
+                few.append(tasks[position].note)
+                continue
             sources = [partial(_read_gram, model_stats, layer) for model_stats, layer in zip(stats, layers)]
             tasks[position] = regmean_task(task, sources, recipe, warnings, models=tuple(inputs.models),
                                            orientation=layers[0].orientation, in_features=layers[0].in_features)
@@ -140,6 +156,8 @@ def regmean_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warni
     if not any(task.kind == "regmean" for task in tasks):
         warnings.append("regmean: no linear weight is merged by RegMean (all excluded or without "
                         "statistics); everything was averaged")
+    if few:
+        warnings.append(few_tokens_warning("regmean", few))
     if dead:
         warnings.append(f"regmean: {len(dead)} layer(s) have input features that never fired in any "
                         f"model's calibration data; their weight columns are the weighted average: "
@@ -168,4 +186,9 @@ def _planned_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], stat
                    else partial(_not_collected, task.out.name) for s in stats]
         planned.append(regmean_task(task, sources, recipe, warnings, models=tuple(inputs.models),
                                     orientation=layer.orientation, in_features=layer.in_features))
+    experts = [layer for layer in layers.values() if layer.expert is not None]
+    if experts:
+        warnings.append(f"regmean: {len(experts)} MoE expert weights are planned as merged by RegMean; an expert "
+                        "that some model's calibration data routes fewer tokens to than it has inputs will be "
+                        "averaged instead (the statistics will say which)")
     return planned
