@@ -32,7 +32,11 @@ SMALL = {"vocab_size": 128, "max_position_embeddings": 128}
 DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2}
 FAMILIES = {  # model_type → (class, config keys)
+    "llama": ("LlamaForCausalLM", DECODER),
     "mistral": ("MistralForCausalLM", DECODER),
+    "gemma2": ("Gemma2ForCausalLM", {**DECODER, "head_dim": 8}),
+    "gemma3_text": ("Gemma3ForCausalLM", {**DECODER, "head_dim": 8}),
+    "olmo2": ("Olmo2ForCausalLM", DECODER),
     "qwen3": ("Qwen3ForCausalLM", {**DECODER, "head_dim": 8}),
     "phi3": ("Phi3ForCausalLM", {**DECODER, "pad_token_id": 0}),
     "opt": ("OPTForCausalLM", {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
