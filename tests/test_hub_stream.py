@@ -171,6 +171,24 @@ def test_dry_run_counts_the_read_ahead_and_fetches_no_weights(fake_hub, repos, t
 def test_regmean_collects_and_merges_streamed_as_from_local_files(fake_hub, repos, tmp_path):
     """collect-stats reads each block's weights by range requests as the block runs; the statistics and
     the merge are those of the local files, and nothing of the weights is stored."""
+    collect_and_merge_both_ways(tmp_path, [repos[0], repos[1]], REPOS[:2])
+
+
+def test_regmean_streams_moe_experts_from_their_tensors_one_per_expert(fake_hub, tmp_path):
+    """A MoE model's fused experts are built from the file's tensors one per expert, each fetched by its
+    range: the statistics and the merge equal those of the local files."""
+    from test_families import MOE, build
+
+    local = [build(tmp_path / f"mixtral-{i}", "mixtral", MOE["mixtral"], seed=i) for i in range(2)]
+    names = ["org/moe-a", "org/moe-b"]
+    for repo, path in zip(names, local):
+        fake_hub.add_repo(repo, repo_files(path))
+    collect_and_merge_both_ways(tmp_path, local, names)
+
+
+def collect_and_merge_both_ways(tmp_path: Path, local_paths: list[Path], repo_ids: list[str]) -> None:
+    """collect-stats and merge of the same two models from local files and streamed from the hub: the
+    Grams and the outputs equal, and no weight file in the hub cache."""
     (tmp_path / "data.txt").write_text("the model merge weight layer token data\nthe a of to and in is\n" * 6)
 
     def recipe(name: str, paths: list[str]) -> Path:
@@ -182,7 +200,7 @@ def test_regmean_collects_and_merges_streamed_as_from_local_files(fake_hub, repo
         (tmp_path / f"{name}.toml").write_text("\n".join(lines) + "\n")
         return tmp_path / f"{name}.toml"
 
-    local, hub = recipe("local", [str(repos[0]), str(repos[1])]), recipe("hub", REPOS[:2])
+    local, hub = recipe("local", [str(p) for p in local_paths]), recipe("hub", repo_ids)
     for command in (("regmean", "collect-stats", local), ("regmean", "merge", local),
                     ("regmean", "collect-stats", hub, "--stream"), ("regmean", "merge", hub, "--stream")):
         result = cli(*command)
