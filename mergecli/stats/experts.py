@@ -46,35 +46,39 @@ def is_experts(module: torch.nn.Module) -> bool:
         and hasattr(module, "_apply_gate")
 
 
-def _unsupported(kind: str, stored: str, target: str, why: str) -> StatsError:
-    return StatsError(f"{kind}: the checkpoint stores {stored} and others that transformers fuses into {target} "
-                      f"when it loads this class ({why}): RegMean cannot merge such layers yet",
+def refused(kind: str, what: str) -> StatsError:
+    """The one-line refusal of a model family (`kind`) whose stored tensors RegMean cannot follow."""
+    return StatsError(f"{kind}: {what}: RegMean cannot merge such layers yet",
                       hint="merge this model with average or a task-vector method (mergecli merge)")
 
 
-def fused_parameters(model: torch.nn.Module, tensors: dict[str, TensorInfo], renamings: list[Any],
-                     converters: list[Any]) -> dict[str, FusedParameter]:
-    """The stored tensors that each fused parameter of `model` is built from, by its loaded name.
+def _unsupported(kind: str, stored: str, target: str, why: str) -> StatsError:
+    return refused(kind, f"the checkpoint stores {stored} and others that transformers fuses into {target} "
+                         f"when it loads this class ({why})")
+
+
+def fused_parameters(kind: str, renamed: dict[str, str], converters: list[Any]) -> dict[str, FusedParameter]:
+    """The stored tensors that each fused parameter of a model of family `kind` is built from, by its
+    loaded name, following transformers' converters for its class.
+
+    Args:
+        renamed: each stored tensor's name → that name after transformers' key renamings.
 
     Raises:
-        StatsError: the class fuses tensors in a way RegMean cannot follow (not an experts module of
-            the supported kind, other operations, missing experts).
+        StatsError: the class fuses tensors in a way RegMean cannot follow (other operations, tensors
+            not one per expert, missing experts).
     """
-    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     found: dict[str, dict[str, dict[int, str]]] = {}
     converter_of: dict[str, Any] = {}
-    for name in tensors:
-        renamed = name
-        for renaming in renamings:
-            renamed = renaming.rename_source_key(renamed)[0]
+    for name, loaded in renamed.items():
         for converter in converters:
-            target, pattern = converter.rename_source_key(renamed)
+            target, pattern = converter.rename_source_key(loaded)
             if pattern is None:
                 continue
             operations = [type(op).__name__ for op in converter.operations]
             if any(op not in SUPPORTED_OPERATIONS for op in operations):
                 raise _unsupported(kind, name, target, f"by {', '.join(operations)}")
-            match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), renamed)
+            match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), loaded)
             if match is None or not match.groups():
                 raise _unsupported(kind, name, target, "not one tensor per expert")
             found.setdefault(target, {}).setdefault(pattern, {})[int(match.group(1))] = name

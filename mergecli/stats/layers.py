@@ -10,7 +10,6 @@ from typing import Literal
 
 import torch
 
-from mergecli.errors import StatsError
 from mergecli.io.safetensors import TensorInfo
 from mergecli.stats.experts import (
     PROJECTIONS,
@@ -19,6 +18,7 @@ from mergecli.stats.experts import (
     expert_key,
     fused_parameters,
     is_experts,
+    refused,
 )
 
 Orientation = Literal["out_in", "in_out"]
@@ -98,16 +98,19 @@ def stored_names(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -> Stor
         StatsError: the class fuses stored tensors in a way RegMean cannot follow.
     """
     renamings, converters = _conversion(model)
-    named = dict(tensors)
-    for name, info in tensors.items():
+    renamed = {}
+    for name in tensors:
         loaded = name
         for renaming in renamings:
             loaded = renaming.rename_source_key(loaded)[0]
-        named.setdefault(loaded, info)
-    fused = fused_parameters(model, tensors, renamings, converters) if converters else {}
+        renamed[name] = loaded
+    named = dict(tensors)
+    for name, loaded in renamed.items():
+        named.setdefault(loaded, tensors[name])
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    fused = fused_parameters(kind, renamed, converters) if converters else {}
     prefixes = checkpoint_prefixes(named)
     every = StoredNames(named, prefixes, fused)
-    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     held: dict[str, FusedParameter] = {}
     for module_name, module in model.named_modules():
         for attr, _ in module.named_parameters(recurse=False):
@@ -115,16 +118,13 @@ def stored_names(model: torch.nn.Module, tensors: dict[str, TensorInfo]) -> Stor
             if found is None:
                 continue
             if not is_experts(module):
-                raise StatsError(f"{kind}: the checkpoint stores {found.stored[0]} and others that transformers "
-                                 f"fuses into {found.name} when it loads this class: RegMean cannot merge "
-                                 "such layers yet",
-                                 hint="merge this model with average or a task-vector method (mergecli merge)")
+                raise refused(kind, f"the checkpoint stores {found.stored[0]} and others that transformers fuses "
+                                    f"into {found.name} when it loads this class")
             check_experts(module, kind, found, tensors)
             held[f"{module_name}.{attr}"] = found
         if is_experts(module) and not all(f"{module_name}.{attr}" in held for attr in PROJECTIONS):
-            raise StatsError(f"{kind}: the checkpoint stores the experts of {module_name} fused, not one tensor per "
-                             "expert and projection: RegMean cannot merge such layers yet",
-                             hint="merge this model with average or a task-vector method (mergecli merge)")
+            raise refused(kind, f"the checkpoint stores the experts of {module_name} fused, not one tensor per "
+                                "expert and projection")
     return StoredNames(named, prefixes, held)
 
 
