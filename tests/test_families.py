@@ -178,7 +178,11 @@ def test_linear_layers_are_least_squares_fits(kind, tmp_path):
 def test_moe_family_collects_merges_and_averages_experts_short_of_tokens(kind, tmp_path):
     models = [build(tmp_path / f"{kind}-{i}", kind, MOE[kind], seed=i) for i in range(2)]
     recipe = regmean_recipe(tmp_path, models, write_txt(tmp_path / "data.txt", TEXTS))
-    assert cli("validate", recipe).exit_code == 0
+    before = cli("validate", recipe)  # before any data is read: the experts' Grams a block will hold
+    hidden, inner = 32, 64  # 4 experts; gate/up read the hidden states, down the gated product
+    grams = 4 * (hidden * (hidden + 1) // 2 + inner * (inner + 1) // 2) * 12  # float64 sums, float32 staging
+    assert before.exit_code == 0 and "24 MoE expert weights are planned as merged by RegMean" in before.output
+    assert f"every expert's Grams of a block at once: about {grams / 1e6:.1f} MB" in before.output
     assert cli("regmean", "collect-stats", recipe).exit_code == 0
     planned = cli("validate", recipe)
     outputs = {"out": cli("regmean", "merge", recipe),

@@ -31,6 +31,7 @@ from mergecli.stats.store import (
     load_stats,
 )
 
+GRAM_BYTES = 12  # per entry of a Gram's upper triangle while it is summed: float64, and float32 staging
 EXPERT_AVERAGE = "expert-average"  # the kind of an expert's weight averaged for want of tokens
 
 
@@ -188,7 +189,11 @@ def _planned_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], stat
                                     orientation=layer.orientation, in_features=layer.in_features))
     experts = [layer for layer in layers.values() if layer.expert is not None]
     if experts:
+        grams = {layer.module: layer.in_features for layer in experts}  # gate and up share their expert's Gram
+        per_block = sum(d * (d + 1) // 2 for d in grams.values()) * GRAM_BYTES / len({e.experts for e in experts})
+        size = f"{per_block / 1e9:.1f} GB" if per_block >= 1e8 else f"{per_block / 1e6:.1f} MB"
         warnings.append(f"regmean: {len(experts)} MoE expert weights are planned as merged by RegMean; an expert "
                         "that some model's calibration data routes fewer tokens to than it has inputs will be "
-                        "averaged instead (the statistics will say which)")
+                        "averaged instead (the statistics will say which). Collecting them holds every expert's "
+                        f"Grams of a block at once: about {size}")
     return planned
