@@ -182,7 +182,7 @@ def test_moe_family_collects_merges_and_averages_experts_short_of_tokens(kind, t
     hidden, inner = 32, 64  # 4 experts; gate/up read the hidden states, down the gated product
     grams = 4 * (hidden * (hidden + 1) // 2 + inner * (inner + 1) // 2) * 12  # float64 sums, float32 staging
     assert before.exit_code == 0 and "24 MoE expert weights are planned as merged by RegMean" in before.output
-    assert f"every expert's Grams of a block at once: about {grams / 1e6:.1f} MB" in before.output
+    assert f"Their Grams take {grams / 1e6:.1f} MB a block while they are collected" in before.output
     assert cli("regmean", "collect-stats", recipe).exit_code == 0
     planned = cli("validate", recipe)
     outputs = {"out": cli("regmean", "merge", recipe),
@@ -260,3 +260,26 @@ def test_experts_stored_fused_are_refused_by_validate_with_the_reason(tmp_path):
     assert "RegMean cannot merge such layers yet" in result.stderr and "Traceback" not in result.output
     averaged = cli("average", "-m", models[0], "-m", models[1], "-o", tmp_path / "avg")  # other methods merge it
     assert averaged.exit_code == 0, averaged.output
+
+
+def test_moe_experts_collected_in_rounds_that_fit_the_memory_budget_add_up_the_same(tmp_path):
+    """A memory budget smaller than one expert's Grams: each block runs once per expert, summing that
+    expert's Grams alone; the statistics, and RegMean++'s merge, are bit-identical to one round's."""
+    models = [build(tmp_path / f"mixtral-{i}", "mixtral", MOE["mixtral"], seed=i) for i in range(2)]
+    recipe = regmean_recipe(tmp_path, models, write_txt(tmp_path / "data.txt", TEXTS))
+    small = ("--set", "regmean.memory_budget=20KB")  # one expert's two Grams: 4 × (528 + 2080) × 12 B = 31 KB
+    for extra, stats, out in (((), "stats", "pp"), (small, "rounds", "pp-rounds")):
+        result = cli("regmean", "collect-stats", recipe, "--set", f"regmean.stats_dir={stats}", *extra)
+        assert result.exit_code == 0, result.output
+        merged = cli("regmean", "merge", recipe, "--set", "regmean.sequential=true", "-o", tmp_path / out, *extra)
+        assert merged.exit_code == 0, merged.output
+    for model in models:
+        files = {name: sorted((tmp_path / name / model.name).glob("*.safetensors")) for name in ("stats", "rounds")}
+        assert len(files["rounds"]) == len(files["stats"]) + 2 * 3  # 4 rounds a block, not 1
+        grams = {name: {k: v for f in found for k, v in load_file(f).items()} for name, found in files.items()}
+        assert grams["rounds"].keys() == grams["stats"].keys()
+        assert all(torch.equal(grams["rounds"][k], grams["stats"][k]) for k in grams["stats"])
+        meta = {name: json.loads((tmp_path / name / model.name / "stats.json").read_text()) for name in files}
+        assert meta["rounds"]["layers"] == meta["stats"]["layers"]
+    one, rounds = (load_file(tmp_path / out / "model.safetensors") for out in ("pp", "pp-rounds"))
+    assert one.keys() == rounds.keys() and all(torch.equal(one[k], rounds[k]) for k in one)

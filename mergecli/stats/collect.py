@@ -32,7 +32,7 @@ from mergecli.recipe import ModelSpec, model_label
 from mergecli.stats.calibration import Batch, CalibrationData, model_batches, read_examples
 from mergecli.stats.device import resolve_device
 from mergecli.stats.engine import Forward, advance, run_block, run_prefix, run_tail
-from mergecli.stats.grams import GramCollector
+from mergecli.stats.grams import GramCollector, expert_keys, gram_rounds
 from mergecli.stats.hidden import MemoryBudget
 from mergecli.stats.layers import LinearLayer, find_linear_layers
 from mergecli.stats.settings import CalibrationSettings, require_data
@@ -316,9 +316,14 @@ class StatsSession:
         self._finish_stage(collector, files, reached, on_progress, total)
         try:
             for index, block_layers in enumerate(per_block):
-                with GramCollector(hooked(skeleton, block_layers), share_inputs=share_inputs) as collector:
-                    advance(acts, run_block(skeleton, index, acts, collector=collector, name=name))
-                self._finish_stage(collector, files, reached, on_progress, total)
+                rounds = gram_rounds(block_layers, budget.limit)  # a MoE block's experts, a few at a time
+                for number, layers in enumerate(rounds):
+                    last = number == len(rounds) - 1
+                    with GramCollector(hooked(skeleton, layers), share_inputs=share_inputs,
+                                       experts=expert_keys(layers)) as collector:
+                        outputs = run_block(skeleton, index, acts, collector=collector, keep=last, name=name)
+                    self._finish_stage(collector, files, reached, on_progress, total, stage_done=last)
+                advance(acts, outputs)
             tail = [layer for layer in outside if layer.module not in reached.gram_of]
             with GramCollector(hooked(skeleton, tail), share_inputs=share_inputs) as collector:
                 if tail:
@@ -329,7 +334,8 @@ class StatsSession:
         return reached
 
     def _finish_stage(self, collector: GramCollector, files: StatsFiles | None, reached: _Reached,
-                      on_progress: StatsProgress | None, total: int) -> None:
+                      on_progress: StatsProgress | None, total: int, *, stage_done: bool = True) -> None:
+        """Write the Grams a stage (or one round of a block's) summed; count the stage when it is done."""
         for gram in collector.sums.values():
             gram.flush()
         if self.world > 1:
@@ -339,8 +345,10 @@ class StatsSession:
         if files is not None:
             files.add({key: gram.done() for key, gram in collector.sums.items()},
                       {key: gram.tokens for key, gram in collector.sums.items()})
-        reached.stages += 1
         give_back_memory()
+        if not stage_done:
+            return
+        reached.stages += 1
         if on_progress:
             on_progress(min(reached.stages - 1, total), total)  # the prefix is block 0 of them, the tail the last
 

@@ -142,11 +142,12 @@ class ExpertsHook:
     Args:
         path: the experts module's path.
         real_rows: the real-token mask of the `(tokens, H)` hidden states (None: all are real).
+        wanted: the Gram keys of the experts to sum this time (None: every expert's).
     """
 
     def __init__(self, path: str, add: Callable[[str, torch.Tensor], None],
-                 real_rows: Callable[[torch.Tensor], torch.Tensor | None]):
-        self.path, self.add, self.real_rows = path, add, real_rows
+                 real_rows: Callable[[torch.Tensor], torch.Tensor | None], wanted: set[str] | None = None):
+        self.path, self.add, self.real_rows, self.wanted = path, add, real_rows, wanted
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -154,6 +155,8 @@ class ExpertsHook:
         hidden = hidden.detach().reshape(-1, hidden.shape[-1])
         real = self.real_rows(hidden)
         for expert in range(module.gate_up_proj.shape[0]):
+            if self.wanted is not None and expert_key(self.path, expert, "gate_up_proj") not in self.wanted:
+                continue  # summed in another round
             routed = (index == expert).any(dim=-1)
             if real is not None:
                 routed &= real

@@ -23,6 +23,7 @@ GRAM_DTYPE = torch.float64
 # A Gram diagonal at or below this fraction of the largest one counts as a feature that never fired.
 DEAD_FEATURE_TOLERANCE = 1e-12
 GRAM_BLOCK = 256  # rows per block row of a sum on CPU (measured best there)
+ENTRY_BYTES = 12  # per entry of a Gram's upper triangle while it is summed: float64, and float32 staging
 GRAM_BLOCK_CUDA = 2048  # on a GPU, larger products beat more of them
 
 
@@ -181,9 +182,11 @@ class GramCollector:
         >>> packed = {key: s.packed() for key, s in collector.sums.items()}
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module], *, share_inputs: bool = True):
+    def __init__(self, modules: dict[str, torch.nn.Module], *, share_inputs: bool = True,
+                 experts: set[str] | None = None):
         self.modules = modules
         self.share_inputs = share_inputs
+        self.experts = experts  # the expert Grams to sum (`expert_key`s; None: every expert's)
         self.sums: dict[str, GramSum] = {}  # Gram key → its sum
         self.gram_of: dict[str, str] = {}  # module path → Gram key
         self.fired: set[str] = set()  # modules that ran in the current batch
@@ -196,7 +199,7 @@ class GramCollector:
     def __enter__(self) -> GramCollector:
         for name, module in self.modules.items():
             if is_experts(module):  # a Gram per expert and projection, each over the tokens routed to it
-                hook = ExpertsHook(name, self._add_expert, lambda x: row_mask(x, self._mask))
+                hook = ExpertsHook(name, self._add_expert, lambda x: row_mask(x, self._mask), self.experts)
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
@@ -262,3 +265,31 @@ class GramCollector:
     def layers(self, layers: list[LinearLayer]) -> list[LinearLayer]:
         """The layers among `layers` that ran (and so have statistics)."""
         return [layer for layer in layers if layer.module in self.gram_of]
+
+
+def gram_rounds(layers: list[LinearLayer], budget: int) -> list[list[LinearLayer]]:
+    """A block's layers in the rounds their Grams are summed in, one forward pass of the block each: the
+    first round every layer but the experts' and as many experts as fit in `budget` bytes of Grams, the
+    next ones the other experts, as many as fit (one at least). A block without experts: one round."""
+    experts: dict[tuple[str, int], list[LinearLayer]] = {}
+    rounds: list[list[LinearLayer]] = [[]]
+    for layer in layers:
+        if layer.expert is None:
+            rounds[0].append(layer)
+        else:
+            experts.setdefault((layer.experts, layer.expert), []).append(layer)
+    used = 0
+    for expert in experts.values():
+        size = sum(d * (d + 1) // 2 for d in {layer.module: layer.in_features for layer in expert}.values())
+        size *= ENTRY_BYTES
+        if used and used + size > budget:
+            rounds.append([])
+            used = 0
+        rounds[-1] += expert
+        used += size
+    return rounds
+
+
+def expert_keys(layers: list[LinearLayer]) -> set[str]:
+    """The Gram keys of the expert projections among `layers` (what a collector of them sums)."""
+    return {layer.module for layer in layers if layer.expert is not None}

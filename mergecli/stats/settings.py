@@ -19,7 +19,9 @@ class CalibrationSettings(StrictModel):
     batch_size: int = Field(default=8, gt=0)
     max_length: int = Field(default=512, gt=0)
     text_field: str = "text"
-    memory_budget: int = 2 * 10**9  # hidden states kept in RAM between blocks; beyond, spilled to disk
+    # hidden states kept in RAM between blocks (beyond, spilled to disk), and the Grams of a MoE block's
+    # experts summed at once (beyond, in rounds: one more forward pass of the block each)
+    memory_budget: int = 2 * 10**9
 
     @field_validator("memory_budget", mode="before")
     @classmethod

@@ -34,7 +34,7 @@ from mergecli.recipe import Recipe, model_label
 from mergecli.stats.calibration import Batch, model_batches, read_examples
 from mergecli.stats.device import resolve_device
 from mergecli.stats.engine import Activations, Forward, advance, run_block, run_prefix, run_tail
-from mergecli.stats.grams import GramCollector
+from mergecli.stats.grams import GramCollector, expert_keys, gram_rounds
 from mergecli.stats.hidden import MemoryBudget
 from mergecli.stats.layers import LinearLayer, find_linear_layers
 from mergecli.stats.skeleton import (
@@ -96,22 +96,30 @@ class SequentialMerge:
             self.candidates.append(_Candidate(skeleton, [b.to(self.device, dtype) for b in batches], data.kind))
 
     def collect(self, layers: list[LinearLayer], run: Callable[[_Candidate, GramCollector], object]) -> None:
-        """Each model's Grams of `layers` (all of one stage), by `run`; written to the scratch store
-        one model at a time, and opened for the solve."""
+        """Each model's Grams of `layers` (all of one stage), by `run` (once per round of a MoE block's
+        experts that fit the memory budget); written to the scratch store one model at a time, and
+        opened for the solve."""
         self.drop_grams()
         for index, candidate in enumerate(self.candidates):
-            with GramCollector(hooked(candidate.skeleton, layers)) as collector:
-                run(candidate, collector)
             directory = self.scratch / f"m{index}"
             directory.mkdir(parents=True, exist_ok=True)
-            tokens = {key: gram.tokens for key, gram in collector.sums.items()}
             files = StatsFiles(directory, fingerprint="", model=f"m{index}")
-            files.add({key: gram.done() for key, gram in collector.sums.items()}, tokens)
+            ran: list[LinearLayer] = []
+            gram_of: dict[str, str] = {}
+            tokens: dict[str, int] = {}
+            for round_layers in gram_rounds(layers, self.budget.limit):
+                with GramCollector(hooked(candidate.skeleton, round_layers),
+                                   experts=expert_keys(round_layers)) as collector:
+                    run(candidate, collector)
+                summed = {key: gram.tokens for key, gram in collector.sums.items()}
+                files.add({key: gram.done() for key, gram in collector.sums.items()}, summed)
+                ran += collector.layers(round_layers)
+                gram_of.update(collector.gram_of)
+                tokens.update(summed)
+                give_back_memory()
             files.finish(stats_meta(model=f"m{index}", source="", revision=None, fingerprint="", weights_sha256="",
-                                    data={}, examples=0, tokens=0, layers=collector.layers(layers),
-                                    gram_of=collector.gram_of, gram_tokens=tokens))
+                                    data={}, examples=0, tokens=0, layers=ran, gram_of=gram_of, gram_tokens=tokens))
             self.grams.append(load_stats(directory))
-            give_back_memory()
 
     def gram(self, index: int, weight: str) -> tuple[torch.Tensor, int]:
         """Model `index`'s Gram of the layer whose weight is `weight`, and its token count."""

@@ -194,6 +194,6 @@ def _planned_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], stat
         size = f"{per_block / 1e9:.1f} GB" if per_block >= 1e8 else f"{per_block / 1e6:.1f} MB"
         warnings.append(f"regmean: {len(experts)} MoE expert weights are planned as merged by RegMean; an expert "
                         "that some model's calibration data routes fewer tokens to than it has inputs will be "
-                        "averaged instead (the statistics will say which). Collecting them holds every expert's "
-                        f"Grams of a block at once: about {size}")
+                        f"averaged instead (the statistics will say which). Their Grams take {size} a block while "
+                        "they are collected: in rounds of at most memory_budget, each one more forward pass")
     return planned
