@@ -5,8 +5,8 @@ tensor per expert and projection (`experts.3.w1.weight`, `experts.3.gate_proj.we
 - `fused_parameters`: which file tensors make each fused parameter, found with transformers' own
   conversion mapping (its `WeightConverter`s), and `load_fused` builds the parameter with the
   converter's own operations.
-- `expert_layers`: every stored expert tensor is a linear layer of its own: `gate_proj` / `up_proj`
-  read the tokens routed to their expert, `down_proj` the gated product `act(gate) * up`.
+- every stored expert tensor is then a linear layer of its own (stats/layers.py): `gate_proj` /
+  `up_proj` read the tokens routed to their expert, `down_proj` the gated product `act(gate) * up`.
 - `ExpertsHook`: a forward pre-hook on the experts module that adds, per expert, the Gram of the
   routed tokens and the Gram of the gated product recomputed from them.
 """
