@@ -317,12 +317,13 @@ class StatsSession:
         try:
             for index, block_layers in enumerate(per_block):
                 rounds = gram_rounds(block_layers, budget.limit)  # a MoE block's experts, a few at a time
-                for number, layers in enumerate(rounds):
-                    last = number == len(rounds) - 1
-                    with GramCollector(hooked(skeleton, layers), share_inputs=share_inputs,
-                                       experts=expert_keys(layers)) as collector:
-                        outputs = run_block(skeleton, index, acts, collector=collector, keep=last, name=name)
-                    self._finish_stage(collector, files, reached, on_progress, total, stage_done=last)
+                with skeleton.held([skeleton.blocks[index]]) if len(rounds) > 1 else nullcontext():  # read once
+                    for number, layers in enumerate(rounds):
+                        last = number == len(rounds) - 1
+                        with GramCollector(hooked(skeleton, layers), share_inputs=share_inputs,
+                                           experts=expert_keys(layers)) as collector:
+                            outputs = run_block(skeleton, index, acts, collector=collector, keep=last, name=name)
+                        self._finish_stage(collector, files, reached, on_progress, total, stage_done=last)
                 advance(acts, outputs)
             tail = [layer for layer in outside if layer.module not in reached.gram_of]
             with GramCollector(hooked(skeleton, tail), share_inputs=share_inputs) as collector:

@@ -223,7 +223,9 @@ def run_block(skeleton: Skeleton, index: int, acts: Activations, *, collector: G
     hidden states; return its outputs (`keep`) in a store drawing on the same budget."""
     block = skeleton.blocks[index]
     outputs = HiddenStates(acts.hidden.budget, f"{name or skeleton.label}-{index}") if keep else None
-    skeleton.load([block])
+    held = skeleton.holds(block)  # loaded by the caller for several runs (`Skeleton.held`): left loaded
+    if not held:
+        skeleton.load([block])
     try:
         with torch.inference_mode():
             for number, batch in enumerate(acts.batches):
@@ -237,7 +239,8 @@ def run_block(skeleton: Skeleton, index: int, acts: Activations, *, collector: G
                 if outputs is not None:
                     outputs.put(number, out[0] if isinstance(out, tuple) else out)
     finally:
-        skeleton.release([block])
+        if not held:
+            skeleton.release([block])
     return outputs
 
 

@@ -7,7 +7,8 @@ layers) are found generically, and only one of them holds weights at any time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,20 @@ class Skeleton:
             value = tensor if is_buffer else torch.nn.Parameter(tensor, requires_grad=False)
             for module, attr, _ in places:
                 (module._buffers if is_buffer else module._parameters)[attr] = value
+
+    @contextmanager
+    def held(self, modules: list[torch.nn.Module]) -> Iterator[None]:
+        """`modules` loaded for the whole `with`: the runs inside it (a MoE block's rounds) read their
+        weights once, and do not free them."""
+        self.load(modules)
+        try:
+            yield
+        finally:
+            self.release(modules)
+
+    def holds(self, module: torch.nn.Module) -> bool:
+        """Whether `module`'s weights are loaded."""
+        return all(p.device.type != "meta" for p in module.parameters())
 
     def stored_as(self, key: str) -> list[str]:
         """The checkpoint tensors parameter `key` is read from (several for a fused one)."""

@@ -95,31 +95,40 @@ class SequentialMerge:
                                        label=label)
             self.candidates.append(_Candidate(skeleton, [b.to(self.device, dtype) for b in batches], data.kind))
 
-    def collect(self, layers: list[LinearLayer], run: Callable[[_Candidate, GramCollector], object]) -> None:
-        """Each model's Grams of `layers` (all of one stage), by `run` (once per round of a MoE block's
-        experts that fit the memory budget); written to the scratch store one model at a time, and
-        opened for the solve."""
+    def collect(self, layers: list[LinearLayer], run: Callable[[_Candidate, GramCollector], object],
+                block: int | None = None) -> None:
+        """Each model's Grams of `layers` (all of one stage, of `block` if a block's), by `run` (once per
+        round of a MoE block's experts that fit the memory budget, the block's weights read once);
+        written to the scratch store one model at a time, and opened for the solve."""
         self.drop_grams()
+        rounds = gram_rounds(layers, self.budget.limit)
         for index, candidate in enumerate(self.candidates):
-            directory = self.scratch / f"m{index}"
-            directory.mkdir(parents=True, exist_ok=True)
-            files = StatsFiles(directory, fingerprint="", model=f"m{index}")
-            ran: list[LinearLayer] = []
-            gram_of: dict[str, str] = {}
-            tokens: dict[str, int] = {}
-            for round_layers in gram_rounds(layers, self.budget.limit):
-                with GramCollector(hooked(candidate.skeleton, round_layers),
-                                   experts=expert_keys(round_layers)) as collector:
-                    run(candidate, collector)
-                summed = {key: gram.tokens for key, gram in collector.sums.items()}
-                files.add({key: gram.done() for key, gram in collector.sums.items()}, summed)
-                ran += collector.layers(round_layers)
-                gram_of.update(collector.gram_of)
-                tokens.update(summed)
-                give_back_memory()
-            files.finish(stats_meta(model=f"m{index}", source="", revision=None, fingerprint="", weights_sha256="",
-                                    data={}, examples=0, tokens=0, layers=ran, gram_of=gram_of, gram_tokens=tokens))
-            self.grams.append(load_stats(directory))
+            held = [candidate.skeleton.blocks[block]] if block is not None and len(rounds) > 1 else []
+            with candidate.skeleton.held(held):
+                self._collect_rounds(index, candidate, rounds, run)
+
+    def _collect_rounds(self, index: int, candidate: _Candidate, rounds: list[list[LinearLayer]],
+                        run: Callable[[_Candidate, GramCollector], object]) -> None:
+        """One model's Grams of `rounds`, each summed by a run of its own, into its scratch statistics."""
+        directory = self.scratch / f"m{index}"
+        directory.mkdir(parents=True, exist_ok=True)
+        files = StatsFiles(directory, fingerprint="", model=f"m{index}")
+        ran: list[LinearLayer] = []
+        gram_of: dict[str, str] = {}
+        tokens: dict[str, int] = {}
+        for round_layers in rounds:
+            with GramCollector(hooked(candidate.skeleton, round_layers),
+                               experts=expert_keys(round_layers)) as collector:
+                run(candidate, collector)
+            summed = {key: gram.tokens for key, gram in collector.sums.items()}
+            files.add({key: gram.done() for key, gram in collector.sums.items()}, summed)
+            ran += collector.layers(round_layers)
+            gram_of.update(collector.gram_of)
+            tokens.update(summed)
+            give_back_memory()
+        files.finish(stats_meta(model=f"m{index}", source="", revision=None, fingerprint="", weights_sha256="",
+                                data={}, examples=0, tokens=0, layers=ran, gram_of=gram_of, gram_tokens=tokens))
+        self.grams.append(load_stats(directory))
 
     def gram(self, index: int, weight: str) -> tuple[torch.Tensor, int]:
         """Model `index`'s Gram of the layer whose weight is `weight`, and its token count."""
@@ -262,7 +271,7 @@ def _block_hooks(state: SequentialMerge, index: int,
                  layers: list[LinearLayer]) -> tuple[Callable[[], None], Callable[[Checkpoint], None]]:
     def before() -> None:
         state.collect(layers, lambda c, collector: run_block(c.skeleton, index, c.acts, collector=collector,
-                                                             keep=False))
+                                                             keep=False), block=index)
 
     def after(output: Checkpoint) -> None:
         merged = state.merged_model(output)
