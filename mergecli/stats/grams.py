@@ -280,14 +280,18 @@ def gram_rounds(layers: list[LinearLayer], budget: int) -> list[list[LinearLayer
             experts.setdefault((layer.experts, layer.expert), []).append(layer)
     used = 0
     for expert in experts.values():
-        size = sum(d * (d + 1) // 2 for d in {layer.module: layer.in_features for layer in expert}.values())
-        size *= ENTRY_BYTES
+        size = gram_bytes(expert)
         if used and used + size > budget:
             rounds.append([])
             used = 0
         rounds[-1] += expert
         used += size
     return rounds
+
+
+def gram_bytes(layers: list[LinearLayer]) -> int:
+    """The memory the Grams of `layers` take while they are summed (layers keyed alike share one)."""
+    return sum(d * (d + 1) // 2 for d in {layer.module: layer.in_features for layer in layers}.values()) * ENTRY_BYTES
 
 
 def expert_keys(layers: list[LinearLayer]) -> set[str]:

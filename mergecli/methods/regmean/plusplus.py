@@ -208,7 +208,6 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
             elif any(layer.underdetermined for layer in layers):
                 tokens = "/".join(str(layer.tokens) for layer in layers)
                 decided[name] = (EXPERT_AVERAGE, f"{name} ({tokens} tokens, {layers[0].in_features} inputs)")
-                _say_few(warnings, [note for kind, note in decided.values() if kind == EXPERT_AVERAGE])
                 return average(blocks, merged)
             else:
                 return solve(blocks, merged)
@@ -251,20 +250,16 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
     collect_tail = (lambda: state.collect(tail, lambda c, collector: run_tail(
         c.skeleton, c.acts, c.forward, collector=collector, stop_after={t.module for t in tail}))) if tail else None
     last = tasks_of([n for n in by_name if n in tail_names])
-    stages.append(Stage(last, collect_tail, cleanup=state.close, label="tail", hook_cost=forward_cost(last, tail) / 2,
+    def finish() -> None:
+        """Free what the stages shared; one warning names every expert weight they averaged."""
+        state.close()
+        few = [note for kind, note in decided.values() if kind == EXPERT_AVERAGE]
+        if few:
+            warnings.append(few_tokens_warning("regmean++", few))
+
+    stages.append(Stage(last, collect_tail, cleanup=finish, label="tail", hook_cost=forward_cost(last, tail) / 2,
                         decided=decided))
     return stages
-
-
-def _say_few(warnings: list[str], few: list[str]) -> None:
-    """One warning for every expert weight averaged so far (it grows as the blocks are merged)."""
-    lead = "regmean++: expert weight(s) saw fewer calibration tokens"
-    line = few_tokens_warning("regmean++", few)
-    at = next((i for i, w in enumerate(warnings) if w.startswith(lead)), None)
-    if at is None:
-        warnings.append(line)
-    else:
-        warnings[at] = line
 
 
 def _block_hooks(state: SequentialMerge, index: int,

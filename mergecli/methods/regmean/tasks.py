@@ -19,6 +19,7 @@ from mergecli.methods.base import Inputs, TensorTask
 from mergecli.methods.regmean.solve import regmean_task
 from mergecli.recipe import Recipe, model_label
 from mergecli.stats.calibration import read_examples
+from mergecli.stats.grams import gram_bytes
 from mergecli.stats.layers import find_linear_layers
 from mergecli.stats.skeleton import build_skeleton
 from mergecli.stats.store import (
@@ -31,7 +32,6 @@ from mergecli.stats.store import (
     load_stats,
 )
 
-GRAM_BYTES = 12  # per entry of a Gram's upper triangle while it is summed: float64, and float32 staging
 EXPERT_AVERAGE = "expert-average"  # the kind of an expert's weight averaged for want of tokens
 
 
@@ -189,8 +189,7 @@ def _planned_tasks(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], stat
                                     orientation=layer.orientation, in_features=layer.in_features))
     experts = [layer for layer in layers.values() if layer.expert is not None]
     if experts:
-        grams = {layer.module: layer.in_features for layer in experts}  # gate and up share their expert's Gram
-        per_block = sum(d * (d + 1) // 2 for d in grams.values()) * GRAM_BYTES / len({e.experts for e in experts})
+        per_block = gram_bytes(experts) / len({layer.experts for layer in experts})  # gate and up share a Gram
         size = f"{per_block / 1e9:.1f} GB" if per_block >= 1e8 else f"{per_block / 1e6:.1f} MB"
         warnings.append(f"regmean: {len(experts)} MoE expert weights are planned as merged by RegMean; an expert "
                         "that some model's calibration data routes fewer tokens to than it has inputs will be "
