@@ -129,8 +129,32 @@ def test_task_arithmetic_is_the_base_plus_lambda_times_the_weighted_task_vectors
     close(merged(tmp_path, path), want, family["dtype"])
 
 
+@pytest.fixture(params=["histogram", "sampled"])
+def trim_path(request, monkeypatch) -> list:
+    """How TIES finds its thresholds: the histogram passes (what these tiny tensors get), or a sampled
+    bracket settled in one pass (what large ones get: forced here, in blocks of 8 rows). Gives the list
+    of the brackets that settled a threshold, which a "sampled" run must have some of."""
+    from mergecli.methods import bracket
+
+    settled = []
+    if request.param == "sampled":
+        monkeypatch.setattr(bracket, "MIN_SAMPLED", 1)
+        monkeypatch.setattr(method_base, "BLOCK_ELEMENTS", 8 * 64)
+        settle = bracket.Bracket.settle
+
+        def recorded(self, k):
+            result = settle(self, k)
+            if result is not None:
+                settled.append(result)
+            return result
+
+        monkeypatch.setattr(bracket.Bracket, "settle", recorded)
+    return settled
+
+
 @pytest.mark.parametrize("scope", ["tensor", "model"])
-def test_ties_keeps_exactly_the_largest_entries_and_merges_the_agreeing_ones(family, tmp_path, scope):
+def test_ties_keeps_exactly_the_largest_entries_and_merges_the_agreeing_ones(family, tmp_path, scope, trim_path,
+                                                                             request):
     weights, density = [1.0, 0.5, 2.0], [0.3, 0.5, 0.2]
     path = recipe(tmp_path, family, "ties", f'lambda = 1.5\ntrim_scope = "{scope}"\ndensity = 0.9', weights=weights,
                   per_model=[f"density = {d}" for d in density])
@@ -157,6 +181,7 @@ def test_ties_keeps_exactly_the_largest_entries_and_merges_the_agreeing_ones(fam
         trimmed = [torch.where(m[name], v[name], 0.0) for m, v in zip(masks, vectors)]
         want[name] = value + 1.5 * ties_merge(trimmed, weights, normalize=True)
     close(merged(tmp_path, path), want, family["dtype"])
+    assert bool(trim_path) == (request.node.callspec.params["trim_path"] == "sampled")
 
 
 def test_ties_breaks_ties_at_the_threshold_by_position(tmp_path):
@@ -312,27 +337,87 @@ def test_average_recipes_run_with_merge_and_regmean_ones_are_sent_to_their_comma
     assert result.exit_code == 2 and "run `mergecli regmean merge RECIPE`" in result.stderr
 
 
+def trimmed_by_passes(trim, values: torch.Tensor, rows_per_block: int, generator: torch.Generator,
+                      share: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """Run a TopMagnitudes through its passes as the stream does (blocks of rows in a random order; the
+    sample pass on its sampled rows only), then trim every block."""
+    from mergecli.methods.bracket import sample_rows
+    from mergecli.methods.magnitude import DONE, SAMPLE
+
+    width = values.shape[1]
+    rows_count = values.shape[0]
+    blocks = [(start, min(rows_count, start + rows_per_block)) for start in range(0, rows_count, rows_per_block)]
+    stages = []
+    while trim.stage != DONE:
+        stages.append(trim.stage)
+        rows = list(sample_rows(blocks, share)) if trim.stage == SAMPLE else blocks
+        for index in torch.randperm(len(rows), generator=generator).tolist():
+            start, stop = rows[index]
+            trim.count(values[start:stop].reshape(-1).clone(), start * width)
+        trim.finish_pass()
+    kept = torch.cat([trim.trim_(values[start:stop].reshape(-1).clone(), start * width) for start, stop in blocks])
+    return kept, stages
+
+
+def levels(generator: torch.Generator, shape: tuple[int, int]) -> torch.Tensor:
+    """Values on few levels (ties straddling blocks), some of them continuous, a tenth zeros."""
+    count = shape[0] * shape[1]
+    values = torch.randint(-40, 41, (count,), generator=generator).float() * 0.25 + torch.randn(
+        count, generator=generator) * (torch.rand(count, generator=generator) < 0.3)
+    return (values * (torch.rand(count, generator=generator) > 0.1)).view(shape)
+
+
 @pytest.mark.parametrize("store_entries", [2**21, 0], ids=["ties-from-stored-counts", "ties-from-a-third-pass"])
 @pytest.mark.parametrize("density", [0.05, 0.5, 0.93])
 def test_top_magnitudes_is_a_stable_sort_whatever_the_block_order(store_entries, density):
     """The streamed trim keeps what a stable sort keeps, with blocks counted out of order, values on few
     levels (ties straddling blocks) and both ways of counting the ties per block."""
-    from mergecli.methods.magnitude import TopMagnitudes
+    from mergecli.methods.magnitude import LOW, TOP, TopMagnitudes
 
     generator = torch.Generator().manual_seed(3)
-    values = torch.randint(-40, 41, (10_007,), generator=generator).float() * 0.25 + torch.randn(
-        10_007, generator=generator) * (torch.rand(10_007, generator=generator) < 0.3)
-    starts = list(range(0, values.numel(), 997))
-    order = torch.randperm(len(starts), generator=generator).tolist()
+    values = levels(generator, (1001, 10))
     trim = TopMagnitudes(values.numel(), density, store_entries=store_entries)
-    for depth in range(3):
-        if trim.stage != depth:
-            continue
-        for index in order:
-            start = starts[index]
-            trim.count(values[start:start + 997].clone(), start)
-        trim.finish_pass()
-    assert trim.stage == 3
-    kept = torch.cat([trim.trim_(values[start:start + 997].clone(), start) for start in starts])
-    want = torch.where(top_k_mask(values, density), values, 0.0)
+    kept, stages = trimmed_by_passes(trim, values, 97, generator)
+    assert stages[:2] == [TOP, LOW]
+    want = torch.where(top_k_mask(values, density).reshape(-1), values.reshape(-1), 0.0)
+    assert torch.equal(kept != 0, want != 0) and torch.equal(kept, want)
+
+
+def _bits(value: float) -> int:
+    return int(torch.tensor(value).view(torch.int32))
+
+
+@pytest.mark.parametrize("bracket_kind", ["sampled", "missing", "overflowing"])
+@pytest.mark.parametrize(("density", "spread"), [(0.05, "levels"), (0.5, "levels"), (0.93, "levels"),
+                                                 (0.2, "gaussian"), (0.95, "mostly-zeros")])
+def test_a_sampled_bracket_settles_the_same_entries_as_a_stable_sort(monkeypatch, bracket_kind, density, spread):
+    """A large population is sampled, bracketed and settled in one pass, and keeps exactly what a stable
+    sort keeps. A bracket that misses the k-th value, or holds more values than its store, falls back to
+    the histogram passes with the same result. Values: on few levels (ties straddling blocks),
+    continuous, or mostly zeros (the k-th largest is 0 with density 0.95)."""
+    from mergecli.methods import bracket
+    from mergecli.methods.bracket import INFINITY_BITS, Bracket, SamplePlan, sample_rows
+    from mergecli.methods.magnitude import BRACKET, DONE, SAMPLE, TOP, TopMagnitudes
+
+    monkeypatch.setattr(bracket, "MIN_SAMPLED", 1000)
+    if bracket_kind == "missing":  # a bracket far above every value
+        monkeypatch.setattr(bracket.Sample, "bracket", lambda self, size, k: Bracket(_bits(1e30), _bits(2e30), 64))
+    elif bracket_kind == "overflowing":  # every positive value in the bracket, and room for 16
+        monkeypatch.setattr(bracket.Sample, "bracket", lambda self, size, k: Bracket(1, INFINITY_BITS, 16))
+    generator = torch.Generator().manual_seed(5)
+    shape = (4096, 24)
+    if spread == "levels":
+        values = levels(generator, shape)
+    elif spread == "gaussian":
+        values = torch.randn(shape, generator=generator)
+    else:
+        values = torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.03)
+    blocks = [(start, min(shape[0], start + 64)) for start in range(0, shape[0], 64)]
+    share = bracket.sample_share(values.numel())
+    slabs = [(stop - start) * shape[1] for start, stop in sample_rows(blocks, share)]
+    trim = TopMagnitudes(values.numel(), density, sample=SamplePlan(sum(slabs), len(slabs)))
+    kept, stages = trimmed_by_passes(trim, values, 64, generator, share)
+    assert stages[:2] == [SAMPLE, BRACKET] and trim.stage == DONE
+    assert (TOP in stages) == (bracket_kind != "sampled")
+    want = torch.where(top_k_mask(values, density).reshape(-1), values.reshape(-1), 0.0)
     assert torch.equal(kept != 0, want != 0) and torch.equal(kept, want)

@@ -125,10 +125,12 @@ def stream_notes(recipe: Recipe, inputs: Inputs, stages: list[Stage]) -> list[st
     tasks = [task for stage in stages for task in stage.tasks]
     notes = []
     for label, checkpoint in streamed:
-        reads = max((1 + len(task.prepasses) for task in tasks if any(s is checkpoint for s in task.sources)),
-                    default=0)
-        times = "" if reads <= 1 else f"; its bytes are fetched up to {reads} times (the method reads them in " \
-                                      f"{reads} passes, and nothing is stored between them)"
+        mine = [(task.out.name, 1 + sum(prepass.reads for prepass in task.prepasses)) for task in tasks
+                if any(s is checkpoint for s in task.sources)]
+        size = sum(checkpoint.tensors[name].nbytes for name, _ in mine)
+        reads = sum(checkpoint.tensors[name].nbytes * times for name, times in mine) / size if size else 0
+        times = "" if reads <= 1 else f"; its bytes are fetched about {reads:.2g} times (the method reads " \
+                                      "them in passes before it merges, and nothing is stored between them)"
         notes.append(f"{label}: streamed from the Hub by range requests, nothing of it stored "
                      f"(read-ahead at most {recipe.stream_buffer / 2**20:.0f} MiB){times}")
     return notes

@@ -176,8 +176,12 @@ class _Stream:
     def _blocks(self, tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, tuple[int, int] | None]]:
         for task in tasks:
             blocks = list(iter_row_blocks(task.sources[0].tensors[task.out.name], task.block_elements))
+            if self.depth is not None:
+                prepass = task.prepasses[self.depth]
+                blocks, work = prepass.rows(blocks), task.bytes_read * prepass.reads
+            else:
+                work = task.work - task.bytes_read * sum(prepass.reads for prepass in task.prepasses)
             self.blocks_left[task.out.name] = len(blocks)
-            work = task.bytes_read if self.depth is not None else task.work - task.bytes_read * len(task.prepasses)
             self.block_work[task.out.name] = work / len(blocks)
             for rows in blocks:
                 yield task, rows

@@ -35,8 +35,14 @@ class Prepass(Protocol):
     tensor (or of a population of tensors) that the combine needs: a magnitude threshold, a norm, a dot
     product. Blocks are folded in any order, on several threads at once."""
 
+    reads: float  # the share of the tensor this pass is expected to read (for progress and --stream's notes)
+
     def needed(self) -> bool:
         """Whether this pass has anything to do (a tie-break pass only when there are ties to break)."""
+
+    def rows(self, blocks: list[tuple[int, int] | None]) -> list[tuple[int, int] | None]:
+        """The row ranges this pass reads, given the task's row blocks (None: the whole tensor): all of
+        them, or a sample."""
 
     def fold(self, blocks: list[torch.Tensor], start: int) -> None:
         """Add one row block (every source's, in `sources` order) whose first element is at flat
@@ -84,9 +90,9 @@ class TensorTask:
 
     @property
     def work(self) -> float:
-        """What progress and its time estimate count: the bytes read (once per prepass and once more to
-        combine), plus the `cost` of computing."""
-        return self.bytes_read * (1 + len(self.prepasses)) + self.cost
+        """What progress and its time estimate count: the bytes read (by the prepasses expected to run,
+        and once more to combine), plus the `cost` of computing."""
+        return self.bytes_read * (1 + sum(prepass.reads for prepass in self.prepasses)) + self.cost
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """The k largest magnitudes of a population of values streamed in row blocks, exactly, in memory that
 does not grow with the population: TIES' trim, per tensor or over a model's whole task vector.
 
+A large population is first sampled and bracketed, then settled in one pass (methods/bracket.py); a
+small one, or one the bracket misses, is counted by the exact histogram passes described here.
+
 Non-negative float32 numbers sort as their bit patterns do, read as integers. A first streamed pass
 counts the top 16 bits of every |x| (65,536 buckets); the bucket that holds the k-th largest is
 found from the counts. A second pass counts the low 16 bits of the values in that bucket alone,
@@ -21,7 +24,10 @@ import threading
 import torch
 
 from mergecli.io.buffers import thread_buffer
+from mergecli.methods import bracket
+from mergecli.methods.bracket import Bracket, Sample, SamplePlan, magnitudes
 
+SAMPLE, BRACKET, TOP, LOW, TIES, DONE = range(6)  # the stages of a trim, each a streamed pass but the last
 _BUCKETS = 1 << 16
 STORE_ENTRIES = 2**21  # per population: the bucket's low bits per block kept in the second pass (16 MB)
 
@@ -31,50 +37,57 @@ def _as_float(bits: int) -> float:
     return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
 
 
-def magnitudes(vector: torch.Tensor) -> torch.Tensor:
-    """|x| as float32 (flat), in this thread's buffer: float64 values are compared as the float32
-    values nearest to them. Their bit patterns, read as int32, order as the magnitudes do."""
-    out = thread_buffer("magnitudes", vector.numel(), torch.float32)
-    if vector.dtype == torch.float32:
-        return torch.abs(vector.reshape(-1), out=out)
-    return out.copy_(vector.reshape(-1)).abs_()
-
-
 class TopMagnitudes:
     """Which entries of a population of `size` values are its ⌊density × size⌋ largest magnitudes.
 
-    Fed block by block, three times at most: `count` in pass 0 and 1 (and 2, for ties), then `trim_`
-    zeroes each block's others. Thread-safe; every block is known by the flat position of its first
-    element in the population (`start`).
+    Fed block by block, one pass per stage (`count`, then `finish_pass` once every block of the pass was
+    counted): SAMPLE and BRACKET for a population with a `sample` plan (what its sample pass reads), then
+    TOP, LOW and TIES when needed; then `trim_` zeroes each block's others. Thread-safe; every block is
+    known by the flat position of its first element in the population (`start`).
     """
 
-    def __init__(self, size: int, density: float, store_entries: int = STORE_ENTRIES):
+    def __init__(self, size: int, density: float, store_entries: int = STORE_ENTRIES,
+                 sample: SamplePlan | None = None):
         self.size = size
         self.k = min(size, math.floor(density * size))
-        self.stage = 0 if 0 < self.k < size else 3  # 0: top bits, 1: low bits in the bucket, 2: ties, 3: done
+        counted = 0 < self.k < size
+        self.sample = Sample(sample, size) if counted and sample is not None and size >= bracket.MIN_SAMPLED else None
+        self.bracket: Bracket | None = None
+        self.stage = DONE if not counted else SAMPLE if self.sample is not None else TOP
         self.lock = threading.Lock()
         self.counts: torch.Tensor | None = None  # this pass's, from the first block counted to its end
         self.bucket = 0  # the top 16 bits of the k-th largest value
-        self.above = 0  # values above the current bucket (stage 1), above the threshold (after)
+        self.above = 0  # values above the current bucket (LOW), above the threshold (after)
         self.threshold = -1  # the k-th largest value's bits
         self.ties_kept = 0  # how many values equal to the threshold are kept (the first ones by position)
         self.ties: dict[int, int] = {}  # block start → values equal to the threshold in it
         self.tie_offsets: dict[int, int] = {}  # block start → such values before it, by position
         self.store_left = store_entries  # room left in `lows`
-        self.lows: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {}  # stage 1: block → (low bits, counts)
+        self.lows: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {}  # LOW: block → (low bits, counts)
+
+    def expected_passes(self) -> tuple[int, ...]:
+        """The passes this trim is expected to take from its current stage (others run only when a
+        bracket misses, or to count ties per block past the store)."""
+        return (SAMPLE, BRACKET) if self.stage == SAMPLE else (TOP, LOW) if self.stage == TOP else ()
 
     def count(self, vector: torch.Tensor, start: int) -> None:
         """Fold the magnitudes of one block of values into the current pass's counts."""
-        if self.stage == 3:
+        if self.stage == DONE:
+            return
+        if self.stage == SAMPLE:
+            self.sample.add(magnitudes(vector).view(torch.int32))
+            return
+        if self.stage == BRACKET:
+            self.bracket.count(vector, start)
             return
         bits = magnitudes(vector).view(torch.int32)
-        if self.stage == 2:
+        if self.stage == TIES:
             ties = int((bits == self.threshold).sum())
             with self.lock:
                 self.ties[start] = ties
             return
         bins = thread_buffer("bins", bits.numel(), torch.int32)
-        if self.stage == 0:
+        if self.stage == TOP:
             part = torch.bincount(torch.bitwise_right_shift(bits, 16, out=bins), minlength=_BUCKETS)
             self._add(part)
             return
@@ -97,25 +110,42 @@ class TopMagnitudes:
                     self.lows[start] = lows
 
     def finish_pass(self) -> None:
-        """Every block was counted: settle the bucket, then the threshold, then the tie offsets."""
-        if self.stage == 0:
+        """Every block was counted: settle the bracket (or the bucket, then the threshold), then the tie
+        offsets."""
+        if self.stage == SAMPLE:
+            self.bracket = self.sample.bracket(self.size, self.k)
+            self.sample = None
+            self.stage = BRACKET if self.bracket is not None else TOP
+        elif self.stage == BRACKET:
+            settled = self.bracket.settle(self.k)
+            self.bracket = None
+            if settled is None:
+                self.stage = TOP  # the bracket missed: the exact passes count it
+                return
+            self.threshold, self.above = settled.threshold, settled.above
+            self.ties_kept = self.k - self.above
+            self.stage = DONE
+            if self.ties_kept < settled.equal:
+                self.ties = settled.ties
+                self._settle_ties()
+        elif self.stage == TOP:
             self.bucket, self.above = self._find(self.k)
             self.counts = None
-            self.stage = 1
-        elif self.stage == 1:
+            self.stage = LOW
+        elif self.stage == LOW:
             low, above_in_bucket = self._find(self.k - self.above)
             self.threshold = (self.bucket << 16) | low
             equal = int(self.counts[low])
             self.above += above_in_bucket
             self.ties_kept = self.k - self.above
             self.counts = None
-            self.stage = 2 if self.ties_kept < equal else 3
-            if self.stage == 2 and self.lows is not None:  # each block's ties, from its stored counts
+            self.stage = TIES if self.ties_kept < equal else DONE
+            if self.stage == TIES and self.lows is not None:  # each block's ties, from its stored counts
                 for start, (lows, counts) in self.lows.items():
                     self.ties[start] = int(counts[lows == low].sum())
                 self._settle_ties()
             self.lows = None
-        elif self.stage == 2:
+        elif self.stage == TIES:
             self._settle_ties()
 
     def _settle_ties(self) -> None:
@@ -123,7 +153,7 @@ class TopMagnitudes:
         for start in sorted(self.ties):
             self.tie_offsets[start] = seen
             seen += self.ties[start]
-        self.stage = 3
+        self.stage = DONE
 
     def _find(self, rank: int) -> tuple[int, int]:
         """(the bucket holding the `rank`-th largest of the counted values, how many lie above it)."""
@@ -163,3 +193,4 @@ class TopMagnitudes:
             order = torch.cumsum(equal, 0) + self.tie_offsets[start]
             return kept | (equal & (order <= self.ties_kept))
         return kept | equal
+

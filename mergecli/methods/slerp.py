@@ -43,8 +43,13 @@ class Angle:
         self.coefficients = (1.0 - t, t)
         self.linear = True
 
+    reads = 1.0
+
     def needed(self) -> bool:
         return True
+
+    def rows(self, blocks: list[tuple[int, int] | None]) -> list[tuple[int, int] | None]:
+        return blocks
 
     def fold(self, blocks: list[torch.Tensor], start: int) -> None:
         a, b = (thread_buffer(("slerp", index), block.numel(), torch.float64).copy_(block.reshape(-1))

@@ -5,7 +5,8 @@ weighted mean (`normalize`, on by default); θ = θ_b + λ × that.
 The trim is exact (⌊density × n⌋ entries, ties at the threshold broken by position) and streamed
 (methods/magnitude.py): per tensor (the default, as mergekit), or, with `trim_scope = "model"`, over a
 model's whole task vector (as the paper's code and FusionBench), each threshold from passes over row
-blocks before the merge, never from a tensor held whole.
+blocks before the merge, never from a tensor held whole: a sample of rows and one full pass for a
+large population (methods/bracket.py), histogram passes for a small one.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Literal
 
 import torch
 
+from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.methods.base import TensorTask, register
-from mergecli.methods.magnitude import TopMagnitudes
+from mergecli.methods.bracket import SamplePlan, sample_rows, sample_share
+from mergecli.methods.magnitude import DONE, SAMPLE, TopMagnitudes
 from mergecli.methods.task_vectors import (
     DensitySettings,
     ModelDensity,
@@ -39,8 +42,8 @@ class Population:
     """The values one threshold is taken over (a model's task vector in one tensor, or in all of them),
     and how many tasks must finish a pass before it is settled."""
 
-    def __init__(self, size: int, density: float, members: int):
-        self.trim = TopMagnitudes(size, density)
+    def __init__(self, size: int, density: float, members: int, sample: SamplePlan):
+        self.trim = TopMagnitudes(size, density, sample=sample)
         self.members = members
         self.left = members
         self.lock = threading.Lock()
@@ -57,16 +60,32 @@ class Population:
             self.trim.finish_pass()
 
 
-class TrimPass:
-    """Pass `depth` of a task's trims: one read of the tensor's blocks counts every model's task vector
-    into its population (at the tensor's offset in it)."""
+def sample_plan(task: TensorTask, share: float) -> SamplePlan:
+    """What the sample pass reads of a task's tensor, `share` of its rows."""
+    info = task.sources[0].tensors[task.out.name]
+    per_row = info.numel // info.shape[0] if info.shape and info.shape[0] else info.numel
+    slabs = [info.numel if rows is None else (rows[1] - rows[0]) * per_row
+             for rows in sample_rows(list(iter_row_blocks(info, task.block_elements)), share)]
+    return SamplePlan(sum(slabs), len(slabs))
 
-    def __init__(self, depth: int, populations: list[tuple[Population, int]]):
+
+class TrimPass:
+    """Pass `depth` (a stage of TopMagnitudes) of a task's trims: one read of the tensor's blocks (a
+    sample of its rows, for the SAMPLE stage) counts every model's task vector into its population (at
+    the tensor's offset in it)."""
+
+    def __init__(self, depth: int, populations: list[tuple[Population, int]], share: float):
         self.depth = depth
         self.populations = populations
+        self.share = share  # of the rows, that the sample reads
+        expected = {stage for population, _ in populations for stage in population.trim.expected_passes()}
+        self.reads = (share if depth == SAMPLE else 1.0) if depth in expected else 0.0
 
     def needed(self) -> bool:
         return any(population.trim.stage == self.depth for population, _ in self.populations)
+
+    def rows(self, blocks: list[tuple[int, int] | None]) -> list[tuple[int, int] | None]:
+        return list(sample_rows(blocks, self.share)) if self.depth == SAMPLE else blocks
 
     def fold(self, blocks: list[torch.Tensor], start: int) -> None:
         _, vectors = deltas(blocks)
@@ -93,21 +112,25 @@ class Ties(TaskVectorMethod):
         if recipe.settings.trim_scope != "model":
             return None
         size = sum(task.out.numel for task in floating)
-        populations = [Population(size, density, len(floating)) for density in densities(recipe)]
+        share = sample_share(size)
+        sample = sum((sample_plan(task, share) for task in floating), SamplePlan(0, 0))
+        populations = [Population(size, density, len(floating), sample) for density in densities(recipe)]
         offsets, position = {}, 0
         for task in floating:
             offsets[task.out.name] = position
             position += task.out.numel
-        return populations, offsets
+        return populations, offsets, share
 
     def task_for(self, recipe, inputs, task, read, shared):
         settings = recipe.settings
         model_density = densities(recipe)
         if shared is not None:
-            model_scope, offsets = shared
+            model_scope, offsets, share = shared
             populations = [(model_scope[index], offsets[task.out.name]) for index, _, _ in read]
         else:
-            populations = [(Population(task.out.numel, model_density[index], 1), 0) for index, _, _ in read]
+            share = sample_share(task.out.numel)
+            sample = sample_plan(task, share)
+            populations = [(Population(task.out.numel, model_density[index], 1, sample), 0) for index, _, _ in read]
         weights = [weight for _, _, weight in read]
         normalize = self.normalize(recipe)
         scale = settings.lambda_ * (1.0 if normalize else 1.0 / self.divisor(recipe))
@@ -122,7 +145,7 @@ class Ties(TaskVectorMethod):
             return base.add_(merged, alpha=scale).view(out.shape)
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
-        passes = tuple(TrimPass(depth, populations) for depth in range(3))
+        passes = tuple(TrimPass(depth, populations, share) for depth in range(DONE))
         return TensorTask(task.out, "ties", sources, combine, task.block_elements, independent_blocks=True,
                           prepasses=passes, positional=True)
 
