@@ -12,7 +12,7 @@ independent draws would give.
 
 The pass over the bracket needs float arithmetic and one compaction a block: hardshrink at the top of
 the bracket keeps what lies above it (counted), hardshrink at its bottom minus that keeps what lies in
-it (stored, as bit patterns, block by block, selected by that difference cast to bool). A bracket that
+it (stored, as bit patterns, block by block, where that difference is not 0). A bracket that
 misses the k-th value (its count says so), a store that would overflow, or values that are not
 numbers, send the population back to the exact histogram passes (methods/magnitude.py): the result
 never depends on the sample, only the time does.
@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from mergecli.io.buffers import thread_buffer
@@ -95,7 +96,8 @@ class Sample:
 
     def __init__(self, plan: SamplePlan, size: int):
         self.stride = max(1, plan.elements // sample_size(size)) | 1  # odd: a row's columns all take turns
-        self.store = torch.empty(-(-plan.elements // self.stride) + plan.slabs, dtype=torch.int32)
+        self.entries = -(-plan.elements // self.stride) + plan.slabs
+        self.store: torch.Tensor | None = None  # allocated by the first slab: a plan holds every population
         self.used = 0
         self.slabs: list[int] = []
         self.lock = threading.Lock()
@@ -103,8 +105,10 @@ class Sample:
     def add(self, bits: torch.Tensor) -> None:
         kept = bits[::self.stride]
         with self.lock:
+            if self.store is None:
+                self.store = torch.empty(self.entries, dtype=torch.int32)
             at = self.used
-            kept = kept[:self.store.numel() - at]  # only if a pass read more than planned
+            kept = kept[:self.entries - at]  # only if a pass read more than planned
             self.used += kept.numel()
             self.slabs.append(kept.numel())
         self.store[at:at + kept.numel()].copy_(kept)
@@ -112,9 +116,11 @@ class Sample:
     def bracket(self, size: int, k: int) -> Bracket | None:
         """A bracket around the k-th largest of the population of `size` the sample was drawn from; None
         when the sample cannot give a useful one (then the exact passes count it)."""
+        if self.store is None or len(self.slabs) < 2 or self.used < 2:
+            return None
         values = self.store[:self.used]
         m = values.numel()
-        if m < 2 or len(self.slabs) < 2:
+        if m < 2:
             return None
         rate = m / size
 
@@ -162,7 +168,8 @@ class Bracket:
         self.lo, self.hi = lo, hi
         self.below = _float(lo - 1)  # hardshrink keeps |x| > λ: λ just under lo keeps the bracket
         self.top = _float(hi)
-        self.store = torch.empty(entries, dtype=torch.int32)
+        self.entries = entries
+        self.store: torch.Tensor | None = None  # allocated by the first block: brackets wait for their pass together
         self.used = 0
         self.blocks: dict[int, tuple[int, int, int, int]] = {}  # start → (at, kept, above, size)
         self.failed = False
@@ -174,13 +181,16 @@ class Bracket:
         size = found.numel()
         over = torch.hardshrink(found, self.top, out=thread_buffer("bracket-above", size, torch.float32))
         within = torch.hardshrink(found, self.below, out=thread_buffer("bracket-within", size, torch.float32))
-        kept = found.view(torch.int32)[within.sub_(over).bool()]  # a bool mask made by a cast: the cheapest
+        # numpy's compress: a third of the time of torch's masked select on a CPU (0.3 against 1.2 ns a value)
+        kept = torch.from_numpy(numpy.compress(within.sub_(over).numpy() != 0, found.view(torch.int32).numpy()))
         kept = kept[kept <= self.hi]  # an inf above the bracket leaves inf − inf there
         above = float(over.sign_().sum())  # NaN when a value is NaN: then the exact passes decide
         with self.lock:
+            if self.store is None:
+                self.store = torch.empty(self.entries, dtype=torch.int32)
             at = self.used
             self.used += kept.numel()
-            if not math.isfinite(above) or self.used > self.store.numel():
+            if not math.isfinite(above) or self.used > self.entries:
                 self.failed = True
                 return
             self.blocks[start] = (at, kept.numel(), int(above), size)
@@ -189,10 +199,10 @@ class Bracket:
     def settle(self, k: int) -> Settled | None:
         """The k-th largest of every value counted, or None when the bracket does not hold it."""
         above = sum(block[2] for block in self.blocks.values())
-        kept = self.store[:self.used]
         rank = k - above  # the k-th largest is the rank-th largest kept (or a zero, past them all)
-        if self.failed or rank < 1:
+        if self.failed or rank < 1 or self.store is None:
             return None
+        kept = self.store[:self.used]
         if rank > kept.numel():
             if self.lo != 1:
                 return None
