@@ -389,12 +389,12 @@ def _bits(value: float) -> int:
 
 @pytest.mark.parametrize("bracket_kind", ["sampled", "missing", "overflowing"])
 @pytest.mark.parametrize(("density", "spread"), [(0.05, "levels"), (0.5, "levels"), (0.93, "levels"),
-                                                 (0.2, "gaussian"), (0.95, "mostly-zeros")])
+                                                 (0.2, "gaussian"), (0.95, "mostly-zeros"), (0.3, "an-inf")])
 def test_a_sampled_bracket_settles_the_same_entries_as_a_stable_sort(monkeypatch, bracket_kind, density, spread):
     """A large population is sampled, bracketed and settled in one pass, and keeps exactly what a stable
     sort keeps. A bracket that misses the k-th value, or holds more values than its store, falls back to
     the histogram passes with the same result. Values: on few levels (ties straddling blocks),
-    continuous, or mostly zeros (the k-th largest is 0 with density 0.95)."""
+    continuous, mostly zeros (the k-th largest is 0 with density 0.95), or with infinities."""
     from mergecli.methods import bracket
     from mergecli.methods.bracket import INFINITY_BITS, Bracket, SamplePlan, sample_rows
     from mergecli.methods.magnitude import BRACKET, DONE, SAMPLE, TOP, TopMagnitudes
@@ -410,8 +410,11 @@ def test_a_sampled_bracket_settles_the_same_entries_as_a_stable_sort(monkeypatch
         values = levels(generator, shape)
     elif spread == "gaussian":
         values = torch.randn(shape, generator=generator)
-    else:
+    elif spread == "mostly-zeros":
         values = torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.03)
+    else:
+        values = torch.randn(shape, generator=generator)
+        values.view(-1)[::997] = math.inf
     blocks = [(start, min(shape[0], start + 64)) for start in range(0, shape[0], 64)]
     share = bracket.sample_share(values.numel())
     slabs = [(stop - start) * shape[1] for start, stop in sample_rows(blocks, share)]
@@ -421,3 +424,24 @@ def test_a_sampled_bracket_settles_the_same_entries_as_a_stable_sort(monkeypatch
     assert (TOP in stages) == (bracket_kind != "sampled")
     want = torch.where(top_k_mask(values, density).reshape(-1), values.reshape(-1), 0.0)
     assert torch.equal(kept != 0, want != 0) and torch.equal(kept, want)
+
+
+def test_a_nan_sends_a_bracket_back_to_the_histogram_passes(monkeypatch):
+    """A NaN lies nowhere in a bracket's comparisons: the pass notices that its counts fall short and
+    the exact passes decide, as they do without a sample (NaN counts as the largest magnitude)."""
+    from mergecli.methods import bracket
+    from mergecli.methods.bracket import SamplePlan, sample_rows
+    from mergecli.methods.magnitude import SAMPLE, TOP, TopMagnitudes
+
+    monkeypatch.setattr(bracket, "MIN_SAMPLED", 1000)
+    generator = torch.Generator().manual_seed(8)
+    values = torch.randn(4096, 24, generator=generator)
+    values[4000, 3] = math.nan
+    blocks = [(start, start + 64) for start in range(0, 4096, 64)]
+    share = bracket.sample_share(values.numel())
+    slabs = [(stop - start) * 24 for start, stop in sample_rows(blocks, share)]
+    sampled = TopMagnitudes(values.numel(), 0.3, sample=SamplePlan(sum(slabs), len(slabs)))
+    kept, stages = trimmed_by_passes(sampled, values, 64, generator, share)
+    want, plain = trimmed_by_passes(TopMagnitudes(values.numel(), 0.3), values, 64, generator)
+    assert stages[0] == SAMPLE and TOP in stages and plain[0] == TOP
+    assert torch.equal(kept.isnan(), want.isnan()) and torch.equal(kept.nan_to_num(), want.nan_to_num())

@@ -15,8 +15,14 @@ import torch
 from pydantic import Field
 
 from mergecli.methods.base import TensorTask, register
-from mergecli.methods.task_vectors import DensitySettings, ModelDensity, TaskVectorMethod, deltas, densities
-from mergecli.methods.task_vectors import elect_and_merge as elect
+from mergecli.methods.task_vectors import (
+    DensitySettings,
+    ModelDensity,
+    TaskVectorMethod,
+    add_elected,
+    deltas,
+    densities,
+)
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 _LOW32 = 0xFFFFFFFF
@@ -92,11 +98,10 @@ class Dare(TaskVectorMethod):
             for (key, density), vector, weight in zip(drops, vectors, weights):
                 survivors.append(vector.mul_(kept(key, start, vector.numel(), density)).mul_(weight / density))
             if elect_signs:
-                merged = elect(survivors, weights, normalize=normalize)
-            else:
-                merged = survivors[0]
-                for survivor in survivors[1:]:
-                    merged.add_(survivor)
+                return add_elected(base, survivors, weights, normalize=normalize, scale=scale).view(out.shape)
+            merged = survivors[0]
+            for survivor in survivors[1:]:
+                merged.add_(survivor)
             return base.add_(merged, alpha=scale).view(out.shape)
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))

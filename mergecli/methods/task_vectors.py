@@ -85,32 +85,36 @@ def deltas(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]
                   for index, block in enumerate(blocks[1:])]
 
 
-def elect_and_merge(weighted: list[torch.Tensor], weights: list[float], *, normalize: bool) -> torch.Tensor:
-    """TIES' disjoint merge of trimmed, weighted task vectors w_i δ̂_i (flat): the sign of their sum is
-    elected per entry (≥ 0 counts as +); the entries whose own sign agrees are summed, and divided by
-    the sum of their weights when `normalize` (an entry no model agrees on is 0). A zero never agrees.
+def add_elected(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[float], *, normalize: bool,
+                scale: float) -> torch.Tensor:
+    """θ_b + scale × TIES' disjoint merge of trimmed, weighted task vectors w_i δ̂_i (flat), into `base`:
+    the sign of their sum is elected per entry (≥ 0 counts as +); the entries whose own sign agrees are
+    summed, and divided by the sum of their weights when `normalize` (an entry no model agrees on is 0).
+    A zero never agrees.
 
     Float arithmetic throughout (no boolean masks: on a CPU they cost several times a float pass):
-    s = ±1 the elected sign, max(s·x, 0) is |x| where x agrees and 0 elsewhere, and its sign is 1 or 0.
+    s = ±1 the elected sign, max(s·x, 0) is |x| where x agrees and 0 elsewhere, and its sign is 1 or 0;
+    each buffer is written by the first model's step, not zeroed and then added to.
     """
     size, dtype = weighted[0].numel(), weighted[0].dtype
-    total = thread_buffer("total", size, dtype).copy_(weighted[0])
-    for vector in weighted[1:]:
+    total = thread_buffer("total", size, dtype)
+    torch.add(weighted[0], weighted[1], out=total) if len(weighted) > 1 else total.copy_(weighted[0])
+    for vector in weighted[2:]:
         total.add_(vector)
     sign = torch.copysign(torch.ones((), dtype=dtype), total, out=thread_buffer("sign", size, dtype))
-    agreeing = total.zero_()
+    agreeing = torch.mul(weighted[0], sign, out=total).clamp_(min=0)
+    divisor = torch.sign(agreeing, out=thread_buffer("divisor", size, dtype)).mul_(weights[0]) if normalize else None
     part = thread_buffer("part", size, dtype)
-    divisor = thread_buffer("divisor", size, dtype).zero_() if normalize else None
-    for vector, weight in zip(weighted, weights):
+    for vector, weight in zip(weighted[1:], weights[1:]):
         agreeing.add_(torch.mul(vector, sign, out=part).clamp_(min=0))
         if divisor is not None:
             divisor.add_(part.sign_(), alpha=weight)
     agreeing.mul_(sign)
     if divisor is None:
-        return agreeing
+        return base.add_(agreeing, alpha=scale)
     if min(weights) > 0:  # the divisor is 0 only where nothing agrees, and the sum is 0 there
-        return agreeing.div_(divisor.clamp_(min=torch.finfo(dtype).tiny))
-    return agreeing.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        return base.addcdiv_(agreeing, divisor.clamp_(min=torch.finfo(dtype).tiny), value=scale)
+    return base.addcdiv_(agreeing, divisor.masked_fill_(divisor == 0, 1.0), value=scale)
 
 
 class TaskVectorMethod(Method):

@@ -24,9 +24,9 @@ from mergecli.methods.task_vectors import (
     DensitySettings,
     ModelDensity,
     TaskVectorMethod,
+    add_elected,
     deltas,
     densities,
-    elect_and_merge,
 )
 
 PAPER = "https://arxiv.org/abs/2306.01708"
@@ -141,8 +141,7 @@ class Ties(TaskVectorMethod):
                 population.trim.trim_(vector, offset + start)
                 if weight != 1:
                     vector.mul_(weight)
-            merged = elect_and_merge(vectors, weights, normalize=normalize)
-            return base.add_(merged, alpha=scale).view(out.shape)
+            return add_elected(base, vectors, weights, normalize=normalize, scale=scale).view(out.shape)
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
         passes = tuple(TrimPass(depth, populations, share) for depth in range(DONE))
