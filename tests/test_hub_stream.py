@@ -81,8 +81,19 @@ def test_files_complete_in_the_cache_are_read_from_it(fake_hub, repos, local_ave
     assert not fake_hub.requests_matching("GET", f"/{REPOS[0]}/resolve/.*safetensors")
 
 
-def test_task_vector_merge_streams_its_passes(fake_hub, repos, tmp_path):
-    """TIES reads every input in three passes: streamed, it fetches them again (the plan says so)."""
+@pytest.mark.parametrize("trim", ["histogram", "sampled"])
+def test_task_vector_merge_streams_its_passes(fake_hub, repos, tmp_path, monkeypatch, trim):
+    """TIES reads every input in several passes (histograms, or a sample of rows and a bracket):
+    streamed, it fetches them again (the plan says so), with the output of local inputs."""
+    if trim == "sampled":  # what a large tensor gets: forced on these small ones, in blocks of 8 rows
+        from mergecli.methods import base as method_base
+        from mergecli.methods import bracket
+
+        monkeypatch.setattr(bracket, "MIN_SAMPLED", 1)
+        monkeypatch.setattr(method_base, "BLOCK_ELEMENTS", 8 * 64)
+        settle = bracket.Bracket.settle
+        monkeypatch.setattr(bracket.Bracket, "settle", lambda self, k: settled.append(settle(self, k)) or settled[-1])
+    settled = []
     text = (f'method = "ties"\n[base]\npath = "{REPOS[0]}"\n[ties]\ndensity = 0.4\n'
             f'[[models]]\npath = "{REPOS[1]}"\n')
     (tmp_path / "local.toml").write_text(text.replace(REPOS[0], str(repos[0])).replace(REPOS[1], str(repos[1])))
@@ -94,6 +105,7 @@ def test_task_vector_merge_streams_its_passes(fake_hub, repos, tmp_path):
     result = cli("merge", tmp_path / "hub.toml", "--stream", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert_same_tensors(tmp_path / "out", tmp_path / "local")
+    assert any(settled) == (trim == "sampled")  # brackets settled thresholds, locally and streamed
 
 
 @pytest.mark.parametrize("fault", [
