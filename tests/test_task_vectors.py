@@ -232,6 +232,24 @@ def test_dare_drops_by_position_alone_with_the_density_asked(tmp_path, family, m
     assert not torch.equal(mask, kept(stream_key(8, 0, "model.layers.0.mlp.up_proj.weight"), 0, 200_000, 0.3))
 
 
+def test_dare_drop_is_the_documented_hash_of_key_and_position():
+    """The drop mask (computed with numpy's uint32 arithmetic) equals the hash written out here one
+    position at a time with Python integers: xorshift-multiply twice, modulo 2³², the position's high
+    32 bits folded into the key; across a 2³² boundary too. A changed mask would change every saved
+    recipe's merge."""
+    def mix(value: int) -> int:
+        for _ in range(2):
+            value ^= value >> 16
+            value = (value * 0x45D9F3B) % 2**32
+        return value ^ (value >> 16)
+
+    key = stream_key(11, 2, "model.embed_tokens.weight")
+    for start, density in ((0, 0.3), (2**32 - 700, 0.5), (3 * 2**32 + 5, 0.9), (17, 1.0)):
+        want = [mix((position % 2**32) ^ mix((position >> 32) ^ key[1]) ^ key[0]) < int(density * 2**32)
+                for position in range(start, start + 1500)]
+        assert kept(key, start, 1500, density).tolist() == want
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_rescales_the_survivors_and_sums_or_elects(family, tmp_path, method):
     weights, density = [1.0, 0.5], 0.4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy
 import torch
 from pydantic import Field
 
@@ -35,16 +36,17 @@ class DareSettings(DensitySettings):
     seed: int = Field(default=0, ge=0, lt=2**63)
 
 
-_MULTIPLIER = 0x45D9F3B  # below 2²⁷: a 32-bit value times it stays within int64, no overflow
+_MULTIPLIER = 0x45D9F3B
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply, twice), in place on int64 values in [0, 2³²): every
-    input bit reaches every output bit."""
-    x ^= x >> 16
-    x.mul_(_MULTIPLIER).bitwise_and_(_LOW32)
-    x ^= x >> 16
-    x.mul_(_MULTIPLIER).bitwise_and_(_LOW32)
+def _mix32(x: numpy.ndarray) -> numpy.ndarray:
+    """A 32-bit integer hash (xorshift-multiply, twice), in place on uint32 values (numpy's uint32
+    products wrap modulo 2³²): every input bit reaches every output bit. numpy, not torch: torch has
+    no uint32 arithmetic, and int64 costs it four times as much here."""
+    multiplier = numpy.uint32(_MULTIPLIER)
+    for _ in range(2):
+        x ^= x >> 16
+        x *= multiplier
     x ^= x >> 16
     return x
 
@@ -72,9 +74,12 @@ def kept(key: tuple[int, int], start: int, count: int, density: float) -> torch.
         return torch.cat([kept(key, start, boundary - start, density),
                           kept(key, boundary, start + count - boundary, density)])
     salt = _mix_scalar((start >> 32) ^ key[1]) ^ key[0]
-    x = torch.arange(start & _LOW32, (start & _LOW32) + count, dtype=torch.int64)
-    x ^= salt
-    return _mix32(x) < int(density * 2**32)
+    limit = int(density * 2**32)
+    if limit >= 2**32:
+        return torch.ones(count, dtype=torch.bool)
+    x = numpy.arange(start & _LOW32, (start & _LOW32) + count, dtype=numpy.uint32)
+    x ^= numpy.uint32(salt)
+    return torch.from_numpy(_mix32(x) < numpy.uint32(limit))
 
 
 class Dare(TaskVectorMethod):
@@ -96,7 +101,9 @@ class Dare(TaskVectorMethod):
             base, vectors = deltas(blocks)
             survivors = []
             for (key, density), vector, weight in zip(drops, vectors, weights):
-                survivors.append(vector.mul_(kept(key, start, vector.numel(), density)).mul_(weight / density))
+                mask = kept(key, start, vector.numel(), density).numpy()
+                numpy.multiply(vector.numpy(), mask, out=vector.numpy())  # numpy's float × bool: a third of torch's
+                survivors.append(vector.mul_(weight / density))
             if elect_signs:
                 return add_elected(base, survivors, weights, normalize=normalize, scale=scale).view(out.shape)
             merged = survivors[0]
