@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel
 
@@ -30,26 +30,31 @@ if TYPE_CHECKING:
 Combine = Callable[..., "torch.Tensor"]
 
 
-class Prepass(Protocol):
+class Prepass:
     """A streamed read of a task's row blocks before its combine runs, for a statistic of the whole
     tensor (or of a population of tensors) that the combine needs: a magnitude threshold, a norm, a dot
-    product. Blocks are folded in any order, on several threads at once."""
+    product. Blocks are folded in any order, on several threads at once. A subclass defines `needed`,
+    `fold` and `task_done`; by default a pass reads every row block, once."""
 
-    reads: float  # the share of the tensor this pass is expected to read (for progress and --stream's notes)
+    reads: float = 1.0  # the share of the tensor this pass is expected to read (for progress and --stream's notes)
 
     def needed(self) -> bool:
         """Whether this pass has anything to do (a tie-break pass only when there are ties to break)."""
+        raise NotImplementedError
 
     def rows(self, blocks: list[tuple[int, int] | None]) -> list[tuple[int, int] | None]:
         """The row ranges this pass reads, given the task's row blocks (None: the whole tensor): all of
         them, or a sample."""
+        return blocks
 
     def fold(self, blocks: list[torch.Tensor], start: int) -> None:
         """Add one row block (every source's, in `sources` order) whose first element is at flat
         position `start`."""
+        raise NotImplementedError
 
     def task_done(self) -> None:
         """Every block of the task was folded (called once per task, after its last fold)."""
+        raise NotImplementedError
 
 # A CPU core reads and sums about 1 GB/s from the page cache, and does some 30 GFLOP/s of float64
 # linear algebra: for progress estimates, one byte read takes as long as about 30 flops.

@@ -19,7 +19,7 @@ from pydantic import Field
 from mergecli.errors import RecipeError
 from mergecli.io.buffers import thread_buffer
 from mergecli.methods.average import accumulation_dtype
-from mergecli.methods.base import TensorTask, register
+from mergecli.methods.base import Prepass, TensorTask, register
 from mergecli.methods.task_vectors import TaskVectorMethod
 from mergecli.recipe import StrictModel
 
@@ -33,7 +33,7 @@ class SlerpSettings(StrictModel):
     t: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
-class Angle:
+class Angle(Prepass):
     """Σ a², Σ b², Σ ab of one tensor, from its blocks, then the interpolation's two coefficients."""
 
     def __init__(self, t: float):
@@ -43,13 +43,8 @@ class Angle:
         self.coefficients = (1.0 - t, t)
         self.linear = True
 
-    reads = 1.0
-
     def needed(self) -> bool:
         return True
-
-    def rows(self, blocks: list[tuple[int, int] | None]) -> list[tuple[int, int] | None]:
-        return blocks
 
     def fold(self, blocks: list[torch.Tensor], start: int) -> None:
         a, b = (thread_buffer(("slerp", index), block.numel(), torch.float64).copy_(block.reshape(-1))

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from mergecli.io.checkpoint import iter_row_blocks
-from mergecli.methods.base import TensorTask, register
+from mergecli.methods.base import Prepass, TensorTask, register
 from mergecli.methods.bracket import SamplePlan, sample_rows, sample_share
 from mergecli.methods.magnitude import BRACKET, DONE, SAMPLE, TopMagnitudes
 from mergecli.methods.task_vectors import (
@@ -75,7 +75,7 @@ def sample_plan(task: TensorTask, share: float) -> SamplePlan:
     return SamplePlan(sum(slabs), len(slabs))
 
 
-class TrimPass:
+class TrimPass(Prepass):
     """Pass `depth` (a stage of TopMagnitudes) of a task's trims: one read of the tensor's blocks (a
     sample of its rows, for the SAMPLE stage) counts every model's task vector into its population (at
     the tensor's offset in it)."""
