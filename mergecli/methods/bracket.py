@@ -106,8 +106,8 @@ class SamplePlan:
 
 class Sample:
     """Every `stride`-th magnitude (as float32 bit patterns) of each slab the sample pass reads, in one
-    store allocated up front (many small tensors kept while the workers' block buffers come and go
-    would fragment the heap), and how many each slab gave."""
+    store of the planned size, allocated once by the first slab (many small tensors kept while the
+    workers' block buffers come and go would fragment the heap), and how many each slab gave."""
 
     def __init__(self, plan: SamplePlan, size: int):
         self.stride = max(1, plan.elements // sample_size(size)) | 1  # odd: a row's columns all take turns
