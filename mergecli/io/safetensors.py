@@ -54,6 +54,10 @@ class TensorSpec:
         """Bytes of one row of the first dimension (a scalar's whole size)."""
         return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.nbytes
 
+    def elements(self, rows: tuple[int, int] | None) -> int:
+        """Elements in rows `[start, stop)` of the first dimension (None: the whole tensor)."""
+        return self.numel if rows is None else (rows[1] - rows[0]) * math.prod(self.shape[1:])
+
 
 @dataclass(frozen=True)
 class TensorInfo(TensorSpec):

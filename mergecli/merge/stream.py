@@ -29,9 +29,8 @@ ProgressCallback = Callable[[int, float], None]  # (tensors done, work done so f
 
 def rows_elements(info: TensorInfo, block_elements: int) -> Iterator[int]:
     """The number of elements of each row block `iter_row_blocks` makes of `info`."""
-    per_row = info.numel // info.shape[0] if info.shape and info.shape[0] else info.numel
     for rows in iter_row_blocks(info, block_elements):
-        yield info.numel if rows is None else (rows[1] - rows[0]) * per_row
+        yield info.elements(rows)
 
 
 def peak_memory(tasks: list[TensorTask]) -> int:
@@ -180,7 +179,7 @@ class _Stream:
                 prepass = task.prepasses[self.depth]
                 blocks, work = prepass.rows(blocks), task.bytes_read * prepass.reads
             else:
-                work = task.work - task.bytes_read * sum(prepass.reads for prepass in task.prepasses)
+                work = task.bytes_read + task.cost  # the combine's share of TensorTask.work
             self.blocks_left[task.out.name] = len(blocks)
             self.block_work[task.out.name] = work / len(blocks)
             for rows in blocks:

@@ -200,4 +200,3 @@ class TopMagnitudes:
             order = torch.cumsum(equal, 0) + self.tie_offsets[start]
             return kept | (equal & (order <= self.ties_kept))
         return kept | equal
-

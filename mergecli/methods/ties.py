@@ -61,17 +61,14 @@ class Population:
             self.trim.finish_pass()
 
 
-def row_blocks(task: TensorTask) -> tuple[list[tuple[int, int] | None], int]:
-    """A task's row blocks (None: the whole tensor) and the elements in a row."""
-    info = task.sources[0].tensors[task.out.name]
-    per_row = info.numel // info.shape[0] if info.shape and info.shape[0] else info.numel
-    return list(iter_row_blocks(info, task.block_elements)), per_row
+def row_blocks(task: TensorTask) -> list[tuple[int, int] | None]:
+    """A task's row blocks (None: the whole tensor)."""
+    return list(iter_row_blocks(task.sources[0].tensors[task.out.name], task.block_elements))
 
 
 def sample_plan(task: TensorTask, share: float) -> SamplePlan:
     """What the sample pass reads of a task's tensor, `share` of its rows."""
-    blocks, per_row = row_blocks(task)
-    slabs = [task.out.numel if rows is None else (rows[1] - rows[0]) * per_row for rows in sample_rows(blocks, share)]
+    slabs = [task.out.elements(rows) for rows in sample_rows(row_blocks(task), share)]
     return SamplePlan(sum(slabs), len(slabs))
 
 
@@ -157,8 +154,7 @@ class Ties(TaskVectorMethod):
             return add_elected(base, vectors, weights, normalize=normalize, scale=scale).view(out.shape)
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
-        blocks, per_row = row_blocks(task)
-        block = task.out.numel if blocks[0] is None else (blocks[0][1] - blocks[0][0]) * per_row
+        block = task.out.elements(row_blocks(task)[0])
         passes = tuple(TrimPass(depth, populations, share, block) for depth in range(DONE))
         # per worker: the task vectors and the election's buffers (float32 or float64), for blocks of up to
         # BRACKET_BLOCKS row blocks; and what the trims being counted hold
