@@ -51,9 +51,9 @@ def model_class(config: object) -> type:
                  if hasattr(transformers, name)), transformers.AutoModel)
 
 
-def loaded_keys(directory: Path) -> set[str] | None:
-    """The state-dict keys (parameters and persistent buffers) of the class `directory/config.json`
-    names; None when there is no config or transformers cannot build the class."""
+def meta_model(directory: Path) -> torch.nn.Module | None:
+    """The class `directory/config.json` names, built on the meta device; None when there is no config
+    or transformers cannot build the class."""
     import transformers
 
     if not (directory / "config.json").is_file():
@@ -63,11 +63,17 @@ def loaded_keys(directory: Path) -> set[str] | None:
         config = transformers.AutoConfig.from_pretrained(directory)
         cls = model_class(config)
         with params_on_meta():
-            model = transformers.AutoModel.from_config(config) if cls is transformers.AutoModel \
+            return transformers.AutoModel.from_config(config) if cls is transformers.AutoModel \
                 else cls._from_config(config)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, json.JSONDecodeError):
         return None
-    return set(model.state_dict())
+
+
+def loaded_keys(directory: Path) -> set[str] | None:
+    """The state-dict keys (parameters and persistent buffers) of the class `directory/config.json`
+    names; None when there is no config or transformers cannot build the class."""
+    model = meta_model(directory)
+    return None if model is None else set(model.state_dict())
 
 
 def unloaded(names: set[str], expected: set[str]) -> set[str]:

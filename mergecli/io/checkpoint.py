@@ -18,8 +18,11 @@ import torch
 from mergecli.errors import CheckpointError, HubError, InputNotFoundError
 from mergecli.io import hub
 from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, regular_file, weight_map, within
+from mergecli.io.quantized import stored_format
 from mergecli.io.remote import Fetcher, RemoteFile
 from mergecli.io.safetensors import DTYPE_CODES, TensorInfo, header_length, parse_header, pread_into, read_header
+
+GGUF_HINT = "merge the model's safetensors release (GGUF is a llama.cpp format of quantized weights)"
 
 
 @dataclass
@@ -201,6 +204,10 @@ def find_weight_files(directory: Path, root: Path | None = None) -> tuple[list[P
     chosen = choose_weight_files(names, read_index=read_index)
     weights = [_check_file(directory / name, root) for name in chosen if not name.endswith(".index.json")]
     if not weights:
+        gguf = sorted(name for name in names if name.lower().endswith(".gguf"))
+        if gguf:
+            raise CheckpointError(directory, f"holds GGUF files ({gguf[0]}), which mergecli does not read",
+                                  hint=GGUF_HINT)
         raise CheckpointError(directory, "no model.safetensors, sharded safetensors or pytorch_model.bin here")
     return weights, next(iter(indexes.values()), None)
 
@@ -245,6 +252,8 @@ def open_local(path: Path, *, source: str | None = None, commit: str | None = No
             state_dict.update({k: v.contiguous() for k, v in loaded.items()})
         elif file.suffix == ".safetensors":
             infos, _ = read_header(file)
+        elif file.suffix.lower() == ".gguf":
+            raise CheckpointError(file, "a GGUF file, which mergecli does not read", hint=GGUF_HINT)
         else:
             raise CheckpointError(file, "unsupported file type (expected .safetensors, .bin or .pt)")
         for info in infos:
@@ -281,7 +290,7 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
     if not hub.names_repo(path):
         local = Path(path).expanduser()
         if os.path.lexists(local):
-            return open_local(local, source=path)
+            return refuse_quantized(open_local(local, source=path))
         raise InputNotFoundError(path)
     try:
         snapshot = hub.resolve(path, revision=revision)
@@ -289,10 +298,26 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
         exc.local_path_tried = True  # the message says first that no such local path exists
         raise
     if (headers_only or fetcher) and hub.streamable(snapshot):
-        return _open_remote(snapshot, None if headers_only else fetcher)
+        return refuse_quantized(_open_remote(snapshot, None if headers_only else fetcher))
     directory = hub.fetch_weights(snapshot)
     # snapshots/<commit>/ links into the repo folder's blobs/: the repo folder is the input's tree
-    return open_local(directory, source=path, commit=snapshot.commit, root=directory.parent.parent)
+    return refuse_quantized(open_local(directory, source=path, commit=snapshot.commit, root=directory.parent.parent))
+
+
+def refuse_quantized(checkpoint: Checkpoint) -> Checkpoint:
+    """The checkpoint, unless its config or tensors show a quantized format: merged as plain tensors, its
+    codes and scales would give a wrong model (or one whose weights transformers fills at random).
+
+    Raises:
+        CheckpointError: naming the format and what shows it.
+    """
+    found = stored_format(checkpoint.config(), checkpoint.tensors)
+    if found is None:
+        return checkpoint
+    checkpoint.close()
+    raise CheckpointError(checkpoint.source, f"its weights are stored quantized, as {found.name} ({found.evidence}), "
+                                             "which mergecli does not read",
+                          hint="merge the model's unquantized release (bfloat16 / float16 / float32)")
 
 
 def _open_remote(snapshot: hub.Snapshot, fetcher: Fetcher | None = None) -> Checkpoint:

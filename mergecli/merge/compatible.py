@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from mergecli.errors import CheckpointError, ShapeMismatchError
-from mergecli.io.architecture import loaded_keys, unloaded
+from mergecli.errors import CheckpointError, ShapeMismatchError, StatsError
+from mergecli.io.architecture import loaded_keys, meta_model, unloaded
 from mergecli.io.checkpoint import Checkpoint
+from mergecli.io.safetensors import TensorInfo, TensorSpec
 from mergecli.methods.base import Inputs
 from mergecli.recipe import Recipe, model_label
+from mergecli.stats.layers import candidate_names, stored_names
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
@@ -131,3 +133,35 @@ def check_digests(recipe: Recipe, inputs: Inputs) -> None:
                                                      f"records {spec.digest[:19]}…; it is not the checkpoint "
                                                      "the recipe was written for",
                                   hint="point the recipe at that checkpoint, or remove its `digest` to accept this one")
+
+
+def check_nothing_lost(inputs: Inputs, kept: list[TensorSpec], dropped: set[str]) -> None:
+    """Refuse, before anything is written, an output that holds no tensors, or (when tensors were
+    dropped as ones transformers does not load) one that lacks a weight transformers loads for the
+    reference's class: it would load that output and fill the weight with random values, silently.
+
+    Raises:
+        CheckpointError: naming the reference and the weights the output would lack.
+    """
+    reference = inputs.reference
+    if not kept:
+        raise CheckpointError(reference.source, "the merge would write an output without tensors",
+                              hint="check that the inputs hold the model's weights (and `exclude`)")
+    if not dropped or reference.directory is None:
+        return
+    model = meta_model(reference.directory)
+    if model is None:
+        return
+    try:
+        names = stored_names(model, {spec.name: TensorInfo(spec.name, spec.dtype, spec.shape) for spec in kept})
+    except StatsError:  # experts fused in a way only RegMean needs to follow: nothing to judge here
+        return
+    missing = [name for name, _ in model.named_parameters()
+               if not any(candidate in names.tensors for candidate in candidate_names(name, names.prefixes))
+               and names.fused_as(name) is None]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(reference.source, f"the output would lack weights that transformers loads for "
+                                                f"{type(model).__name__} ({missing[0]!r}{more}), which would then "
+                                                "hold random values: the inputs store them in a form mergecli "
+                                                "does not read", hint="merge checkpoints of plain floating weights")

@@ -14,7 +14,7 @@ from mergecli.io.atomic import check_output_path, output_directory, recover
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.remote import Fetcher
 from mergecli.io.writer import ShardPlan, plan_shards
-from mergecli.merge.compatible import check_compatible, check_digests
+from mergecli.merge.compatible import check_compatible, check_digests, check_nothing_lost
 from mergecli.merge.stream import peak_memory
 from mergecli.merge.support import SupportFiles, plan_support
 from mergecli.merge.tasks import default_tasks
@@ -191,6 +191,7 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
                             f"{'is' if len(ignored) == 1 else 'are'} not read: its method is {recipe.method}")
         defaults = default_tasks(recipe, inputs, warnings, dropped, normalize=method.normalize(recipe))
         stages = method.stages(recipe, inputs, defaults, warnings)
+        check_nothing_lost(inputs, [task.out for stage in stages for task in stage.tasks], dropped)
         if recipe.stream:
             notes += stream_notes(recipe, inputs, stages)
         check_output_path(target, input_paths(inputs), force=force)
