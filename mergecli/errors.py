@@ -6,7 +6,28 @@ machine failed the merge".
 
 from __future__ import annotations
 
+import re
+import stat
 from pathlib import Path
+
+# characters that would break a message's line or reorder what a terminal shows: control characters,
+# line and paragraph separators, and the bidirectional marks and overrides (U+202E turns text around)
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: object) -> str:
+    """A name (a tensor's, a file's) as a message shows it: as it is, or, when it holds a character
+    that would break the line or turn the text around, as `repr` writes it (escapes visible)."""
+    text = str(text)
+    return repr(text) if _UNSAFE.search(text) else text
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words (`a FIFO (named pipe)`), from its `st_mode`."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISREG, "a regular file"))
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
 
 
 class MergecliError(Exception):
@@ -69,7 +90,7 @@ class CheckpointError(MergecliError):
     def __init__(self, path: Path | str, problem: str, *, hint: str | None = None):
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}", hint=hint)
+        super().__init__(f"{shown(path)}: {problem}", hint=hint)
 
 
 class ShapeMismatchError(MergecliError):

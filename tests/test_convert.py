@@ -81,7 +81,7 @@ tokenizer:
     ("merge_method: model_stock\nmodels: [{model: a}]\n", "merge_method: 'model_stock' is not a method of mergecli"),
     ("merge_method: linear\nmodels: [{model: a+lora}]\n", "a LoRA adapter applied on the fly"),
     ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union, tokens: {x: y}}\n",
-     "tokenizer: only its `source` and `pad_to_multiple_of`"),
+     "line 3: tokenizer.tokens: only the tokenizer's `source` and `pad_to_multiple_of`"),
 ])
 def test_what_mergecli_lacks_is_refused_by_name(tmp_path, config, words):
     result = convert(tmp_path, config)

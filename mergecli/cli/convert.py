@@ -17,14 +17,19 @@ def convert(
                                            show_default=False)],
 ) -> None:
     """Print the mergecli recipe of a mergekit config (linear, task_arithmetic, ties, dare_linear,
-    dare_ties, slerp). A feature mergecli does not have is refused by name, never dropped.
+    dare_ties, slerp). The recipe is validated like any recipe first: a problem is said with the
+    config's key and line. A feature mergecli does not have is refused by name, never dropped.
 
     Examples:
 
     \b
       mergecli convert mergekit.yml > recipe.toml
       mergecli convert mergekit.yml > recipe.toml && mergecli merge recipe.toml -o merged/
+      mergecli merge mergekit.yml -o merged/        # or run the config as it is
     """
-    from mergecli.recipe.convert import convert_mergekit, load_mergekit
+    from mergecli.methods.registry import method_of
+    from mergecli.recipe.convert import check, read_config, recipe_text
 
-    say(convert_mergekit(load_mergekit(config), source=str(config)).rstrip("\n"))
+    converted = read_config(config)
+    method_of(check(converted, base_dir=Path.cwd()))  # every key, the method's own too, as a recipe's
+    say(recipe_text(converted, source=config.name).rstrip("\n"))

@@ -54,8 +54,8 @@ def method_of(recipe: Recipe) -> Method:
     except UsageError:
         close = difflib.get_close_matches(recipe.method, method_names(), n=1, cutoff=0.6)
         guess = f"did you mean {close[0]!r}? " if close else ""
-        raise RecipeError(recipe.source, [f"method: unknown method {recipe.method!r}; {guess}(methods: "
-                                          f"{', '.join(method_names())})"]) from None
+        raise RecipeError(recipe.source, [recipe.locate(f"method: unknown method {recipe.method!r}; {guess}(methods: "
+                                                        f"{', '.join(method_names())})")]) from None
     problems = [f"{name}: {unknown_key(name, [*Recipe.model_fields, *method_names()])}"
                 for name in recipe.tables if name not in method_names()]
     context = {"base_dir": recipe.base_dir}
@@ -70,7 +70,7 @@ def method_of(recipe: Recipe) -> Method:
         fix = "pass --set normalize=false" if recipe.source == "command line" else "set normalize = false"
         problems.append(f"weights sum to 0, so they cannot be normalized ({fix}?)")
     if problems:
-        raise RecipeError(recipe.source, problems)
+        raise RecipeError(recipe.source, [recipe.locate(problem) for problem in problems])
     recipe.bind(settings, model_settings)
     return method
 

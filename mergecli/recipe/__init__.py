@@ -5,12 +5,12 @@ from mergecli.recipe.dump import dump_recipe
 from mergecli.recipe.load import (
     apply_overrides,
     format_key,
-    load_recipe,
     recipe_from_data,
     resolve_local,
     unknown_key,
     validation_problems,
 )
+from mergecli.recipe.read import load_recipe
 from mergecli.recipe.schema import (
     HEAD_PATTERNS,
     WEIGHT_SUFFIXES,

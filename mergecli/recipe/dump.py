@@ -3,9 +3,13 @@ default filled in, so that it reproduces the merge."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from mergecli.recipe.schema import Recipe
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # written as \uXXXX: TOML's basic strings allow none of them raw
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def toml_value(value: Any) -> str:
@@ -14,8 +18,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -24,7 +28,21 @@ def toml_value(value: Any) -> str:
 
 
 def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else toml_value(key)
+    return key if _BARE_KEY.fullmatch(key) else toml_value(key)
+
+
+def dump_data(data: dict[str, Any]) -> str:
+    """Recipe data as TOML: its keys, then its tables (`[base]`, `[ties]`), then `[[models]]` entries."""
+    lines = [f"{_toml_key(key)} = {toml_value(value)}" for key, value in data.items()
+             if not isinstance(value, dict) and key != "models"]
+    for key, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{_toml_key(key)}]")
+            lines.extend(f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items())
+    for model in data.get("models", []):
+        lines.append("\n[[models]]")
+        lines.extend(f"{_toml_key(k)} = {toml_value(v)}" for k, v in model.items())
+    return "\n".join(lines) + "\n"
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -39,19 +57,4 @@ def dump_recipe(recipe: Recipe) -> str:
     for entry, spec in zip(data["models"], recipe.models):
         entry.update(spec.settings.model_dump(exclude_none=True, by_alias=True) if spec.settings is not None
                      else spec.options)
-    lines = []
-    tables = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif key == "models":
-            continue
-        else:
-            lines.append(f"{key} = {toml_value(value)}")
-    for key, table in tables:
-        lines.append(f"\n[{key}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
-    for model in data["models"]:
-        lines.append("\n[[models]]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in model.items())
-    return "\n".join(lines) + "\n"
+    return dump_data(data)

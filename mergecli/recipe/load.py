@@ -164,22 +164,8 @@ def recipe_from_data(data: dict[str, Any], *, source: str, base_dir: Path,
     return recipe
 
 
-def load_recipe(path: str | Path, *, overrides: list[str] = ()) -> Recipe:
-    """Read and validate a TOML recipe.
-
-    Args:
-        path: the recipe file.
-        overrides: `key.path=value` strings applied before validation.
-
-    Returns:
-        The validated, frozen `Recipe`, with local paths made absolute.
-
-    Raises:
-        RecipeError: unreadable TOML or invalid keys, one line per problem.
-
-    Example:
-        >>> recipe = load_recipe("recipes/demo-average.toml", overrides=["normalize=false"])
-    """
+def load_toml(path: str | Path, *, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a TOML recipe (see `recipe.read.load_recipe`)."""
     path = Path(path)
     source = str(path)
     try:

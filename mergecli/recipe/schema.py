@@ -185,7 +185,7 @@ class Recipe(StrictModel):
     shard_size: int = 5 * 10**9
     copy_tokenizer: Flag = True
     tokenizer: str = Field(default="base", min_length=1)  # the output's vocabulary: "base", "union" or a model's name
-    pad_to_multiple_of: int | None = Field(default=None, ge=1)  # the vocabulary rows, rounded up to a multiple
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, le=2**20)  # vocabulary rows rounded up to a multiple
     normalize: Flag | None = None  # divide by the sum of the weights; unset: the method's default
     backbone_only: Flag = False
     allow_non_finite: Flag = False  # true: NaN / inf in an input or the result is a warning, not an error
@@ -203,6 +203,7 @@ class Recipe(StrictModel):
     _overrides: list[str] = PrivateAttr(default_factory=list)  # the keys `--set` gave, for messages
     _tables: dict[str, Any] = PrivateAttr(default_factory=dict)
     _settings: BaseModel | None = PrivateAttr(default=None)
+    _locate: Callable[[str], str] | None = PrivateAttr(default=None)  # a converted config's key and line
 
     @model_validator(mode="wrap")
     @classmethod
@@ -226,6 +227,14 @@ class Recipe(StrictModel):
     def overrides(self) -> list[str]:
         """The keys `--set` gave (`models.1.weight`): a problem with one of them is said to be theirs."""
         return self._overrides
+
+    def locate_with(self, locate: Callable[[str], str]) -> None:
+        """Say problems with this recipe's keys at the place they came from (a mergekit config's line)."""
+        self._locate = locate
+
+    def locate(self, problem: str) -> str:
+        """A problem with one of its keys (`models.1.weight: ...`), said where that key came from."""
+        return self._locate(problem) if self._locate is not None else problem
 
     @property
     def tables(self) -> dict[str, Any]:
