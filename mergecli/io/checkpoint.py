@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mergecli.errors import CheckpointError, HubError, InputNotFoundError
+from mergecli.errors import CheckpointError, HubError, InputNotFoundError, file_kind
 from mergecli.io import hub
 from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, regular_file, weight_map, within
 from mergecli.io.quantized import stored_format
@@ -81,16 +81,21 @@ class Checkpoint:
             return info.offset, info.nbytes
         return info.offset + rows[0] * info.row_bytes, (rows[1] - rows[0]) * info.row_bytes
 
-    def config(self) -> dict | None:
-        """Its config.json as a JSON object; None without one, with one that links out of the input, or
-        with one that is not a JSON object."""
+    def config(self, *, strict: bool = False) -> dict | None:
+        """Its config.json as a JSON object; None without one, or with one that links out of the input.
+
+        Args:
+            strict: a config.json that is not a JSON object raises CheckpointError (by default: None).
+        """
         path = self.directory / "config.json" if self.directory is not None else None
         if path is None or not regular_file(path, self.root or self.directory):
             return None
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-            return None
+            config = None
+        if not isinstance(config, dict) and strict:
+            raise CheckpointError(path, "is not a valid config (a JSON object)")
         return config if isinstance(config, dict) else None
 
     @property
@@ -240,7 +245,11 @@ def open_local(path: Path, *, source: str | None = None, commit: str | None = No
     elif path.is_file():
         files, directory = [path], None
     elif os.path.lexists(path):
-        raise CheckpointError(path, "is a broken link or a link loop")
+        try:
+            kind = file_kind(path.stat().st_mode)
+        except OSError:  # the link leads nowhere, or to itself
+            raise CheckpointError(path, "is a broken link or a link loop") from None
+        raise CheckpointError(path, f"is {kind}, not a checkpoint (a directory or a weights file)")
     else:
         raise InputNotFoundError(source)
     tensors: dict[str, TensorInfo] = {}

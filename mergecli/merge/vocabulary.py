@@ -29,20 +29,9 @@ from mergecli.errors import CheckpointError, RecipeError
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import regular_file
 from mergecli.io.safetensors import TensorInfo
+from mergecli.io.tokens import TOKENIZER_FILE, read_tokens
 from mergecli.methods.base import Inputs
 from mergecli.recipe import Recipe
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-@dataclass
-class Tokens:
-    """One input's vocabulary: its tokens by id, and which of them were added to its base vocabulary."""
-
-    by_id: dict[int, str]
-    ids: dict[str, int]
-    base: dict[str, int]  # the vocabulary of the tokenizer's model, added tokens apart
-    special: dict[str, bool]  # added token → special
 
 
 @dataclass
@@ -133,31 +122,9 @@ class VocabularyView:
         self.checkpoint.close()
 
 
-def read_tokens(checkpoint: Checkpoint, label: str) -> Tokens:
-    """An input's tokens, from its tokenizer.json.
-
-    Raises:
-        CheckpointError: no tokenizer.json, or one that the tokenizers library cannot read.
-    """
-    from tokenizers import Tokenizer
-
-    path = tokenizer_file(checkpoint)
-    if path is None:
-        raise CheckpointError(checkpoint.source, f"{label} has no {TOKENIZER_FILE}, so its embedding rows cannot be "
-                                                 "matched to tokens",
-                              hint="add its tokenizer files, or give every input the same vocabulary")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # the tokenizers library raises its own exception types
-        raise CheckpointError(path, f"cannot be read as a tokenizer ({str(exc)[:200]})") from None
-    ids = tokenizer.get_vocab(with_added_tokens=True)
-    special = {token.content: bool(token.special) for token in tokenizer.get_added_tokens_decoder().values()}
-    return Tokens({i: t for t, i in ids.items()}, ids, tokenizer.get_vocab(with_added_tokens=False), special)
-
-
 def _config_rows(checkpoint: Checkpoint) -> int | None:
     """The config's `vocab_size` (that of its text config, for a model of several parts)."""
-    config = checkpoint.config()
+    config = checkpoint.config(strict=True)
     if config is None:
         return None
     rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
@@ -218,7 +185,8 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
     source = 0 if choice in ("base", "union") else names.index(choice) + (1 if inputs.base else 0)
     if choice == "base" and len(set(rows)) == 1 and recipe.pad_to_multiple_of is None and _same_files(inputs):
         return None  # the same tokenizer everywhere, or (some without one) nothing to match rows by: by position
-    tokens = [read_tokens(c, label) for c, label in zip(inputs.all, labels)]
+    tokens = [read_tokens(c.directory, c.root or c.directory, label, rows=own)
+              for c, label, own in zip(inputs.all, labels, rows)]
     for label, checkpoint, own in zip(labels, inputs.all, tokens):
         if own.base != tokens[source].base:
             differ = sorted(set(own.base.items()) ^ set(tokens[source].base.items()))
