@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,37 @@ def test_faults_that_go_on_stop_the_merge_naming_the_file(fake_hub, repos, tmp_p
     assert "org/shard-a: fetching model-0000" in result.stderr and "503" in result.stderr
     assert "no output was put in place" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_a_stalled_body_is_dropped_and_resumed_from_the_byte_where_it_stalled(fake_hub, repos, local_average,
+                                                                               tmp_path, monkeypatch):
+    """A body that stopped for 45 s used to be waited out whole; now a read that hears nothing for
+    STALL_SECONDS gives up on that request and asks for the rest."""
+    monkeypatch.setattr(ranges, "BACKOFF_SECONDS", (0.0,))
+    monkeypatch.setattr(ranges, "STALL_SECONDS", 0.5)
+    fake_hub.fail_next(WEIGHT_FILES, method="GET", skip=3, cut=10_000, stall=45)
+    started = time.monotonic()
+    result = streamed_average(tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started < 30  # not the 45 s stall
+    assert_same_tensors(tmp_path / "out", local_average)
+    size = sum(p.stat().st_size for p in (*repos[0].glob("*.safetensors"), *repos[1].glob("*.safetensors")))
+    assert sum(json.loads(result.stdout)["fetched"].values()) <= size  # the stalled bytes were not fetched twice
+
+
+def test_an_answer_for_other_bytes_is_retried_not_merged(fake_hub, repos, local_average, tmp_path, monkeypatch):
+    """A Content-Range one byte off used to give "NaN or inf in the input org/c", blaming the model."""
+    monkeypatch.setattr(ranges, "BACKOFF_SECONDS", (0.0,))
+    fake_hub.fail_next(WEIGHT_FILES, method="GET", skip=3, shift=1)
+    result = streamed_average(tmp_path)
+    assert result.exit_code == 0, result.output
+    assert_same_tensors(tmp_path / "out", local_average)
+    fake_hub.fail_next(WEIGHT_FILES, method="GET", shift=1, times=100)
+    result = streamed_average(tmp_path, output="again")
+    assert result.exit_code == 1, result.output
+    assert re.search(r"org/shard-a: fetching model-0000\d-of-0000\d.safetensors failed: asked for bytes \d+-\d+, "
+                     r"the server sent \d+-\d+", result.stderr), result.stderr
+    assert "NaN" not in result.stderr and not (tmp_path / "again").exists()
 
 
 def test_a_flipped_byte_fails_the_sha256_check_and_no_output_appears(fake_hub, repos, tmp_path):

@@ -1,13 +1,15 @@
 """One hub file's bytes from a given offset, by HTTP range requests: faults retried from the byte where
 they stopped, so a long read survives a flaky link without fetching anything twice.
 
-A dropped connection, a body cut short, a 5xx or a 429 (after its Retry-After) is retried with
+A dropped connection, a body cut short or stalled, a 5xx, a 429 (after its Retry-After), or an
+answer for other bytes than asked (its Content-Range checked against the request) is retried with
 backoff, MAX_ATTEMPTS times in all; then the read stops with one HubError naming the file. URLs,
 headers, token, endpoint and proxies are huggingface_hub's, every request pinned to the commit.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -17,7 +19,11 @@ from mergecli.io.hub_errors import hub_errors
 MAX_ATTEMPTS = 6
 BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_RETRY_AFTER = 60.0
-TIMEOUT_SECONDS = 60.0
+CONNECT_SECONDS = 60.0
+# A body that sends nothing for this long has stalled: the request is dropped and the read resumes from
+# the byte where the stall began (a CDN edge that hangs would otherwise hold the merge for minutes).
+STALL_SECONDS = 15.0
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
 class _Transient(Exception):
@@ -47,17 +53,20 @@ def get_range(repo_id: str, commit: str, name: str, start: int, out: bytearray |
         while got < len(view):
             try:
                 last = start + len(view) - 1
+                timeout = httpx2.Timeout(CONNECT_SECONDS, read=STALL_SECONDS)
                 with get_session().stream("GET", url, headers={**headers, "Range": f"bytes={start + got}-{last}"},
-                                          follow_redirects=True, timeout=TIMEOUT_SECONDS) as response:
+                                          follow_redirects=True, timeout=timeout) as response:
                     if response.status_code == 429 or response.status_code >= 500:
                         raise _Transient(f"HTTP {response.status_code}", _retry_after(response))
                     if response.status_code >= 400:
                         response.read()  # the error's words are in the body
                         hf_raise_for_status(response)
-                    total = response.headers.get("Content-Range", "").rpartition("/")[2]
-                    if response.status_code != 206 or not total.isdigit():
+                    answered = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+                    if response.status_code != 206 or answered is None:
                         raise HubError("no-range-requests", repo_id=repo_id, files=(name,))
-                    size = int(total)
+                    first, final, size = (int(number) for number in answered.groups())
+                    if first != start + got or final != min(last, size - 1):
+                        raise _Transient(f"asked for bytes {start + got}-{last}, the server sent {first}-{final}")
                     for piece in response.iter_bytes():
                         taken = min(len(piece), len(view) - got)
                         view[got:got + taken] = piece[:taken]

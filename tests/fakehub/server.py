@@ -55,6 +55,8 @@ class _FailureRule:
     cut: int | None = None  # answer, but send only this many bytes of the body, then close
     reset: bool = False  # ... then reset the connection (RST) instead of closing it
     retry_after: str | None = None  # with `status`: a Retry-After header
+    stall: float = 0.0  # with `cut`: after those bytes, wait this long, then send the rest (no close)
+    shift: int = 0  # answer a Range request with the range this many bytes further on (a faulty proxy)
 
     def matches(self, method: str, path: str) -> bool:
         return ((self.method is None or self.method.upper() == method)
@@ -230,13 +232,15 @@ class FakeHub:
 
     def fail_next(self, path: str | None = None, *, method: str | None = None, status: int = 500,
                   drop: bool = False, skip: int = 0, times: int = 1, cut: int | None = None, reset: bool = False,
-                  retry_after: str | None = None) -> None:
+                  retry_after: str | None = None, stall: float = 0.0, shift: int = 0) -> None:
         """Make the (skip+1)-th request matching (`method`, regex `path`) fail `times` times: with
-        `status` (and `retry_after`), by closing the connection without an answer (`drop`), or by
-        answering and sending only `cut` bytes of the body before closing (or resetting: `reset`) it."""
+        `status` (and `retry_after`), by closing the connection without an answer (`drop`), by
+        answering and sending only `cut` bytes of the body before closing (or resetting: `reset`) it,
+        or before pausing `stall` seconds and sending the rest; or (`shift`) by answering a Range
+        request with the bytes, and the Content-Range, `shift` bytes further on."""
         with self._lock:
             self._rules.append(_FailureRule(method, re.compile(path) if path else None, status, drop, skip, times,
-                                            cut, reset, retry_after))
+                                            cut, reset, retry_after, stall, shift))
 
     def tamper(self, repo_id: str, path: str, offset: int, revision: str = "main") -> None:
         """Flip one byte of a stored LFS file's content, the hub still claiming the original's sha256."""
@@ -279,13 +283,16 @@ class FakeHub:
         try:
             if self._fail_all is not None:
                 raise self._fail_all
-            if rule is not None and rule.cut is None:
+            if rule is not None and rule.cut is None and not rule.shift:
                 if rule.drop:
                     raise _Drop()
                 raise HubError(rule.status, f"Simulated failure ({rule.status})",
                                headers={"Retry-After": rule.retry_after} if rule.retry_after else None)
+            range_header = handler.headers.get("Range")
+            if rule is not None and rule.shift and range_header:
+                range_header = re.sub(r"\d+", lambda m: str(int(m.group()) + rule.shift), range_header)
             with self._lock:
-                response = self._route(method, raw_path, body, auth, handler.headers.get("Range"))
+                response = self._route(method, raw_path, body, auth, range_header)
         except _Drop:
             handler.close_connection = True
             return
@@ -295,7 +302,7 @@ class FakeHub:
             if err.code:
                 response.headers["X-Error-Code"] = err.code
         record.status = response.status
-        if rule is not None and rule.cut is not None:
+        if rule is not None and rule.cut is not None and not rule.stall:
             response.headers["Connection"] = "close"
         handler.send_response(response.status)
         response.headers.setdefault("Content-Length", str(len(response.body)))
@@ -308,6 +315,12 @@ class FakeHub:
         body = response.body if method != "HEAD" else b""
         with self._link_lock:
             self.bytes_sent += len(body) if rule is None or rule.cut is None else min(rule.cut, len(body))
+        if rule is not None and rule.stall:  # the body stalls, then goes on (if anyone still listens)
+            handler.wfile.write(body[:rule.cut])
+            handler.wfile.flush()
+            time.sleep(rule.stall)
+            handler.wfile.write(body[rule.cut:])
+            return
         if rule is not None and rule.cut is not None:
             handler.wfile.write(body[:rule.cut])
             handler.wfile.flush()
