@@ -71,3 +71,87 @@ def test_a_read_only_mount_is_called_read_only(llama_fp32, read_only_mount):
     assert result.exit_code == 2, result.output
     assert f"{read_only_mount} is on a read-only file system" in result.stderr
     assert "permission" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile names: escaped as repr writes them, never printed raw
+
+
+def with_renamed(source, tmp_path, name: str, new: str, *, poison: bool = False, shorter: bool = False):
+    """A copy of a LLaMA whose tensor `name` is called `new` (holding a NaN with `poison`, a row
+    short with `shorter`)."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+    copy.mkdir()
+    for file in source.iterdir():
+        if file.name != "model.safetensors":
+            (copy / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    tensors[new] = tensors.pop(name)
+    if poison:
+        tensors[new][0, 0] = float("nan")
+    if shorter:
+        tensors[new] = tensors[new][:-1].clone()
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+@pytest.mark.parametrize("hostile", ["model.norm\nerror: all good", "model.\u202enorm.weight"],
+                         ids=["newline", "right-to-left-override"])
+def test_a_hostile_tensor_name_is_escaped_in_every_message(llama_fp32, tmp_path, hostile):
+    name = "model.layers.0.mlp.up_proj.weight"
+    poisoned = [with_renamed(llama_fp32[i], tmp_path, name, hostile, poison=i == 1) for i in range(2)]
+    result = cli("average", "-m", poisoned[0], "-m", poisoned[1], "-o", tmp_path / "out")
+    assert result.exit_code == 1 and f"{hostile!r}: NaN or inf in the input" in result.stderr, result.stderr
+    assert hostile not in result.stderr
+    shorter = [with_renamed(llama_fp32[i], tmp_path, name, hostile, shorter=i == 1) for i in range(2)]
+    result = cli("average", "-m", shorter[0], "-m", shorter[1], "-o", tmp_path / "out")
+    assert result.exit_code == 1 and f"{hostile!r}: shapes differ" in result.stderr, result.stderr
+    assert hostile not in result.stderr
+
+
+def test_a_path_that_turns_text_around_is_shown_escaped(llama_fp32, tmp_path):
+    odd = tmp_path / "model\u202esnefatas.txt"
+    odd.write_text("not weights")
+    result = cli("average", "-m", odd, "-m", llama_fp32[1], "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "\u202e" not in result.stderr and "\\u202e" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("kind, words", [("fifo", "is a FIFO (named pipe), not a checkpoint"),
+                                         ("zero", "is a character device, not a checkpoint")])
+def test_a_fifo_or_a_device_is_said_to_be_one(llama_fp32, tmp_path, kind, words):
+    """Both used to be "a broken link or a link loop"."""
+    import os
+
+    path = tmp_path / "model.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    result = cli("average", "-m", path, "-m", llama_fp32[1] / "model.safetensors", "-o", tmp_path / "out")
+    assert result.exit_code == 1 and f"{path}: {words}" in result.stderr, result.stderr
+    assert "broken link" not in result.stderr
+
+
+def raw_safetensors(path, header: bytes, data: bytes):
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data", [
+    (b'{"x": {"dtype": "F\\n32", "shape": [1], "data_offsets": [0, 4]}}', bytes(4)),
+    (b'{"x\\ny": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}', bytes(8)),
+    (b'{"a\\nb": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+     b'"c\\u202ed": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', bytes(8)),
+    (b'{"a\\nb": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', bytes(8)),
+    (b'{"x\n": ', b""),
+    (b'{"__metadata__": {"a\\nb": 1}}', b""),
+], ids=["dtype", "size", "overlap", "truncated", "json", "metadata"])
+def test_a_hostile_header_is_refused_in_one_line(tmp_path, header, data):
+    path = raw_safetensors(tmp_path / "model.safetensors", header, data)
+    result = cli("average", "-m", path, "-m", path, "--name", "a", "--name", "b", "-o", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(f"error: {path}: ") and all(line.startswith("hint: ") for line in lines[1:]), lines
+    assert len(lines) <= 2 and "\u202e" not in result.stderr

@@ -26,9 +26,13 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f]")
 
 
+_BIDI = re.compile("[\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def clean(text: object) -> str:
-    """`text` without escape sequences or control characters: what a message may show."""
-    return _ESCAPES.sub("", str(text))
+    """`text` without escape sequences or control characters, and with the marks that reorder text
+    (U+202E) written as escapes: what a message may show."""
+    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", _ESCAPES.sub("", str(text)))
 
 
 def labelled(label: str, style: str, message: object) -> Text:

@@ -219,21 +219,22 @@ def signals_deferred() -> Iterator[list[int]]:
             signal.signal(number, handler)
 
 
-def _put_in_place(temporary: Path, output: Path) -> Path | None:
+def _put_in_place(temporary: Path, output: Path, *, sync: bool) -> Path | None:
     """Rename `temporary` to `output`, swapping out an existing one; the parent is synced after the
-    rename. Returns the old output's new place, for the caller to delete (None when there was none)."""
+    rename (`sync`). Returns the old output's new place, for the caller to delete (None when there
+    was none)."""
     if not os.path.lexists(output):
         os.rename(temporary, output)
+        old = None
+    elif _exchange(temporary, output):
+        old = temporary  # the old output, now in the temporary's place
+    else:
+        old = output.parent / f".{output.name}.replaced-{os.getpid()}"
+        os.rename(output, old)  # a kill here: the next run restores `old`
+        os.rename(temporary, output)
+    if sync:
         sync_directory(output.parent)
-        return None
-    if _exchange(temporary, output):
-        sync_directory(output.parent)
-        return temporary  # the old output, now in the temporary's place
-    retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
-    os.rename(output, retired)  # a kill here: the next run restores `retired`
-    os.rename(temporary, output)
-    sync_directory(output.parent)
-    return retired
+    return old
 
 
 @contextmanager
@@ -244,8 +245,8 @@ def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUT
     Args:
         force: replace an existing `output`, if it holds only what mergecli wrote as a `kind`.
         notes: where to say what was recovered from killed runs.
-        sync: every file and the directory reach the disk before the rename that publishes them
-            (the default); False for scratch outputs.
+        sync: every file and the directory reach the disk before the rename that publishes them,
+            and the parent after it (the default); False for scratch outputs: nothing is synced.
 
     On any failure (including Ctrl-C) the temporary directory is removed and an existing output is
     left untouched. A killed process leaves only hidden `.NAME.partial-PID` (and, on systems
@@ -268,7 +269,7 @@ def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUT
             sync_tree(temporary)
         with signals_deferred() as pending:
             check_output_path(output, [], force=force, kind=kind)
-            old = _put_in_place(temporary, output)
+            old = _put_in_place(temporary, output, sync=sync)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from mergecli.errors import CheckpointError, ShapeMismatchError, StatsError
+from mergecli.errors import CheckpointError, ShapeMismatchError, StatsError, shown
 from mergecli.io.architecture import loaded_keys, meta_model, unloaded
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.safetensors import TensorInfo, TensorSpec
@@ -62,10 +62,11 @@ def check_compatible(recipe: Recipe, inputs: Inputs, notes: list[str]) -> set[st
     differing = {n for n in names if any(n not in c.tensors for c in everyone)}
     dropped = unloaded_tensors(inputs, names, differing)
     if dropped:
-        shown = ", ".join(sorted(dropped)[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        listed = ", ".join(map(shown, sorted(dropped)[:3])) + (f" and {len(dropped) - 3} more"
+                                                                if len(dropped) > 3 else "")
         count = f"{len(dropped)} tensor{'s' * (len(dropped) != 1)}"
         notes.append(f"dropped {count} that transformers does not load for this model "
-                        f"(buffers it no longer saves): {shown}")
+                     f"(buffers it no longer saves): {listed}")
     excluded = [re.compile(p) for p in recipe.exclude]
     problems = []
     for name in names:
@@ -74,15 +75,15 @@ def check_compatible(recipe: Recipe, inputs: Inputs, notes: list[str]) -> set[st
         holders = [inputs.reference] if any(p.fullmatch(name) for p in excluded) else everyone
         missing = [_label(recipe, inputs, c) for c in holders if name not in c.tensors]
         if missing:
-            problems.append(f"{name}: missing in {', '.join(missing)}")
+            problems.append(f"{shown(name)}: missing in {', '.join(missing)}")
             continue
         infos = [c.tensors[name] for c in holders]
         if len({i.shape for i in infos}) > 1:
             shapes = ", ".join(f"{_label(recipe, inputs, c)} {list(c.tensors[name].shape)}" for c in holders)
-            problems.append(f"{name}: shapes differ: {shapes}")
+            problems.append(f"{shown(name)}: shapes differ: {shapes}")
         elif len({i.dtype.is_floating_point for i in infos}) > 1:
             dtypes = ", ".join(f"{_label(recipe, inputs, c)} {c.tensors[name].dtype}" for c in holders)
-            problems.append(f"{name}: floating and integer dtypes mixed: {dtypes}")
+            problems.append(f"{shown(name)}: floating and integer dtypes mixed: {dtypes}")
     if problems:
         kinds = {_label(recipe, inputs, c): _architecture(c) for c in everyone}
         mixed = len({k for k in kinds.values() if k}) > 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergecli.errors import NonFiniteError
+from mergecli.errors import NonFiniteError, shown
 from mergecli.io.buffers import ScratchBuffers
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.io.remote import Fetcher
@@ -90,9 +90,9 @@ class NonFinite:
         bad = [source.source for source, block in zip(task.sources, blocks) if not finite(block)]
         name = task.out.name
         if bad:
-            message = f"{name}: NaN or inf in the input {', '.join(bad)}"
+            message = f"{shown(name)}: NaN or inf in the input {', '.join(bad)}"
         else:
-            message = (f"{name}: the merged values are not finite (they overflow "
+            message = (f"{shown(name)}: the merged values are not finite (they overflow "
                        f"{str(task.out.dtype).removeprefix('torch.')})")
         if not self.allow:
             raise NonFiniteError(message, tensor=name)

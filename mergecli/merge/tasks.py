@@ -9,6 +9,7 @@ import threading
 
 import torch
 
+from mergecli.errors import shown
 from mergecli.io.safetensors import TensorInfo, TensorSpec
 from mergecli.methods import base
 from mergecli.methods.average import weighted_combine
@@ -30,7 +31,7 @@ def _integer_combine(name: str, warnings: list[str]) -> Combine:
 
     def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         if any(not torch.equal(blocks[0], b) for b in blocks[1:]):
-            message = f"{name}: integer tensor differs between models; copied from the reference model"
+            message = f"{shown(name)}: integer tensor differs between models; copied from the reference model"
             with noted:
                 if message not in warnings:
                     warnings.append(message)

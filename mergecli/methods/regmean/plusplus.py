@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from mergecli.errors import shown
 from mergecli.io.atomic import scratch_directory
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.memory import give_back_memory
@@ -204,7 +205,7 @@ def plusplus_stages(recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], war
         def combine(blocks: list[torch.Tensor], merged: torch.Tensor) -> torch.Tensor:
             layers = [grams.layers.get(name) for grams in state.grams]
             if any(layer is None for layer in layers):
-                note = f"regmean++: {name}: its layer never ran on the calibration data; it is averaged"
+                note = f"regmean++: {shown(name)}: its layer never ran on the calibration data; it is averaged"
             elif any(layer.underdetermined for layer in layers):
                 tokens = "/".join(str(layer.tokens) for layer in layers)
                 decided[name] = (EXPERT_AVERAGE, f"{name} ({tokens} tokens, {layers[0].in_features} inputs)")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergecli.errors import shown
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.methods.base import FLOPS_PER_BYTE, Combine, TensorTask
 from mergecli.methods.regmean.math import RegMeanAccumulator
@@ -70,9 +71,9 @@ def regmean_combine(name: str, sources: list[GramSource], weights: list[float], 
     def report(accumulator: RegMeanAccumulator) -> None:
         factor = accumulator.factor
         if factor.failed:
-            warnings.append(f"regmean: {name}: the system could not be solved; it is the weighted average")
+            warnings.append(f"regmean: {shown(name)}: the system could not be solved; it is the weighted average")
         elif factor.ridge:
-            warnings.append(f"regmean: {name}: the system was singular; solved with a ridge of "
+            warnings.append(f"regmean: {shown(name)}: the system was singular; solved with a ridge of "
                             f"{factor.ridge:g} × its diagonal, towards the weighted average")
 
     def combine(blocks: list[torch.Tensor], merged: torch.Tensor) -> torch.Tensor:
