@@ -126,15 +126,15 @@ def test_a_registry_string_that_points_up_is_an_import_that_points_up(tmp_path):
 
 
 def test_builtin_methods_live_in_methods():
-    from mergecli.methods.registry import BUILTIN_METHODS
+    from mergecli.methods.registry import builtin_modules
 
-    assert all(module.startswith("mergecli.methods.") for module in BUILTIN_METHODS.values())
+    assert all(module.startswith("mergecli.methods.") for module in builtin_modules().values())
 
 
 def test_builtin_methods_are_registered_by_their_own_module():
-    from mergecli.methods.registry import BUILTIN_METHODS, get_method
+    from mergecli.methods.registry import builtin_modules, get_method
 
-    for name, module in BUILTIN_METHODS.items():
+    for name, module in builtin_modules().items():
         assert get_method(name).name == name and type(get_method(name)).__module__ == module
         importlib.import_module(module)  # exists
 

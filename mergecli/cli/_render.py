@@ -78,8 +78,8 @@ def _print_plan(plan: MergePlan, title: str) -> None:
     if plan.inputs.base:
         base = plan.inputs.base
         table.add_row("base", "-", str(len(base.tensors)), human_bytes(base.nbytes), base.source)
-    for spec, weight, ckpt in zip(recipe.models, plan.method.weights(recipe), plan.inputs.models):
-        table.add_row(spec.name, f"{weight:.4g}", str(len(ckpt.tensors)), human_bytes(ckpt.nbytes), ckpt.source)
+    for spec, weight, ckpt in zip(recipe.models, plan.method.shown_weights(recipe), plan.inputs.models):
+        table.add_row(spec.name, weight, str(len(ckpt.tensors)), human_bytes(ckpt.nbytes), ckpt.source)
     out_console.print(table)
     for line in kinds_line(plan.counts(), plan.method, plan.reference_name):
         count, label = line.split(" ", 1)

@@ -11,7 +11,7 @@ from typer.exceptions import TyperException
 
 from mergecli import __version__
 from mergecli.cli._errors import print_error
-from mergecli.cli.average import AVERAGE_HELP, MERGE_HELP, merge
+from mergecli.cli.average import AVERAGE_HELP, merge, merge_help
 from mergecli.cli.convert import convert
 from mergecli.cli.push import push
 from mergecli.cli.regmean import regmean_app
@@ -39,16 +39,17 @@ class _Commands(TyperGroup):
 app = typer.Typer(
     name="mergecli",
     cls=_Commands,
-    help="""Merge model checkpoints from TOML recipes: weighted average, task arithmetic, TIES, DARE, SLERP,
-    RegMean and RegMean++,
-    streaming tensor by tensor (and block by block), so that memory stays small whatever the model size.
+    help="""Merge model checkpoints from TOML recipes (or mergekit configs), by any of its methods
+    (`mergecli merge --help` lists them), streaming tensor by tensor (and block by block), so that
+    memory stays small whatever the model size.
 
     Examples:
 
     \b
       mergecli average -m ./llama-math -m ./llama-code -w 0.3,0.7 -o merged/
       mergecli average recipe.toml --dry-run
-      mergecli merge ties.toml                        # task arithmetic, TIES, DARE, SLERP
+      mergecli merge ties.toml                        # any method without statistics
+      mergecli merge mergekit.yml -o merged/          # a mergekit config, as it is
       mergecli validate recipe.toml
       mergecli regmean collect-stats recipe.toml && mergecli regmean merge recipe.toml
       mergecli regmean merge plusplus.toml          # [regmean] sequential = true: RegMean++
@@ -60,7 +61,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("merge", help=MERGE_HELP)(merge)
+app.command("merge", help=merge_help())(merge)
 app.command("average", help=AVERAGE_HELP)(merge)
 app.add_typer(regmean_app, name="regmean")
 app.command()(push)

@@ -81,23 +81,38 @@ AVERAGE_HELP = """Merge checkpoints by weighted averaging, streaming tensor by t
       mergecli average -m org/llama-math -m org/llama-code --stream -o merged/
     """
 
-MERGE_HELP = """Merge by the recipe's method: average, task_arithmetic, ties, dare_linear, dare_ties or slerp.
+MERGE_HELP = """Merge by the recipe's method (a TOML recipe, or a mergekit config run as it is).
 
     Streams tensor by tensor; statistics of a whole tensor (TIES thresholds, SLERP angles) come from
     streamed passes over its row blocks. Without a recipe, -m PATH (repeat), -w, --name and --base with
     --set method=... give a recipe-less merge. RegMean recipes run with `mergecli regmean merge`. Exit
     codes: 0 success, 1 merge failed, 2 usage or recipe error, 130/143 interrupted.
 
+    Methods:
+
+    \b
+{methods}
+
     Examples:
 
     \b
       mergecli merge ties.toml
       mergecli merge ties.toml --set ties.density=0.3 --set models.1.weight=0.5 -o merged/ --force
+      mergecli merge mergekit.yml -o merged/          # a mergekit config, as mergekit runs it
       mergecli merge task-arithmetic.toml --dry-run --json
       mergecli merge -m ./math -m ./code --base ./base --set method=task_arithmetic -o merged/
       mergecli merge slerp.toml --set slerp.t=0.3
       mergecli merge ties.toml --stream       # hub inputs by range requests, nothing downloaded
     """
+
+
+def merge_help() -> str:
+    """MERGE_HELP with every method and its one line, read from the methods' own files."""
+    from mergecli.methods.registry import method_help
+
+    width = max(map(len, method_help()))
+    return MERGE_HELP.format(methods="\n".join(f"      {name:<{width}}  {words}"
+                                               for name, words in method_help().items()))
 
 
 @report_errors

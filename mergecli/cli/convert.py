@@ -16,9 +16,9 @@ def convert(
     config: Annotated[Path, typer.Argument(metavar="MERGEKIT_YML", help="A mergekit config (YAML).",
                                            show_default=False)],
 ) -> None:
-    """Print the mergecli recipe of a mergekit config (linear, task_arithmetic, ties, dare_linear,
-    dare_ties, slerp). The recipe is validated like any recipe first: a problem is said with the
-    config's key and line. A feature mergecli does not have is refused by name, never dropped.
+    """Print the mergecli recipe of a mergekit config (its methods: `mergecli merge --help`). The
+    recipe is validated like any recipe first: a problem is said with the config's key and line. A
+    feature mergecli does not have is refused by name, never dropped.
 
     Examples:
 

@@ -12,7 +12,7 @@ import typer
 from mergecli.cli._console import info, out_console, plural, result, say, set_mode, warn
 from mergecli.cli._errors import report_errors
 from mergecli.cli._heavy import import_torch
-from mergecli.cli._merge import plan_and_run, require_command
+from mergecli.cli._merge import plan_and_run
 from mergecli.cli._options import (
     DryRunOpt,
     ForceOpt,
@@ -102,13 +102,15 @@ def collect_stats(
     if model:
         warn("--model is now --only on collect-stats (on the merge commands, -m/--model is a model to merge)")
     spec = load_recipe(recipe, overrides=[*with_budget(set_, memory_budget), *(["stream=true"] if stream else [])])
-    require_command(spec, "regmean merge")
+    import_torch()
+    from mergecli.merge.job import Job
+
+    Job(spec).bind(command="regmean merge")
     if spec.settings.sequential:
         info("nothing to do: this recipe sets regmean.sequential = true (RegMean++), whose statistics are "
              "collected during `mergecli regmean merge`, block by block; collect-stats is not needed")
         result({"models": [], "sequential": True}, lambda: None)
         return
-    import_torch()
     from mergecli.stats.collect import collect_all, process_rank
 
     if process_rank()[0] != 0:  # under torchrun, rank 0 speaks for every process

@@ -29,13 +29,11 @@ def validate(recipe: RecipeArg, output: OutputOpt = None, set_: SetOpt = None, q
 
     spec = load_recipe(recipe, overrides=set_ or [])  # a recipe error is found before any heavy import
     import_torch()
+    from mergecli.merge.job import Job
     from mergecli.merge.plan import plan_merge
 
-    if spec.push_to_hub:
-        from mergecli.publish.push import check_access
-
-        check_access(spec.push.repo_id)
-    plan = plan_merge(spec, output=output, force=True, dry_run=True)
+    job = Job(spec).bind(push=True)  # with push_to_hub: the token and write access too
+    plan = plan_merge(job, output=output, force=True, dry_run=True)
     try:
         print_plan(plan, title=f"{recipe}: valid {spec.method} recipe")
         if plan.output.exists():

@@ -18,17 +18,33 @@ from mergecli.io.remote import Fetcher, RemoteFile
 
 
 class HeadStart:
-    """The fetcher of a streamed merge, started before the plan; `fetcher()` waits for its headers."""
+    """The fetcher of a streamed merge, started before the plan: it resolves the inputs and reads their
+    headers at once, and fetches weights once `release`d (the recipe bound: a refused recipe costs no
+    weight byte); `fetcher()` waits for the headers."""
 
     def __init__(self, inputs: list[tuple[str, str | None]], *, connections: int, buffer: int):
         self._fetcher = Fetcher(connections=connections, buffer=buffer)
+        self._go = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._start, args=(inputs,), name="mergecli-head-start", daemon=True)
         self._thread.start()
 
+    def release(self) -> None:
+        """Let the head start fetch weights."""
+        self._go.set()
+
     def fetcher(self) -> Fetcher:
         """The fetcher, its files added, once the head start has begun fetching."""
+        self.release()
         self._thread.join()
         return self._fetcher
+
+    def close(self) -> None:
+        """Give up: nothing more is fetched."""
+        self._closed = True
+        self._go.set()
+        self._thread.join()
+        self._fetcher.close()
 
     def _start(self, inputs: list[tuple[str, str | None]]) -> None:
         with ThreadPoolExecutor(max_workers=min(8, len(inputs))) as pool:
@@ -36,7 +52,8 @@ class HeadStart:
         for files in found:  # in the recipe's order, whatever order they were found in
             for file in files:
                 self._fetcher.add(file)
-        if any(found):
+        self._go.wait()
+        if any(found) and not self._closed:
             self._fetcher.prefetch([files for files in found if files])
 
 

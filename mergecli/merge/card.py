@@ -175,8 +175,8 @@ def render_card(recipe: Recipe, method: Method, *, config: dict | None, title: s
              f"It combines {names} into one model of their architecture{f' ({architecture})' if architecture else ''}"
              f"{kind}, used as {reference} is used.", "", "## Models", "",
              "| model | weight | source |", "|---|---:|---|"]
-    for spec, weight in zip(recipe.models, method.weights(recipe)):
-        lines.append(f"| {_cell(spec.name)} | {weight:.4g} | {_source(spec, sizes.get(spec.name))} |")
+    for spec, weight in zip(recipe.models, method.shown_weights(recipe)):
+        lines.append(f"| {_cell(spec.name)} | {_cell(weight)} | {_source(spec, sizes.get(spec.name))} |")
     lines.append("")
     if recipe.base:
         role = "head, excluded and integer tensors come from it" if recipe.backbone_only else \

@@ -15,12 +15,12 @@ from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.remote import Fetcher
 from mergecli.io.writer import ShardPlan, plan_shards
 from mergecli.merge.compatible import check_compatible, check_digests, check_nothing_lost
+from mergecli.merge.job import Job
 from mergecli.merge.stream import peak_memory
 from mergecli.merge.support import SupportFiles, plan_support
 from mergecli.merge.tasks import default_tasks
 from mergecli.merge.vocabulary import plan_vocabulary
 from mergecli.methods.base import Inputs, Method, Stage, TensorTask
-from mergecli.methods.registry import method_of
 from mergecli.recipe import Recipe, model_label
 
 
@@ -147,16 +147,19 @@ def inputs_order(stages: list[Stage], inputs: Inputs) -> list[TensorTask]:
     return sorted((task for stage in stages for task in stage.tasks), key=lambda t: position.get(t.out.name, 0))
 
 
-def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool = False,
-               dry_run: bool = False, sync: bool = True, device: str = "cpu",
-               fetcher: Fetcher | None = None) -> MergePlan:
+def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bool = False,
+               dry_run: bool = False, sync: bool = True, device: str = "cpu") -> MergePlan:
     """Open and check the inputs of a recipe, let its method plan every tensor, and lay out the
     output; read no tensor. Unless `dry_run`, first restore or remove what killed runs left beside
     the output (said in the plan's warnings). With `dry_run`, hub inputs are planned from their
     safetensors headers (range requests): no weights are downloaded.
 
+    Args:
+        job: a recipe bound to its method (merge/job.py), or a recipe, which is bound here.
+
     Raises:
         UsageError: unknown method, no output, output exists (without `force`) or overlaps an input.
+        RecipeError: a key the method refuses.
         InputNotFoundError, CheckpointError, ShapeMismatchError: bad inputs.
         The method's own errors (e.g. StatsError: RegMean statistics missing or stale).
 
@@ -164,11 +167,12 @@ def plan_merge(recipe: Recipe, *, output: Path | str | None = None, force: bool 
         >>> plan = plan_merge(load_recipe("recipes/demo-average.toml"))
         >>> report = run_merge(plan)
     """
-    method = method_of(recipe)
-    method.check(recipe)
+    if isinstance(job, Recipe):
+        job = Job(job).bind()
+    recipe, method = job.recipe, job.bound
     target = output_directory(output if output is not None else recipe.output)
     recovered = [] if dry_run else recover(target)
-    inputs = open_inputs(recipe, headers_only=dry_run, fetcher=fetcher)
+    inputs = open_inputs(recipe, headers_only=dry_run, fetcher=job.fetcher())
     inputs.dry_run, inputs.device = dry_run, device
     try:
         warnings: list[str] = []

@@ -9,7 +9,8 @@ import threading
 
 import torch
 
-from mergecli.errors import shown
+from mergecli.errors import RecipeError, shown
+from mergecli.io.blocks import positions
 from mergecli.io.safetensors import TensorInfo, TensorSpec
 from mergecli.methods import base
 from mergecli.methods.average import weighted_combine
@@ -43,15 +44,28 @@ def _integer_combine(name: str, warnings: list[str]) -> Combine:
 def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: set[str] = frozenset(), *,
                   normalize: bool = True) -> list[TensorTask]:
     """One task per tensor of the reference (but the `dropped` ones): averaged (divided by the sum of
-    the weights when `normalize`), or copied from the reference model."""
+    the weights when `normalize`: the weights of that tensor, where they vary by tensor), or copied
+    from the reference model. Each task knows its position among the layers (`t`).
+
+    Raises:
+        RecipeError: weights that vary by tensor sum to 0 for one, and `normalize` would divide by it.
+    """
     head = [re.compile(p) for p in recipe.head_patterns]
     exclude = [re.compile(p) for p in recipe.exclude]
-    weights, divisor = recipe.average_weights(normalize=normalize)
     reference = inputs.reference
-    read = tuple(model for model, weight in zip(inputs.models, weights) if weight != 0)  # a zero weight adds nothing
-    weights = [weight for weight in weights if weight != 0]
+    places = positions(reference.tensors)
+    combines: dict[tuple, Combine] = {}  # one combine per set of weights: all tensors but for gradients
 
-    average = weighted_combine(weights, divisor=divisor)
+    def average(name: str, t: float) -> tuple[tuple, Combine]:
+        weights, divisor = recipe.average_weights(normalize=normalize, tensor=name, t=t)
+        if normalize and divisor == 0.0:
+            raise RecipeError(recipe.source, [f"models: the weights of {shown(name)} sum to 0, so they cannot be "
+                                              "normalized (set normalize = false?)"])
+        key = (tuple(weights), divisor)
+        if key not in combines:
+            combines[key] = weighted_combine([w for w in weights if w != 0], divisor=divisor)
+        read = tuple(model for model, weight in zip(inputs.models, weights) if weight != 0)  # 0 adds nothing
+        return read, combines[key]
 
     block = base.BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
     tasks = []
@@ -59,15 +73,17 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
         if name in dropped:
             continue
         out = TensorSpec(name, output_dtype(recipe, info), info.shape)
+        t = places[name]
         if any(p.fullmatch(name) for p in exclude):
-            tasks.append(TensorTask(out, "exclude", (reference,), copy_first, block, independent_blocks=True))
+            tasks.append(TensorTask(out, "exclude", (reference,), copy_first, block, independent_blocks=True, t=t))
         elif recipe.backbone_only and any(p.fullmatch(name) for p in head):
-            tasks.append(TensorTask(out, "head", (reference,), copy_first, block, independent_blocks=True))
+            tasks.append(TensorTask(out, "head", (reference,), copy_first, block, independent_blocks=True, t=t))
         elif not info.dtype.is_floating_point:
             tasks.append(TensorTask(out, "integer", (reference, *inputs.models), _integer_combine(name, warnings),
-                                    block, independent_blocks=True))
+                                    block, independent_blocks=True, t=t))
         else:
-            tasks.append(TensorTask(out, "average", read, average, block, independent_blocks=True))
+            read, combine = average(name, t)
+            tasks.append(TensorTask(out, "average", read, combine, block, independent_blocks=True, t=t))
     for pattern in exclude:
         if not any(pattern.fullmatch(n) for n in reference.tensors):
             warnings.append(f"exclude pattern {pattern.pattern!r} matches no tensor")

@@ -19,13 +19,14 @@ before anything is read.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergecli.errors import CheckpointError, RecipeError
+from mergecli.errors import CheckpointError
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import regular_file
 from mergecli.io.safetensors import TensorInfo
@@ -44,7 +45,7 @@ class Vocabulary:
     added: list[tuple[str, bool]]  # (token, special) appended to the source's tokenizer
     maps: list[torch.Tensor]  # per input (Inputs.all order): output row → its row, or -1
     tensors: set[str]  # the tensors whose rows are the vocabulary
-    weights: list[float]  # per input: its share of a row that others lack (0 for the base)
+    weights: Callable[[str], list[float]]  # per tensor, per input: its share of a row others lack (0 for the base)
     has_base: bool
 
     def views(self, inputs: Inputs) -> Inputs:
@@ -65,9 +66,10 @@ class Vocabulary:
                 continue
             holders = [(i, int(self.maps[i][row])) for i in range(len(checkpoints))
                        if (i > 0 or not self.has_base) and int(self.maps[i][row]) >= 0]
-            total = sum(self.weights[i] for i, _ in holders)
+            weights = self.weights(name)
+            total = sum(weights[i] for i, _ in holders)
             for i, source_row in holders:
-                share = self.weights[i] / total if total else 1.0 / len(holders)
+                share = weights[i] / total if total else 1.0 / len(holders)
                 out[k] += share * checkpoints[i].read(name, (source_row, source_row + 1))[0].float()
         return out
 
@@ -170,15 +172,11 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
     """The output's vocabulary and each input's rows in it; None when every input already has it.
 
     Raises:
-        RecipeError: `tokenizer` names no model.
         CheckpointError: an input has no tokenizer.json, or vocabularies differ beyond added tokens.
     """
     labels = recipe.input_labels
     names = [spec.name for spec in recipe.models]
-    choice = recipe.tokenizer
-    if choice not in ("base", "union", *names):
-        raise RecipeError(recipe.source, [f"tokenizer: {choice!r} is not \"base\", \"union\" or a model of the "
-                                          f"recipe ({', '.join(names)})"])
+    choice = recipe.tokenizer  # that it names a model of the recipe was checked when the recipe was bound
     rows = [_config_rows(c) for c in inputs.all]
     if None in rows:
         return None  # not a transformers checkpoint: no vocabulary to speak of
@@ -227,5 +225,8 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
                      f"added by the models ({', '.join(t for t, _ in added[:3])}{', ...' if len(added) > 3 else ''})"
                      f", {total} rows")
     tensors = vocabulary_tensors(inputs.all, rows)
-    weights = ([0.0] if inputs.base else []) + [abs(spec.weight) for spec in recipe.models]
+
+    def weights(tensor: str) -> list[float]:  # a vocabulary tensor lies outside the layers
+        return ([0.0] if inputs.base else []) + [abs(weight) for weight in recipe.weights_at(tensor)]
+
     return Vocabulary(out, total, recipe.input_names[source], added, maps, tensors, weights, inputs.base is not None)

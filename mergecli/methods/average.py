@@ -86,6 +86,8 @@ class Average(Method):
 
     name = "average"
     title = "weighted average"
+    help = "θ = Σ wᵢ θᵢ: the weighted average of the models (weight ensembling)"
+    mergekit = "linear"
     command = "average"
 
     def describe(self, recipe) -> list[str]:

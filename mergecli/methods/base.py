@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
 from mergecli.recipe import Recipe
+from mergecli.recipe.dump import toml_value
+from mergecli.recipe.varying import evaluate, varies
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +72,66 @@ def copy_first(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class TensorSettings:
+    """The recipe's settings for one tensor, every value a scalar (recipe/varying.py): the method's
+    table, each model's own keys (the table's value where a model sets none), and each model's weight."""
+
+    settings: Any
+    models: list[Any]
+    weights: list[float]
+
+
+def _at(value: Any, tensor: str, t: float) -> Any:
+    """A setting's value for one tensor; a table of values by model name is left for the model to pick."""
+    return value if isinstance(value, dict) else evaluate(value, tensor, t)
+
+
+def _evaluated(settings: BaseModel | None, tensor: str, t: float) -> BaseModel | None:
+    """A method's table (or a model's keys) with every varying value evaluated for one tensor; a value no
+    filter matched falls back to the key's default."""
+    if settings is None:
+        return None
+    update = {}
+    for key, declared in type(settings).model_fields.items():
+        value = getattr(settings, key)
+        if varies(value):
+            found = evaluate(value, tensor, t)
+            update[key] = found if found is not None else evaluate(declared.default, tensor, t)
+    return settings.model_copy(update=update) if update else settings
+
+
+def shown_value(value: Any) -> str:
+    """A setting as the card and the plan show it: `0.5`, or a varying one as a recipe writes it."""
+    return f"{value:g}" if isinstance(value, float) else toml_value(value) if isinstance(value, list) else str(value)
+
+
+def settings_at(recipe: Recipe, tensor: str, t: float = 0.0, names: list[str] | None = None) -> TensorSettings:
+    """The recipe's settings for the tensor `tensor` at position `t` among the layers (`names`: its name
+    in each model, where slices rename it): shared settings are evaluated on its output name, a model's
+    own keys on its name in that model, as mergekit evaluates them. A key a model's entry does not set
+    (or whose filters miss the tensor) takes the method table's value for that model (a number, a
+    varying value, or an entry of a table by model name), else its default."""
+    names = names or [tensor] * len(recipe.models)
+    table = recipe.settings
+    models = []
+    for spec, name in zip(recipe.models, names):
+        own = spec.settings
+        if own is None:
+            models.append(None)
+            continue
+        update = {}
+        for key, declared in type(own).model_fields.items():
+            value = evaluate(getattr(own, key), name, t)
+            if value is None and table is not None and key in type(table).model_fields:
+                value = _at(getattr(table, key), name, t)
+                if isinstance(value, dict):
+                    value = evaluate(value.get(spec.name), name, t)
+            update[key] = value if value is not None else evaluate(declared.default, name, t)
+        models.append(own.model_copy(update=update))
+    return TensorSettings(_evaluated(table, tensor, t), models, recipe.weights_at(tensor, t, names))
+
+
+@dataclass(frozen=True)
 class TensorTask:
     """How one output tensor is made: read `out.name` from `sources`, `combine` each row block of
     them into a block of the output (written straight into the output buffer it is given, or
@@ -88,6 +150,7 @@ class TensorTask:
     prepasses: tuple[Prepass, ...] = ()  # streamed reads before the combine (see Prepass), in order
     positional: bool = False  # the combine takes the flat position of each block's first element
     note: str = ""  # why the tensor is merged as it is, where the plan cannot show it by its kind alone
+    t: float = 0.0  # its position among the layers, where settings given as gradients are evaluated
 
     @property
     def bytes_read(self) -> int:
@@ -165,6 +228,12 @@ class Method:
 
     name: ClassVar[str]  # `method = "..."` in a recipe
     title: ClassVar[str]  # what the card, the summary and a push's commit call it: "weighted average"
+    help: ClassVar[str] = ""  # one line for `--help` and `validate`: what it does
+    mergekit: ClassVar[str | tuple[str, ...]] = ()  # mergekit's `merge_method` name(s) for it, for `convert`
+    # mergekit's defaults where they differ from this method's (`convert` writes them out), and mergekit
+    # parameters with no effect on the result (how it holds masks in memory)
+    mergekit_defaults: ClassVar[dict[str, object]] = {}
+    mergekit_ignored: ClassVar[frozenset[str]] = frozenset({"int8_mask"})
     command: ClassVar[str] = "merge"  # the `mergecli` command that runs it: "merge" or "regmean merge"
     settings: ClassVar[type[BaseModel] | None] = None  # its table, `[<name>]`
     model_settings: ClassVar[type[BaseModel] | None] = None  # the keys it adds to a [[models]] entry
@@ -176,8 +245,16 @@ class Method:
         return recipe.normalize if recipe.normalize is not None else self.normalize_default
 
     def weights(self, recipe: Recipe) -> list[float]:
-        """The models' weights as the card and the plan show them."""
+        """The models' weights (those of the tensors outside the layers, where they vary), normalized
+        when the method divides by their sum."""
         return recipe.weights(normalize=self.normalize(recipe))
+
+    def shown_weights(self, recipe: Recipe) -> list[str]:
+        """The models' weights as the card and the plan show them: `weights`, or as written where they
+        vary by tensor."""
+        if recipe.weights_vary:
+            return [shown_value(spec.weight) for spec in recipe.models]
+        return [f"{weight:.4g}" for weight in self.weights(recipe)]
 
     def check(self, recipe: Recipe) -> None:
         """Refuse (UsageError) what the recipe's schema allows but this method cannot run, before any

@@ -15,14 +15,15 @@ import numpy
 import torch
 from pydantic import Field
 
-from mergecli.methods.base import TensorTask, register
+from mergecli.methods.base import TensorTask, register, shown_value
 from mergecli.methods.task_vectors import (
     DensitySettings,
+    DensityValue,
     ModelDensity,
     TaskVectorMethod,
     add_elected,
     deltas,
-    densities,
+    shown_density,
 )
 
 PAPER = "https://arxiv.org/abs/2311.03099"
@@ -32,7 +33,7 @@ _LOW32 = 0xFFFFFFFF
 class DareSettings(DensitySettings):
     """`[dare_linear]` / `[dare_ties]`: density (the fraction kept), seed and lambda."""
 
-    density: float | dict[str, float] = 0.5
+    density: DensityValue | dict[str, DensityValue] = 0.5
     seed: int = Field(default=0, ge=0, lt=2**63)
 
 
@@ -84,18 +85,19 @@ def kept(key: tuple[int, int], start: int, count: int, density: float) -> torch.
 
 class Dare(TaskVectorMethod):
     settings = DareSettings
+    mergekit_defaults = {"density": 1.0}  # mergekit keeps every entry unless told a density
     model_settings = ModelDensity
     normalize_default = False
     elect_signs = False
 
-    def task_for(self, recipe, inputs, task, read, shared):
-        settings = recipe.settings
-        model_density = densities(recipe)
+    def task_for(self, recipe, inputs, task, read, shared, here):
+        settings = here.settings
+        model_density = [model.density for model in here.models]
         drops = [(stream_key(settings.seed, index, task.out.name), model_density[index]) for index, _, _ in read]
         weights = [weight for _, _, weight in read]
         normalize = self.normalize(recipe)
         elect_signs = self.elect_signs
-        scale = settings.lambda_ * (1.0 if normalize and elect_signs else 1.0 / self.divisor(recipe))
+        scale = settings.lambda_ * (1.0 if normalize and elect_signs else 1.0 / self.divisor(recipe, here))
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
             base, vectors = deltas(blocks)
@@ -113,11 +115,11 @@ class Dare(TaskVectorMethod):
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
         return TensorTask(task.out, self.name, sources, combine, task.block_elements, independent_blocks=True,
-                          positional=True)
+                          positional=True, t=task.t)
 
     def describe(self, recipe) -> list[str]:
         settings = recipe.settings
-        shown = ", ".join(f"{spec.name} {density:g}" for spec, density in zip(recipe.models, densities(recipe)))
+        shown = shown_density(recipe)
         then = ("a sign is elected per entry as in TIES and the agreeing entries are "
                 + ("averaged" if self.normalize(recipe) else "summed")) if self.elect_signs else \
             "the weighted task vectors are " + ("averaged" if self.normalize(recipe) else "summed")
@@ -125,19 +127,23 @@ class Dare(TaskVectorMethod):
                 f"δᵢ = θᵢ − θ_base is dropped with probability 1 − density and the survivors rescaled by 1/density; "
                 f"{then}; θ = θ_base + λ × that.", "", f"- density (fraction kept): {shown}",
                 f"- seed: {settings.seed} (the drop depends on it and on each entry's position alone)",
-                f"- λ (`lambda`): {settings.lambda_:g}",
+                f"- λ (`lambda`): {shown_value(settings.lambda_)}",
                 "- computed in float32 (float64 for float64 inputs), rounded once"]
 
 
 class DareLinear(Dare):
     name = "dare_linear"
     title = "DARE linear merge"
+    help = "task vectors' entries dropped at random (kept with probability density, rescaled), then summed"
+    mergekit = "dare_linear"
     kinds = {"dare_linear": "DARE (linear)"}
 
 
 class DareTies(Dare):
     name = "dare_ties"
     title = "DARE TIES merge"
+    help = "task vectors' entries dropped at random, then a sign elected per entry as TIES does"
+    mergekit = "dare_ties"
     kinds = {"dare_ties": "DARE TIES"}
     elect_signs = True
 

@@ -1,6 +1,6 @@
-"""The methods recipes may name: the built-in ones, found by module name and imported the first time
-one is asked for, and those registered by plugins; and binding a recipe to its method, which
-validates the method's own keys.
+"""The methods recipes may name: the built-in ones, found by their files' declarations (catalog.py) and
+imported the first time one is asked for, and those registered by plugins; mergekit's names for them;
+and binding a recipe to its method, which validates the method's own keys.
 """
 
 from __future__ import annotations
@@ -12,20 +12,28 @@ import math
 from pydantic import BaseModel, ValidationError
 
 from mergecli.errors import RecipeError, UsageError
+from mergecli.methods import catalog
 from mergecli.methods.base import Method, registered
 from mergecli.recipe import ModelSpec, Recipe, scaled_weights, unknown_key, validation_problems
 
-# Methods that ship with mergecli, as module names: a module registers its method when imported, like
-# pytest's built-in plugins, so that looking up a method never loads the others.
-BUILTIN_METHODS = {"average": "mergecli.methods.average", "regmean": "mergecli.methods.regmean.method",
-                   "task_arithmetic": "mergecli.methods.task_arithmetic", "ties": "mergecli.methods.ties",
-                   "dare_linear": "mergecli.methods.dare", "dare_ties": "mergecli.methods.dare",
-                   "slerp": "mergecli.methods.slerp"}
+
+def builtin_modules() -> dict[str, str]:
+    """The built-in methods' modules by method name, as their files declare them (methods/catalog.py):
+    a module registers its method when imported, like pytest's built-in plugins, so looking up one
+    method never loads the others."""
+    return {name: entry.module for name, entry in catalog.builtin().items()}
 
 
 def method_names() -> list[str]:
     """Every method a recipe may name."""
-    return sorted({*BUILTIN_METHODS, *registered})
+    return sorted({*catalog.builtin(), *registered})
+
+
+def method_help() -> dict[str, str]:
+    """Each method's one-line help, by name (the built-in ones read from their files, nothing imported)."""
+    found = {name: entry.help for name, entry in catalog.builtin().items()}
+    found.update({name: method.help for name, method in registered.items()})
+    return dict(sorted(found.items()))
 
 
 def get_method(name: str) -> Method:
@@ -34,11 +42,36 @@ def get_method(name: str) -> Method:
     Raises:
         UsageError: no method has that name.
     """
-    if name not in registered and name in BUILTIN_METHODS:
-        importlib.import_module(BUILTIN_METHODS[name])
+    modules = builtin_modules()
+    if name not in registered and name in modules:
+        importlib.import_module(modules[name])
     if name not in registered:
         raise UsageError(f"unknown method {name!r}", hint=f"methods: {', '.join(method_names())}")
     return registered[name]
+
+
+def by_mergekit_name(name: str) -> Method | None:
+    """The method that mergekit calls `name` (its `merge_method`), or None."""
+    for method_name, entry in catalog.builtin().items():
+        if name in entry.mergekit:
+            return get_method(method_name)
+    return next((method for method in registered.values()
+                 if name in ((method.mergekit,) if isinstance(method.mergekit, str) else method.mergekit)), None)
+
+
+def mergekit_names() -> list[str]:
+    """mergekit's names of the methods mergecli has."""
+    names = {name for entry in catalog.builtin().values() for name in entry.mergekit}
+    for method in registered.values():
+        names.update((method.mergekit,) if isinstance(method.mergekit, str) else method.mergekit)
+    return sorted(names)
+
+
+def closest(name: str, names: list[str]) -> str | None:
+    """The name among `names` that `name` most likely meant: the same but for case, else a close one."""
+    same = [candidate for candidate in names if candidate.lower() == name.lower()]
+    close = same or difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def method_of(recipe: Recipe) -> Method:
@@ -52,9 +85,9 @@ def method_of(recipe: Recipe) -> Method:
     try:
         method = get_method(recipe.method)
     except UsageError:
-        close = difflib.get_close_matches(recipe.method, method_names(), n=1, cutoff=0.6)
-        guess = f"did you mean {close[0]!r}? " if close else ""
-        raise RecipeError(recipe.source, [recipe.locate(f"method: unknown method {recipe.method!r}; {guess}(methods: "
+        close = closest(recipe.method, method_names())
+        guess = f"; did you mean {close!r}?" if close else ""
+        raise RecipeError(recipe.source, [recipe.locate(f"method: unknown method {recipe.method!r}{guess} (methods: "
                                                         f"{', '.join(method_names())})")]) from None
     problems = [f"{name}: {unknown_key(name, [*Recipe.model_fields, *method_names()])}"
                 for name in recipe.tables if name not in method_names()]
@@ -66,7 +99,7 @@ def method_of(recipe: Recipe) -> Method:
         options, problems = _validated(method.model_settings, spec.options, ("models", index), context, problems,
                                        list(ModelSpec.model_fields), recipe.overrides)
         model_settings.append(options)
-    if method.normalize(recipe) and math.fsum(scaled_weights(recipe.models)[0]) == 0.0:
+    if method.normalize(recipe) and not recipe.weights_vary and math.fsum(scaled_weights(recipe.weights_at())[0]) == 0:
         fix = "pass --set normalize=false" if recipe.source == "command line" else "set normalize = false"
         problems.append(f"weights sum to 0, so they cannot be normalized ({fix}?)")
     if problems:

@@ -14,23 +14,24 @@ import math
 import threading
 
 import torch
-from pydantic import Field
 
 from mergecli.errors import RecipeError
 from mergecli.io.buffers import thread_buffer
 from mergecli.methods.average import accumulation_dtype
-from mergecli.methods.base import Prepass, TensorTask, register
+from mergecli.methods.base import Prepass, TensorTask, register, settings_at, shown_value
 from mergecli.methods.task_vectors import TaskVectorMethod
 from mergecli.recipe import StrictModel
+from mergecli.recipe.varying import Varying
 
 DOT_THRESHOLD = 0.9995  # mergekit's: beyond it the angle is too small for a stable sin Ω
 EPSILON = 1e-8  # a norm at or below it counts as 1 (a zero tensor is not divided by zero)
 
 
 class SlerpSettings(StrictModel):
-    """`[slerp]`: where between the two models, 0 (the first) to 1 (the second)."""
+    """`[slerp]`: where between the two models, 0 (the first) to 1 (the second); a number, or varying by
+    tensor (mergekit's gradients: `t = [0, 0.5, 0.3, 0.7, 1]`)."""
 
-    t: float = Field(default=0.5, ge=0.0, le=1.0)
+    t: Varying(float, ge=0.0, le=1.0, allow_inf_nan=False) = 0.5
 
 
 class Angle(Prepass):
@@ -72,6 +73,8 @@ class Angle(Prepass):
 class Slerp(TaskVectorMethod):
     name = "slerp"
     title = "SLERP merge"
+    help = "spherical interpolation of two models, tensor by tensor, at t in [0, 1]"
+    mergekit = "slerp"
     settings = SlerpSettings
     needs_base = False
     kinds = {"slerp": "SLERP"}
@@ -87,10 +90,11 @@ class Slerp(TaskVectorMethod):
     def tasks(self, recipe, inputs, tasks, warnings):
         if any(spec.weight != 1.0 for spec in recipe.models):
             warnings.append("slerp: the models' weights are not used (`[slerp] t` says where between them)")
-        return [self.task_for(recipe, inputs, task, None, None) if task.kind == "average" else task for task in tasks]
+        return [self.task_for(recipe, inputs, task, None, None, settings_at(recipe, task.out.name, task.t))
+                if task.kind == "average" else task for task in tasks]
 
-    def task_for(self, recipe, inputs, task, read, shared):
-        angle = Angle(recipe.settings.t)
+    def task_for(self, recipe, inputs, task, read, shared, here):
+        angle = Angle(here.settings.t)
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
             dtype = accumulation_dtype([b.dtype for b in blocks])
@@ -99,13 +103,13 @@ class Slerp(TaskVectorMethod):
             return merged.mul_(first).add_(blocks[1], alpha=second)
 
         return TensorTask(task.out, "slerp", tuple(inputs.models), combine, task.block_elements,
-                          independent_blocks=True, prepasses=(angle,))
+                          independent_blocks=True, prepasses=(angle,), t=task.t)
 
     def describe(self, recipe) -> list[str]:
         return ["**SLERP**: spherical linear interpolation of the two models, tensor by tensor, "
                 "θ = sin((1 − t)Ω)/sin Ω · θ₁ + sin(tΩ)/sin Ω · θ₂ with Ω the angle between them (linear "
                 f"interpolation where |cos Ω| > {DOT_THRESHOLD}).", "",
-                f"- t: {recipe.settings.t:g} (0: the first model)",
+                f"- t: {shown_value(recipe.settings.t)} (0: the first model)",
                 "- norms and angles in float64, the interpolation in float32 (float64 for float64 inputs), "
                 "rounded once"]
 

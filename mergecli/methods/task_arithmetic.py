@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from mergecli.methods.average import weighted_combine
-from mergecli.methods.base import TensorTask, register
+from mergecli.methods.base import TensorTask, register, shown_value
 from mergecli.methods.task_vectors import LambdaSettings, TaskVectorMethod
 
 PAPER = "https://arxiv.org/abs/2212.04089"
@@ -20,24 +20,26 @@ PAPER = "https://arxiv.org/abs/2212.04089"
 class TaskArithmetic(TaskVectorMethod):
     name = "task_arithmetic"
     title = "task arithmetic merge"
+    help = "θ = θ_base + λ Σ wᵢ (θᵢ − θ_base): the models' task vectors added to the base"
+    mergekit = "task_arithmetic"
     settings = LambdaSettings
     normalize_default = False
     kinds = {"task_arithmetic": "task arithmetic"}
 
-    def task_for(self, recipe, inputs, task, read, shared):
-        scale = recipe.settings.lambda_ / self.divisor(recipe)
+    def task_for(self, recipe, inputs, task, read, shared, here):
+        scale = here.settings.lambda_ / self.divisor(recipe, here)
         coefficients = [scale * weight for _, _, weight in read]
         base = 1.0 - math.fsum(coefficients)
         sources = [checkpoint for _, checkpoint, _ in read]
         if base != 0.0:  # λ Σ c = 1 (normalized, λ = 1): the base cancels out, and is not read
             sources, coefficients = [inputs.base, *sources], [base, *coefficients]
         return TensorTask(task.out, "task_arithmetic", tuple(sources), weighted_combine(coefficients),
-                          task.block_elements, independent_blocks=True)
+                          task.block_elements, independent_blocks=True, t=task.t)
 
     def describe(self, recipe) -> list[str]:
         weights = "divided by their sum" if self.normalize(recipe) else "as given"
         return [f"**Task arithmetic** ([Ilharco et al., ICLR 2023]({PAPER})): θ = θ_base + λ Σ wᵢ (θᵢ − θ_base), "
-                f"with the weights {weights}.", "", f"- λ (`lambda`): {recipe.settings.lambda_:g}",
+                f"with the weights {weights}.", "", f"- λ (`lambda`): {shown_value(recipe.settings.lambda_)}",
                 "- computed in float32 (float64 for float64 inputs), rounded once"]
 
 

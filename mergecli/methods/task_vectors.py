@@ -11,67 +11,75 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mergecli.errors import RecipeError
 from mergecli.io.buffers import thread_buffer
 from mergecli.methods.average import accumulation_dtype
-from mergecli.methods.base import Inputs, Method, TensorTask
+from mergecli.methods.base import Inputs, Method, TensorSettings, TensorTask, settings_at
 from mergecli.recipe import Recipe, StrictModel, scaled_weights
-
-Density = float  # the fraction of a task vector's entries kept, in (0, 1]
+from mergecli.recipe.varying import Varying
 
 
 class LambdaSettings(StrictModel):
     """`lambda`: how much of the merged task vector is added to the base (a scale)."""
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
-    lambda_: float = Field(default=1.0, alias="lambda", allow_inf_nan=False)
+    lambda_: Varying(float, allow_inf_nan=False) = Field(default=1.0, alias="lambda")
+
+
+def _fraction(density: float) -> float:
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density:g}")
+    return density
+
+
+DensityValue = Varying(float, allow_inf_nan=False, check=_fraction)  # the share of a task vector's entries kept
 
 
 class DensitySettings(LambdaSettings):
-    """`density`: a number for every model, or a table of model name → density (a model's own
-    `density = ...` in its [[models]] entry wins)."""
+    """`density`: for every model, or a table of model name → density (a model's own `density = ...` in
+    its [[models]] entry wins); each a number, or varying by tensor."""
 
-    density: float | dict[str, float] = 0.2
-
-    @field_validator("density")
-    @classmethod
-    def _fraction(cls, value: float | dict[str, float]) -> float | dict[str, float]:
-        for density in (value.values() if isinstance(value, dict) else [value]):
-            if not 0 < density <= 1 or math.isnan(density):
-                raise ValueError(f"density must be in (0, 1], got {density}")
-        return value
+    density: DensityValue | dict[str, DensityValue] = 0.2
 
 
 class ModelDensity(StrictModel):
     """A [[models]] entry's own density."""
 
-    density: float | None = Field(default=None, gt=0, le=1)
+    density: DensityValue | None = None
 
 
-def densities(recipe: Recipe) -> list[float]:
-    """Each model's density: its own entry's, else the table's (a number, or its entry by name).
+def check_densities(recipe: Recipe) -> None:
+    """Every model has a density (its own, or the table's), and a table by model name names models.
 
     Raises:
         RecipeError: a table entry names no model, or a model has no density in the table.
     """
     table = recipe.settings.density
-    if isinstance(table, dict):
-        names = [m.name for m in recipe.models]
-        unknown = [name for name in table if name not in names]
-        if unknown:
-            raise RecipeError(recipe.source, [f"{recipe.method}.density: {unknown[0]!r} is not a model of the recipe "
-                                              f"(models: {', '.join(names)})"])
-    found = []
+    if not isinstance(table, dict):
+        return
+    names = [m.name for m in recipe.models]
+    unknown = [name for name in table if name not in names]
+    if unknown:
+        raise RecipeError(recipe.source, [recipe.locate(f"{recipe.method}.density: {unknown[0]!r} is not a model of "
+                                                        f"the recipe (models: {', '.join(names)})")])
     for index, spec in enumerate(recipe.models):
+        if spec.name not in table and (spec.settings is None or spec.settings.density is None):
+            raise RecipeError(recipe.source, [recipe.locate(f"models.{index} ({spec.name}): no density (set it in "
+                                                            f"its [[models]] entry, or in [{recipe.method}] "
+                                                            "density)")])
+
+
+def shown_density(recipe: Recipe) -> str:
+    """The densities as the card says them: `math 0.7, code 0.3` (a varying one as written)."""
+    table = recipe.settings.density
+    parts = []
+    for spec in recipe.models:
         own = spec.settings.density if spec.settings is not None else None
         value = own if own is not None else table.get(spec.name) if isinstance(table, dict) else table
-        if value is None:
-            raise RecipeError(recipe.source, [f"models.{index} ({spec.name}): no density (set it in its [[models]] "
-                                              f"entry, or in [{recipe.method}] density)"])
-        found.append(value)
-    return found
+        parts.append(f"{spec.name} {value:g}" if isinstance(value, (int, float)) else f"{spec.name} {value}")
+    return ", ".join(parts)
 
 
 def deltas(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -122,7 +130,7 @@ class TaskVectorMethod(Method):
     base plus λ times the merged task vectors; heads, excluded and integer tensors come from the base.
 
     A subclass says how one tensor's task is made (`task_for`), from the models that are read (those
-    of weight 0 are not) and their weights.
+    whose weight for the tensor is 0 are not), their weights, and the recipe's settings for the tensor.
     """
 
     command = "merge"
@@ -133,26 +141,35 @@ class TaskVectorMethod(Method):
         if self.needs_base and recipe.base is None:
             raise RecipeError(recipe.source, [f"method: {self.name} merges task vectors (each model minus the "
                                               "base): it needs a [base] model"])
+        if self.settings is not None and "density" in self.settings.model_fields:
+            check_densities(recipe)
 
     def tasks(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[TensorTask]:
-        weights = scaled_weights(recipe.models)[0]
-        read = [(index, checkpoint, weight) for index, (checkpoint, weight) in enumerate(zip(inputs.models, weights))
-                if weight != 0]
         shared = self.shared(recipe, [task for task in tasks if task.kind == "average"])
-        return [self.task_for(recipe, inputs, task, read, shared) if task.kind == "average" else task
-                for task in tasks]
+        out = []
+        for task in tasks:
+            if task.kind != "average":
+                out.append(task)
+                continue
+            here = settings_at(recipe, task.out.name, task.t)
+            weights = scaled_weights(here.weights)[0]
+            read = [(index, checkpoint, weight) for index, (checkpoint, weight)
+                    in enumerate(zip(inputs.models, weights)) if weight != 0]
+            out.append(self.task_for(recipe, inputs, task, read, shared, here))
+        return out
 
     def shared(self, recipe: Recipe, floating: list[TensorTask]) -> Any:
         """What the tasks of one merge share (statistics over every tensor), given to each `task_for`."""
         return None
 
     def task_for(self, recipe: Recipe, inputs: Inputs, task: TensorTask, read: list[tuple[int, Any, float]],
-                 shared: Any) -> TensorTask:
+                 shared: Any, here: TensorSettings) -> TensorTask:
         """The task of one floating tensor, from the models read: (index in the recipe, checkpoint,
-        weight scaled by a power of two)."""
+        weight scaled by a power of two), with `here`, the recipe's settings for this tensor."""
         raise NotImplementedError
 
-    def divisor(self, recipe: Recipe) -> float:
-        """What the weighted sum of task vectors is divided by: the sum of the weights with `normalize`,
-        else the power of two that the weights were scaled by (so that they count as given)."""
-        return recipe.average_weights(normalize=self.normalize(recipe))[1]
+    def divisor(self, recipe: Recipe, here: TensorSettings) -> float:
+        """What the weighted sum of task vectors is divided by: the sum of the (tensor's) weights with
+        `normalize`, else the power of two that the weights were scaled by (so that they count as given)."""
+        scaled, scale = scaled_weights(here.weights)
+        return math.fsum(scaled) if self.normalize(recipe) else scale

@@ -16,8 +16,9 @@ from typing import Literal
 
 import torch
 
+from mergecli.errors import RecipeError
 from mergecli.io.checkpoint import iter_row_blocks
-from mergecli.methods.base import Prepass, TensorTask, register
+from mergecli.methods.base import Prepass, TensorTask, register, settings_at, shown_value
 from mergecli.methods.bracket import SamplePlan, sample_rows, sample_share
 from mergecli.methods.magnitude import BRACKET, DONE, SAMPLE, TopMagnitudes
 from mergecli.methods.task_vectors import (
@@ -26,8 +27,9 @@ from mergecli.methods.task_vectors import (
     TaskVectorMethod,
     add_elected,
     deltas,
-    densities,
+    shown_density,
 )
+from mergecli.recipe.varying import varies
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 BRACKET_BLOCKS = 2  # row blocks read at once by the bracket pass (its work per value is light: fewer calls pay)
@@ -111,10 +113,23 @@ class TrimPass(Prepass):
 class Ties(TaskVectorMethod):
     name = "ties"
     title = "TIES merge"
+    help = "task vectors trimmed to their largest magnitudes, a sign elected per entry, the agreeing ones averaged"
+    mergekit = "ties"
+    mergekit_defaults = {"density": 1.0}  # mergekit keeps every entry unless told a density
     settings = TiesSettings
     model_settings = ModelDensity
     normalize_default = True
     kinds = {"ties": "TIES"}
+
+    def check(self, recipe) -> None:
+        super().check(recipe)
+        if recipe.settings.trim_scope == "model":
+            varying = [spec.name for spec in recipe.models if spec.settings.density is not None
+                       and varies(spec.settings.density)] + (["[ties]"] if varies(recipe.settings.density) else [])
+            if varying:
+                raise RecipeError(recipe.source, [recipe.locate(
+                    f"ties.trim_scope: \"model\" takes one threshold over each model's whole task vector, so its "
+                    f"density cannot vary by tensor ({varying[0]}'s does)")])
 
     def shared(self, recipe, floating):
         """With `trim_scope = "model"`: one population per model, every floating tensor's task vector in
@@ -124,16 +139,17 @@ class Ties(TaskVectorMethod):
         size = sum(task.out.numel for task in floating)
         share = sample_share(size)
         sample = sum((sample_plan(task, share) for task in floating), SamplePlan(0, 0))
-        populations = [Population(size, density, len(floating), sample) for density in densities(recipe)]
+        densities = [model.density for model in settings_at(recipe, "", 0.0).models]
+        populations = [Population(size, density, len(floating), sample) for density in densities]
         offsets, position = {}, 0
         for task in floating:
             offsets[task.out.name] = position
             position += task.out.numel
         return populations, offsets, share
 
-    def task_for(self, recipe, inputs, task, read, shared):
-        settings = recipe.settings
-        model_density = densities(recipe)
+    def task_for(self, recipe, inputs, task, read, shared, here):
+        settings = here.settings
+        model_density = [model.density for model in here.models]
         if shared is not None:
             model_scope, offsets, share = shared
             populations = [(model_scope[index], offsets[task.out.name]) for index, _, _ in read]
@@ -143,7 +159,7 @@ class Ties(TaskVectorMethod):
             populations = [(Population(task.out.numel, model_density[index], 1, sample), 0) for index, _, _ in read]
         weights = [weight for _, _, weight in read]
         normalize = self.normalize(recipe)
-        scale = settings.lambda_ * (1.0 if normalize else 1.0 / self.divisor(recipe))
+        scale = settings.lambda_ * (1.0 if normalize else 1.0 / self.divisor(recipe, here))
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
             base, vectors = deltas(blocks)
@@ -162,11 +178,11 @@ class Ties(TaskVectorMethod):
         buffers = (len(read) + 5) * itemsize * BRACKET_BLOCKS * task.block_elements
         trims = sum(population.trim.memory() for population, _ in populations)
         return TensorTask(task.out, "ties", sources, combine, task.block_elements, independent_blocks=True,
-                          prepasses=passes, positional=True, work_bytes=buffers + trims)
+                          prepasses=passes, positional=True, work_bytes=buffers + trims, t=task.t)
 
     def describe(self, recipe) -> list[str]:
         settings = recipe.settings
-        shown = ", ".join(f"{spec.name} {density:g}" for spec, density in zip(recipe.models, densities(recipe)))
+        shown = shown_density(recipe)
         scope = "each model's whole task vector" if settings.trim_scope == "model" else "each tensor"
         weights = "the weighted mean of the agreeing entries" if self.normalize(recipe) else \
             "the weighted sum of the agreeing entries"
@@ -175,7 +191,7 @@ class Ties(TaskVectorMethod):
                 "", f"- density (fraction kept): {shown}",
                 f"- trim scope: {scope} (`trim_scope = \"{settings.trim_scope}\"`), exactly ⌊density × n⌋ entries, "
                 "ties at the threshold broken by position",
-                f"- λ (`lambda`): {settings.lambda_:g}",
+                f"- λ (`lambda`): {shown_value(settings.lambda_)}",
                 "- computed in float32 (float64 for float64 inputs), rounded once"]
 
 

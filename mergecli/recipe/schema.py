@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from mergecli.recipe.varying import Varying, evaluate, varies
+
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -138,7 +140,8 @@ class ModelSpec(StrictModel):
     digest: Digest | None = None
     hub_id: str | None = None  # the hub repo a local checkpoint is a copy of: the card's base_model
     name: str = ""
-    weight: Annotated[float, Strict()] = Field(default=1.0, allow_inf_nan=False)  # 0.3, never "0.3"
+    # 0.3, never "0.3"; or varying by tensor (recipe/varying.py)
+    weight: Varying(float, strict=True, allow_inf_nan=False) = 1.0
     data: str | None = None
     _options: dict[str, Any] = PrivateAttr(default_factory=dict)
     _settings: BaseModel | None = PrivateAttr(default=None)
@@ -300,16 +303,32 @@ class Recipe(StrictModel):
         """The regexes of head tensors for `backbone_only` (the `head` key, else HEAD_PATTERNS)."""
         return self.head if self.head is not None else HEAD_PATTERNS
 
-    def weights(self, *, normalize: bool) -> list[float]:
-        """The models' weights, divided by their sum when `normalize` (what the card shows)."""
-        scaled, divisor = self.average_weights(normalize=normalize)
+    @property
+    def weights_vary(self) -> bool:
+        """Whether some model's weight varies by tensor (a gradient or filtered entries)."""
+        return any(varies(spec.weight) for spec in self.models)
+
+    def weights_at(self, tensor: str = "", t: float = 0.0, names: list[str] | None = None) -> list[float]:
+        """Each model's weight for one tensor (its name in each model: `names`, else `tensor`), at its
+        position `t` among the layers (a filter that matches nothing: the default, 1)."""
+        found = []
+        for index, spec in enumerate(self.models):
+            value = evaluate(spec.weight, names[index] if names else tensor, t)
+            found.append(1.0 if value is None else float(value))
+        return found
+
+    def weights(self, *, normalize: bool, tensor: str = "", t: float = 0.0) -> list[float]:
+        """The models' weights (for one tensor, where they vary), divided by their sum when `normalize`
+        (what the card shows)."""
+        scaled, divisor = self.average_weights(normalize=normalize, tensor=tensor, t=t)
         return [w / divisor for w in scaled]
 
-    def average_weights(self, *, normalize: bool) -> tuple[list[float], float]:
-        """The weights scaled by a power of two (exactly: huge or tiny weights neither overflow nor
-        underflow), and what the weighted sum is divided by, once, at the end: their total with
-        `normalize`, else the power of two that undoes the scaling."""
-        scaled, scale = scaled_weights(self.models)
+    def average_weights(self, *, normalize: bool, tensor: str = "", t: float = 0.0,
+                        names: list[str] | None = None) -> tuple[list[float], float]:
+        """The weights (for one tensor, where they vary) scaled by a power of two (exactly: huge or tiny
+        weights neither overflow nor underflow), and what the weighted sum is divided by, once, at the
+        end: their total with `normalize`, else the power of two that undoes the scaling."""
+        scaled, scale = scaled_weights(self.weights_at(tensor, t, names))
         return scaled, (math.fsum(scaled) if normalize else scale)
 
 
@@ -330,8 +349,8 @@ def _fill_names(models: list[ModelSpec]) -> None:
         object.__setattr__(model, "name", name)
 
 
-def scaled_weights(models: list[ModelSpec]) -> tuple[list[float], float]:
-    """The models' weights × 2^-e, the largest of them in [1, 2) (equal weights become exactly 1,
-    which the sum needs no multiplication for), and 2^-e."""
-    exponent = max((math.frexp(m.weight)[1] - 1 for m in models if m.weight), default=0)
-    return [math.ldexp(m.weight, -exponent) for m in models], math.ldexp(1.0, -exponent)
+def scaled_weights(weights: list[float]) -> tuple[list[float], float]:
+    """The weights × 2^-e, the largest of them in [1, 2) (equal weights become exactly 1, which the sum
+    needs no multiplication for), and 2^-e."""
+    exponent = max((math.frexp(w)[1] - 1 for w in weights if w), default=0)
+    return [math.ldexp(w, -exponent) for w in weights], math.ldexp(1.0, -exponent)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mergecli.errors import RecipeError
 from mergecli.io.atomic import clean_directory
 from mergecli.methods.base import Inputs, Method, Stage, TensorTask, register
 from mergecli.methods.regmean.plusplus import plusplus_stages
@@ -22,6 +23,7 @@ REGMEAN_PLUSPLUS_PAPER = "https://arxiv.org/abs/2508.03121"
 class RegMean(Method):
     name = "regmean"
     title = "RegMean merge"
+    help = "linear layers solved in closed form from the Gram matrices of their inputs (RegMean, RegMean++)"
     command = "regmean merge"
     settings = RegMeanSettings
     kinds = {"regmean": "RegMean (linear weights)", "regmean++": "RegMean++ (linear weights)",
@@ -29,6 +31,9 @@ class RegMean(Method):
 
     def check(self, recipe: Recipe) -> None:
         require_data(list(enumerate(recipe.models)))
+        if recipe.weights_vary:
+            raise RecipeError(recipe.source, [recipe.locate("models: a weight that varies by tensor is not read by "
+                                                            "RegMean, which weighs each model's Gram matrices once")])
 
     def tasks(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[TensorTask]:
         return regmean_tasks(recipe, inputs, tasks, warnings)
