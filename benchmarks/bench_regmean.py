@@ -47,7 +47,7 @@ import sys, time
 from pathlib import Path
 import torch, transformers
 from mergecli.methods.registry import method_of
-from mergecli.recipe import load_recipe
+from mergecli import load_recipe
 from mergecli.stats.calibration import model_batches, read_examples
 recipe = load_recipe(sys.argv[1])
 method_of(recipe)

@@ -10,7 +10,7 @@ The public API mirrors the commands:
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "load_recipe": "mergecli.recipe",
+    "load_recipe": "mergecli.merge.configs",
     "plan_merge": "mergecli.merge.plan",
     "run_merge": "mergecli.merge.run",
     "plan_stats": "mergecli.stats.collect",

@@ -73,15 +73,15 @@ tokenizer:
 
 
 @pytest.mark.parametrize("config, words", [
-    ("merge_method: ties\nslices:\n  - sources: []\n", "slices: layer slices (frankenmerges) are not supported"),
-    ("merge_method: ties\nparameters:\n  density: [0.1, 0.5]\nmodels: [{model: a}]\n",
-     "a per-layer gradient ([0.1, 0.5]) has no equivalent"),
-    ("merge_method: ties\nparameters:\n  density: {filter: mlp, value: 0.5}\nmodels: [{model: a}]\n",
-     "a filtered value"),
-    ("merge_method: model_stock\nmodels: [{model: a}]\n", "merge_method: 'model_stock' is not a method of mergecli"),
+    ("merge_method: model_stok\nmodels: [{model: a}]\n",
+     "line 1: merge_method: 'model_stok' is not a method of mergecli"),
     ("merge_method: linear\nmodels: [{model: a+lora}]\n", "a LoRA adapter applied on the fly"),
-    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union, tokens: {x: y}}\n",
-     "line 3: tokenizer.tokens: only the tokenizer's `source` and `pad_to_multiple_of`"),
+    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union, vocab: {x: y}}\n",
+     "line 3: tokenizer.vocab: unknown key of the tokenizer (source, tokens, pad_to_multiple_of)"),
+    ("merge_method: ties\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n    residual_weight: 0.5\n",
+     "line 4: slices.0.residual_weight: a slice's own residual_weight is not supported"),
+    ("merge_method: ties\nmodels: [{model: a}]\nparameters: {gamma: 0.1}\n",
+     "line 3: parameters.gamma: mergekit's 'gamma' has no equivalent in mergecli's ties"),
 ])
 def test_what_mergecli_lacks_is_refused_by_name(tmp_path, config, words):
     result = convert(tmp_path, config)

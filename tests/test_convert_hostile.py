@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clirunner import cli
+from mergecli import load_recipe
 from mergecli.errors import RecipeError
 from mergecli.methods.registry import method_of
-from mergecli.recipe import dump_recipe, load_recipe
+from mergecli.recipe import dump_recipe
 
 if sys.version_info >= (3, 11):
     import tomllib

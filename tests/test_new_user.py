@@ -36,8 +36,8 @@ def test_a_mistyped_local_folder_says_no_such_path_before_the_hub(llama_fp32, tm
 def test_progress_without_a_terminal_names_the_block_and_estimates_from_the_work(tmp_path, llama_models, text_data):
     """RegMean++ says which block it is on; a RegMean plan counts its solves, not only its bytes."""
     from clirunner import cli_process
+    from mergecli import load_recipe
     from mergecli.merge.plan import plan_merge
-    from mergecli.recipe import load_recipe
     from references import write_recipe
 
     recipe = write_recipe(tmp_path / "r.toml", list(zip(llama_models, text_data)),

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from mergecli import load_recipe
 from mergecli.errors import RecipeError
 from mergecli.methods.registry import method_of
-from mergecli.recipe import dump_recipe, load_recipe, parse_size
+from mergecli.recipe import dump_recipe, parse_size
 
 
 def write(tmp_path, text: str):
@@ -144,7 +145,7 @@ def test_readme_recipe_is_valid(tmp_path):
     assert recipe.push.repo_id == "me/llama-avg" and recipe.settings.reduce_non_diagonal_ratio == 0.6
     lines = block.splitlines()
     documented = {line.split("=")[0].strip() for line in lines if "=" in line and not line.startswith("[")}
-    documented |= {line.split("]")[0].strip("[") for line in lines if line.startswith("[")}  # tables
+    documented |= {line.split("]")[0].strip("[").split(".")[0] for line in lines if line.startswith("[")}  # tables
     schema = set(type(recipe).model_fields) | {f for m in (recipe.models[0], recipe.settings, recipe.push)
                                                  for f in type(m).model_fields}
     assert schema - documented == set(), "recipe keys missing from the README"

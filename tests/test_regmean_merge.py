@@ -16,11 +16,11 @@ import transformers
 
 from builders import build_clip_vision, build_gpt2, build_llama
 from clirunner import cli
+from mergecli import load_recipe
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.merge.plan import plan_merge
 from mergecli.merge.run import run_merge
 from mergecli.methods.regmean import solve
-from mergecli.recipe import load_recipe
 from references import (
     first_examples,
     image_inputs,

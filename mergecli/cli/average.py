@@ -40,7 +40,8 @@ def parse_weights(text: str) -> list[float]:
 def recipe_from_options(recipe_path: Path | None, models: list[str], weights: str | None, names: list[str],
                         base: str | None, overrides: list[str]) -> Recipe:
     """A recipe from a file, or the recipe-less one-liner's `-m` / `-w` / `--name` / `--base` options."""
-    from mergecli.recipe import load_recipe, recipe_from_data
+    from mergecli.merge.configs import load_recipe
+    from mergecli.recipe import recipe_from_data
 
     if recipe_path is not None:
         if models or weights or names or base:

@@ -27,8 +27,9 @@ def convert(
       mergecli convert mergekit.yml > recipe.toml && mergecli merge recipe.toml -o merged/
       mergecli merge mergekit.yml -o merged/        # or run the config as it is
     """
+    from mergecli.merge.configs import read_config
     from mergecli.methods.registry import method_of
-    from mergecli.recipe.convert import check, read_config, recipe_text
+    from mergecli.recipe.convert import check, recipe_text
 
     converted = read_config(config)
     method_of(check(converted, base_dir=Path.cwd()))  # every key, the method's own too, as a recipe's

@@ -97,7 +97,7 @@ def collect_stats(
       mergecli regmean collect-stats recipe.toml --memory-budget 4GB
       torchrun --nproc-per-node 2 -m mergecli regmean collect-stats recipe.toml
     """
-    from mergecli.recipe import load_recipe
+    from mergecli.merge.configs import load_recipe
 
     if model:
         warn("--model is now --only on collect-stats (on the merge commands, -m/--model is a model to merge)")
@@ -147,7 +147,7 @@ def merge(
       mergecli regmean merge recipes/regmean-plusplus.toml --memory-budget 2GB --device cuda
       mergecli regmean merge recipe.toml --dry-run --json
     """
-    from mergecli.recipe import load_recipe
+    from mergecli.merge.configs import load_recipe
 
     spec = load_recipe(recipe, overrides=[*with_budget(set_, memory_budget), *(["stream=true"] if stream else [])])
     plan_and_run(spec, "regmean merge", output=output, force=force, dry_run=dry_run, sync=not no_sync,

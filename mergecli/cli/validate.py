@@ -25,7 +25,7 @@ def validate(recipe: RecipeArg, output: OutputOpt = None, set_: SetOpt = None, q
       mergecli validate recipe.toml --set models.0.path=./other-model
       mergecli validate recipe.toml --json
     """
-    from mergecli.recipe import load_recipe
+    from mergecli.merge.configs import load_recipe
 
     spec = load_recipe(recipe, overrides=set_ or [])  # a recipe error is found before any heavy import
     import_torch()

@@ -237,6 +237,12 @@ def _put_in_place(temporary: Path, output: Path, *, sync: bool) -> Path | None:
     return old
 
 
+def partial_directory(output: Path) -> Path:
+    """The temporary sibling this process writes `output` into (`.NAME.partial-PID`), before the rename."""
+    output = Path(os.path.abspath(output))
+    return output.parent / f".{output.name}.partial-{os.getpid()}"
+
+
 @contextmanager
 def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUTPUT,
                      notes: list[str] | None = None, sync: bool = True) -> Iterator[Path]:
@@ -259,7 +265,7 @@ def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUT
     recovered = recover(output)
     if notes is not None:
         notes.extend(recovered)
-    temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
+    temporary = partial_directory(output)
     old = None
     try:  # from its creation on: a signal right after the mkdir must remove it too
         temporary.mkdir()

@@ -12,13 +12,14 @@ recipe that is refused costs no transfer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergecli.errors import RecipeError, UsageError
 from mergecli.io.atomic import check_output_path, output_directory
 from mergecli.io.head_start import HeadStart
 from mergecli.io.remote import Fetcher
+from mergecli.merge.slices import check_sources, sub_recipe
 from mergecli.methods.base import Method
 from mergecli.methods.registry import closest, method_names, method_of
 from mergecli.publish.push import check_access
@@ -32,6 +33,8 @@ class Job:
     recipe: Recipe
     method: Method | None = None
     head_start: HeadStart | None = None
+    slices: list[Recipe] = field(default_factory=list)  # each slice as a recipe of its own, bound
+    stages: list[Job] = field(default_factory=list)  # the earlier merges it reads, bound
     _fetcher: Fetcher | None = None
 
     @property
@@ -66,7 +69,16 @@ class Job:
                                                                           and method.command == "average"):
                 raise UsageError(f"this recipe's method is {self.recipe.method!r}, which `mergecli {method.command}` "
                                  f"runs", hint=f"run `mergecli {method.command} RECIPE`")
-            method.check(self.recipe)
+            if self.recipe.slices:
+                if method.command != "merge":
+                    raise RecipeError(self.recipe.source, [self.recipe.locate(
+                        f"slices: {method.name} does not merge slices (any method `mergecli merge` runs does)")])
+                self.slices = [sub_recipe(self.recipe, number) for number in range(len(self.recipe.slices))]
+                for sub in self.slices:
+                    method.check(sub)
+            else:
+                method.check(self.recipe)
+            self.stages = [Job(stage).bind(command="merge") for stage in self.recipe.stages or []]
             if push and self.recipe.push_to_hub:
                 check_access(self.recipe.push.repo_id)  # before the merge: a token problem found after it wastes it
         except BaseException:
@@ -92,7 +104,7 @@ class Job:
 
 def precheck(recipe: Recipe) -> None:
     """What needs no method to check: the method exists (by its file, nothing imported), and keys that
-    name models name ones the recipe has.
+    name models name ones the recipe has (slices' sources; its stages' too).
 
     Raises:
         RecipeError: one line per problem.
@@ -103,11 +115,21 @@ def precheck(recipe: Recipe) -> None:
         guess = f"; did you mean {close!r}?" if close else ""
         problems.append(f"method: unknown method {recipe.method!r}{guess} (methods: {', '.join(method_names())})")
     names = [spec.name for spec in recipe.models]
-    if recipe.tokenizer not in ("base", "union", *names):
-        problems.append(f"tokenizer: {recipe.tokenizer!r} is not \"base\", \"union\" or a model of the recipe "
-                        f"({', '.join(names)})")
+    tokenizer = recipe.tokenizer
+    if tokenizer not in ("base", "union", *names) and "/" not in tokenizer and not Path(tokenizer).exists():
+        problems.append(f"tokenizer: {tokenizer!r} is not \"base\", \"union\", a model of the recipe "
+                        f"({', '.join(names)}) or the path of a model whose tokenizer to use")
+    sources = [*names, *(["base"] if recipe.base else [])]
+    for token, spec in recipe.tokens.items():
+        model = spec.source.get("model") if isinstance(spec.source, dict) else spec.source
+        if model is not None and model not in (*sources, "zero"):
+            problems.append(f"tokens.{token}.source: {model!r} is not a model of the recipe ({', '.join(sources)}) "
+                            "nor \"zero\"")
     if problems:
         raise RecipeError(recipe.source, [recipe.locate(problem) for problem in problems])
+    check_sources(recipe)
+    for stage in recipe.stages or []:
+        precheck(stage)
 
 
 def prepare(recipe: Recipe, *, command: str | None = None, output: Path | str | None = None, force: bool = False,

@@ -8,20 +8,25 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mergecli.errors import InputNotFoundError
-from mergecli.io.atomic import check_output_path, output_directory, recover
+from mergecli.io.atomic import check_output_path, output_directory, partial_directory, recover
+from mergecli.io.blocks import block_of, renumbered
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.remote import Fetcher
 from mergecli.io.writer import ShardPlan, plan_shards
 from mergecli.merge.compatible import check_compatible, check_digests, check_nothing_lost
 from mergecli.merge.job import Job
+from mergecli.merge.slices import is_pre, plan_slices
+from mergecli.merge.stages import planned_checkpoint, stage_directory
 from mergecli.merge.stream import peak_memory
 from mergecli.merge.support import SupportFiles, plan_support
 from mergecli.merge.tasks import default_tasks
 from mergecli.merge.vocabulary import plan_vocabulary
 from mergecli.methods.base import Inputs, Method, Stage, TensorTask
 from mergecli.recipe import Recipe, model_label
+from mergecli.recipe.schema import STAGE
 
 
 @dataclass
@@ -39,6 +44,7 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what is expected but worth a word (a dropped buffer)
     sync: bool = True  # the output reaches the disk before it is put in place (--no-sync: not)
+    stage_plans: list[MergePlan] = field(default_factory=list)  # the recipe's stages, written first (scratch)
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -55,8 +61,10 @@ class MergePlan:
 
     @property
     def work(self) -> float:
-        """All the work of the merge, in the units of `TensorTask.work` (what progress counts)."""
-        return sum(task.work for task in self.tasks) + sum(stage.hook_cost for stage in self.stages)
+        """All the work of the merge (its stages' too), in the units of `TensorTask.work` (what progress
+        counts)."""
+        return (sum(task.work for task in self.tasks) + sum(stage.hook_cost for stage in self.stages)
+                + sum(plan.work for plan in self.stage_plans))
 
     @property
     def bytes_written(self) -> int:
@@ -85,19 +93,26 @@ class MergePlan:
         return notes
 
 
-def open_inputs(recipe: Recipe, *, headers_only: bool = False, fetcher: Fetcher | None = None) -> Inputs:
+def open_inputs(recipe: Recipe, *, headers_only: bool = False, fetcher: Fetcher | None = None,
+                stages: dict[str, Checkpoint] | None = None) -> Inputs:
     """Open every model of the recipe (and the base); close them all if one fails.
 
     Args:
         headers_only: hub inputs are known from their headers, their weights not downloaded.
         fetcher: with `--stream`, the one a head start began (io/head_start.py); else a new one.
+        stages: the earlier stages' outputs, by name, for the inputs that name one (`stage:NAME`).
     """
     if recipe.stream and fetcher is None:
         fetcher = Fetcher(connections=recipe.stream_connections, buffer=recipe.stream_buffer)
     specs = recipe.input_specs
+
+    def opened(spec: Any) -> Checkpoint:
+        if spec.path.startswith(STAGE):
+            return (stages or {})[spec.path.removeprefix(STAGE)]
+        return open_checkpoint(spec.path, revision=spec.revision, headers_only=headers_only, fetcher=fetcher)
+
     with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:  # hub inputs resolve side by side
-        futures = [pool.submit(open_checkpoint, spec.path, revision=spec.revision, headers_only=headers_only,
-                               fetcher=fetcher) for spec in specs]
+        futures = [pool.submit(opened, spec) for spec in specs]
         wait(futures)
     opened: list[Checkpoint] = [future.result() for future in futures if future.exception() is None]
     failure = next((future.exception() for future in futures if future.exception() is not None), None)
@@ -140,11 +155,39 @@ def input_paths(inputs: Inputs) -> list[Path]:
     return [c.directory or c.files[0] for c in inputs.all]
 
 
-def inputs_order(stages: list[Stage], inputs: Inputs) -> list[TensorTask]:
-    """The tasks in the reference checkpoint's tensor order, whatever order they run in: the output
-    is laid out like the input."""
-    position = {name: i for i, name in enumerate(inputs.reference.tensors)}
-    return sorted((task for stage in stages for task in stage.tasks), key=lambda t: position.get(t.out.name, 0))
+def output_order(stages: list[Stage], inputs: Inputs, *, sliced: bool = False) -> list[TensorTask]:
+    """The tasks in the order the output lays them out, whatever order they run in: the reference
+    checkpoint's tensor order; with slices, the tensors before the layers, the layers in the output's
+    order (each laid out as the reference lays out its layers), then the tensors after them."""
+    tasks = [task for stage in stages for task in stage.tasks]
+    if not sliced:
+        position = {name: i for i, name in enumerate(inputs.reference.tensors)}
+        return sorted(tasks, key=lambda t: position.get(t.out.name, 0))
+    within = {renumbered(name, 0): i for i, name in enumerate(inputs.reference.tensors)}
+
+    def key(task: TensorTask) -> tuple:
+        block = block_of(task.out.name)
+        if block is None:
+            return (0 if is_pre(task.out.name) else 2, 0, task.out.name)
+        return (1, block[1], within.get(renumbered(task.out.name, 0), 0))
+
+    return sorted(tasks, key=key)
+
+
+def _sliced(job: Job, inputs: Inputs, warnings: list[str], notes: list[str]) -> tuple[list[Stage], set[str],
+                                                                                      list[tuple[int, int]]]:
+    """A recipe with slices: each slice planned as a merge of its own sources (merge/slices.py). Returns
+    the stages, the tensors dropped (buffers transformers does not load), and each output layer's source
+    (its input's index in `inputs.all`, its layer there)."""
+    stages, dropped, layers = [], set(), []
+    for piece in plan_slices(job.recipe, inputs, job.slices):
+        lost = check_compatible(piece.recipe, piece.inputs, notes)
+        defaults = default_tasks(piece.recipe, piece.inputs, warnings, lost,
+                                 normalize=job.bound.normalize(piece.recipe), places=piece.places)
+        stages += job.bound.stages(piece.recipe, piece.inputs, defaults, warnings)
+        dropped |= lost
+        layers += piece.layers
+    return stages, dropped, layers
 
 
 def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bool = False,
@@ -169,10 +212,32 @@ def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bo
     """
     if isinstance(job, Recipe):
         job = Job(job).bind()
-    recipe, method = job.recipe, job.bound
-    target = output_directory(output if output is not None else recipe.output)
+    target = output_directory(output if output is not None else job.recipe.output)
     recovered = [] if dry_run else recover(target)
-    inputs = open_inputs(recipe, headers_only=dry_run, fetcher=job.fetcher())
+    stage_plans, planned = [], {}
+    try:
+        for stage in job.stages:
+            name = stage.recipe.name
+            stage_plans.append(_plan(stage, stage_directory(partial_directory(target), name), scratch=True,
+                                     dry_run=dry_run, sync=sync, device=device, stages=planned))
+            planned[name] = planned_checkpoint(name, stage_plans[-1])
+        plan = _plan(job, target, force=force, dry_run=dry_run, sync=sync, device=device, stages=planned)
+    except BaseException:
+        for stage_plan in stage_plans:
+            stage_plan.inputs.close()
+        raise
+    plan.notes[:0] = recovered
+    plan.stage_plans = stage_plans
+    return plan
+
+
+def _plan(job: Job, target: Path, *, force: bool = False, dry_run: bool, sync: bool, device: str,
+          stages: dict[str, Checkpoint], scratch: bool = False) -> MergePlan:
+    """One merge planned (the recipe's, or one of its stages', into `scratch` inside the output's
+    temporary directory)."""
+    recipe, method = job.recipe, job.bound
+    recovered: list[str] = []
+    inputs = open_inputs(recipe, headers_only=dry_run, fetcher=job.fetcher(), stages=stages)
     inputs.dry_run, inputs.device = dry_run, device
     try:
         warnings: list[str] = []
@@ -180,27 +245,33 @@ def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bo
         vocabulary = plan_vocabulary(recipe, inputs, notes)
         if vocabulary is not None:
             inputs = vocabulary.views(inputs)
-        dropped = check_compatible(recipe, inputs, notes)
+        if recipe.slices:
+            stages, dropped, layers = _sliced(job, inputs, warnings, notes)
+        else:
+            dropped, layers = check_compatible(recipe, inputs, notes), None
         check_digests(recipe, inputs)
         notes += [f"{spec.path}: no such local path, so it was taken from the Hugging Face Hub"
                   for spec, checkpoint in zip(recipe.input_specs, inputs.all)
                   if checkpoint.commit and "/" not in spec.path]
         notes += [f"{model_label(i, spec)} has weight 0: it is not read, and counts only in the sum of the weights"
                   for i, spec in enumerate(recipe.models) if spec.weight == 0]
-        if len(recipe.models) == 1:
+        if len(recipe.models) == 1 and method.copies_one_model and not recipe.slices:
             notes.append("one model: the output is a copy of it, in the output dtype")
         ignored = [name for name in recipe.tables if name != recipe.method]
         if ignored:
             warnings.append(f"the recipe's {', '.join(f'[{name}]' for name in ignored)} "
                             f"{'is' if len(ignored) == 1 else 'are'} not read: its method is {recipe.method}")
-        defaults = default_tasks(recipe, inputs, warnings, dropped, normalize=method.normalize(recipe))
-        stages = method.stages(recipe, inputs, defaults, warnings)
+        if not recipe.slices:
+            defaults = default_tasks(recipe, inputs, warnings, dropped, normalize=method.normalize(recipe))
+            stages = method.stages(recipe, inputs, defaults, warnings)
         check_nothing_lost(inputs, [task.out for stage in stages for task in stage.tasks], dropped)
         if recipe.stream:
             notes += stream_notes(recipe, inputs, stages)
-        check_output_path(target, input_paths(inputs), force=force)
-        shards = plan_shards([task.out for task in inputs_order(stages, inputs)], recipe.shard_size)
-        support = plan_support(recipe, inputs, warnings, vocabulary)
+        if not scratch:
+            check_output_path(target, input_paths(inputs), force=force)
+        shards = plan_shards([task.out for task in output_order(stages, inputs, sliced=bool(recipe.slices))],
+                             recipe.shard_size)
+        support = plan_support(recipe, inputs, warnings, vocabulary, layers=layers)
         return MergePlan(recipe, method, target, force, inputs, stages, shards, support, warnings, notes, sync)
     except BaseException:
         inputs.close()

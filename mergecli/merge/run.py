@@ -17,8 +17,9 @@ from mergecli.io.atomic import atomic_directory
 from mergecli.io.writer import ShardWriter
 from mergecli.merge.plan import MergePlan
 from mergecli.merge.stream import NonFinite, stream_tasks
-from mergecli.merge.support import resolved_recipe, write_support_files
+from mergecli.merge.support import resolved_recipe, with_stages, write_support_files
 from mergecli.methods.base import Stage
+from mergecli.recipe import Recipe
 
 
 def config_dtype(plan: MergePlan) -> str:
@@ -89,7 +90,8 @@ def check_disk_space(plan: MergePlan) -> None:
 
 
 def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> MergeReport:
-    """Stream the planned merge into the output directory, atomically.
+    """Stream the planned merge into the output directory, atomically; a recipe's stages first, each into
+    scratch inside the output's temporary directory, removed before the output is put in place.
 
     Returns:
         A `MergeReport` (output path, sizes, time, what was done to how many tensors, warnings).
@@ -98,42 +100,65 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
         MergecliError: not enough disk space, or a read / write failure (nothing is left behind).
     """
     started = time.perf_counter()
+    plans = [*plan.stage_plans, plan]
     try:
         check_disk_space(plan)
-        # the digests: before any write
-        recipe = resolved_recipe(plan.recipe, plan.inputs, plan.output, normalize=plan.method.normalize(plan.recipe))
+        recipe = resolved_plan_recipe(plan)  # the digests: before any write
+        done = Progress(on_progress)
         with atomic_directory(plan.output, force=plan.force, notes=plan.notes, sync=plan.sync) as directory:
-            writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks}, sync=plan.sync)
-            try:
-                done = Progress(on_progress)
-                non_finite = NonFinite(plan.recipe.allow_non_finite, plan.warnings)
-                for stage in plan.stages:
-                    done.start(stage)
-                    if stage.before:
-                        stage.before()
-                        done.advance(stage.hook_cost / 2)
-                    stream_tasks(stage.tasks, writer, done.update, non_finite=non_finite)
-                    done.stage_done()
-                    if stage.after:
-                        stage.after(writer.checkpoint())
-                        done.advance(stage.hook_cost / 2)
-                if plan.inputs.fetcher is not None:  # every streamed file against the Hub's sha256, before it counts
-                    plan.inputs.fetcher.verify()
-                writer.finish()
-            finally:
-                writer.close()
-            sizes = {name: ckpt.nbytes for name, ckpt in zip(plan.recipe.input_names, plan.inputs.all)}
-            write_support_files(directory, support=plan.support, method=plan.method, dtype=config_dtype(plan),
-                                recipe=recipe, sizes=sizes, directory_name=plan.output.name,
-                                notes=plan.task_notes())
+            for stage in plan.stage_plans:
+                stage.output.mkdir(parents=True)
+                write_merge(stage, stage.output, done, resolved_recipe(stage.recipe, stage.inputs, stage.output,
+                                                                       normalize=stage.method.normalize(stage.recipe),
+                                                                       stage=True))
+            write_merge(plan, directory, done, recipe)
+            if plan.stage_plans:
+                shutil.rmtree(plan.stage_plans[0].output.parent)
     finally:
+        for each in plans:
+            for stage in each.stages:
+                if stage.cleanup:
+                    stage.cleanup()
+            each.inputs.close()
+    return MergeReport(plan.output, len(plan.tasks), len(plan.shards), sum(each.bytes_read for each in plans),
+                       plan.bytes_written, time.perf_counter() - started, plan.counts(),
+                       [warning for each in plans for warning in each.warnings], plan.notes, fetched_per_input(plan))
+
+
+def resolved_plan_recipe(plan: MergePlan) -> Recipe:
+    """The recipe as run, for mergecli.toml: the merge's, and each of its stages' (paths relative to the
+    output)."""
+    recipe = resolved_recipe(plan.recipe, plan.inputs, plan.output, normalize=plan.method.normalize(plan.recipe))
+    if not plan.stage_plans:
+        return recipe
+    stages = [resolved_recipe(stage.recipe, stage.inputs, plan.output, normalize=stage.method.normalize(stage.recipe),
+                              stage=True) for stage in plan.stage_plans]
+    return with_stages(recipe, stages)
+
+
+def write_merge(plan: MergePlan, directory: Path, done: Progress, recipe: Recipe) -> None:
+    """Stream one planned merge into `directory` (its shards, then its support files)."""
+    writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks}, sync=plan.sync)
+    try:
+        non_finite = NonFinite(plan.recipe.allow_non_finite, plan.warnings)
         for stage in plan.stages:
-            if stage.cleanup:
-                stage.cleanup()
-        plan.inputs.close()
-    return MergeReport(plan.output, len(plan.tasks), len(plan.shards), plan.bytes_read,
-                       plan.bytes_written, time.perf_counter() - started, plan.counts(), plan.warnings,
-                       plan.notes, fetched_per_input(plan))
+            done.start(stage)
+            if stage.before:
+                stage.before()
+                done.advance(stage.hook_cost / 2)
+            stream_tasks(stage.tasks, writer, done.update, non_finite=non_finite)
+            done.stage_done()
+            if stage.after:
+                stage.after(writer.checkpoint())
+                done.advance(stage.hook_cost / 2)
+        if plan.inputs.fetcher is not None:  # every streamed file against the Hub's sha256, before it counts
+            plan.inputs.fetcher.verify()
+        writer.finish()
+    finally:
+        writer.close()
+    sizes = {name: ckpt.nbytes for name, ckpt in zip(plan.recipe.input_names, plan.inputs.all)}
+    write_support_files(directory, support=plan.support, method=plan.method, dtype=config_dtype(plan),
+                        recipe=recipe, sizes=sizes, directory_name=plan.output.name, notes=plan.task_notes())
 
 
 def fetched_per_input(plan: MergePlan) -> dict[str, int]:

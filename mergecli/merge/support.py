@@ -25,6 +25,7 @@ from mergecli.merge.card import render_card
 from mergecli.merge.vocabulary import Vocabulary
 from mergecli.methods.base import Inputs, Method
 from mergecli.recipe import WEIGHT_SUFFIXES, Recipe, dump_recipe, path_keys
+from mergecli.recipe.schema import STAGE
 
 PATH_KEYS = ("_name_or_path", "name_or_path")  # keys transformers fills with the directory it loaded
 
@@ -48,7 +49,11 @@ def _labels(recipe: Recipe, inputs: Inputs) -> list[tuple[str, Checkpoint]]:
 
 
 def _safe(checkpoint: Checkpoint, name: str, warnings: list[str]) -> Path | None:
-    """`name` in the checkpoint's directory, if it may be read: a link out of the input is skipped."""
+    """`name` in the checkpoint's directory, if it may be read: a link out of the input is skipped. An
+    earlier stage's output, planned but not yet written, will hold the files its plan copies."""
+    planned = getattr(checkpoint, "planned_files", None)
+    if planned is not None:
+        return planned.get(name)
     if checkpoint.directory is None:
         return None
     path = checkpoint.directory / name
@@ -60,11 +65,31 @@ def _safe(checkpoint: Checkpoint, name: str, warnings: list[str]) -> Path | None
     return path
 
 
-def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str],
-                 vocabulary: Vocabulary | None = None) -> SupportFiles:
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # a config's depth, by family
+
+
+def sliced_config(config: dict[str, Any], layers: list[tuple[int, int]], inputs: Inputs) -> dict[str, Any]:
+    """The config of an output made of slices: its depth the slices' layers, and every per-layer list
+    (`layer_types`, sliding-window patterns) those layers' entries, from the config of the input each
+    output layer comes from."""
+    depth = next((config[key] for key in LAYER_COUNTS if isinstance(config.get(key), int)), None)
+    configs = [checkpoint.config() or config for checkpoint in inputs.all]
+    out = dict(config)
+    for key in LAYER_COUNTS:
+        if isinstance(config.get(key), int):
+            out[key] = len(layers)
+    for key, value in config.items():
+        if isinstance(value, list) and depth is not None and len(value) == depth:
+            out[key] = [(configs[source].get(key) or value)[layer] for source, layer in layers]
+    return out
+
+
+def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str], vocabulary: Vocabulary | None = None, *,
+                 layers: list[tuple[int, int]] | None = None) -> SupportFiles:
     """Choose the config and the tokenizer / processor files of the output, and read the config: with a
     united `vocabulary`, the tokenizer of the input it comes from (and the tokens it adds to it), and
-    the config's vocab_size its rows.
+    the config's vocab_size its rows; with slices (`layers`: each output layer's input and layer), the
+    config's depth and per-layer lists those of the slices.
 
     Raises:
         CheckpointError: the chosen config.json is not a JSON object.
@@ -80,7 +105,7 @@ def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str],
                     raise ValueError
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise CheckpointError(path, "is not a valid config (a JSON object)") from None
-            support.config, support.config_from = config, label
+            support.config, support.config_from = sliced_config(config, layers, inputs) if layers else config, label
             _plan_pipeline(support, label, checkpoint, warnings)
             break
     support.license = next(filter(None, (card_license(_safe(ckpt, CARD_FILE, warnings)) for _, ckpt in named)), None)
@@ -195,7 +220,7 @@ def scrub(value: Any) -> Any:
     return value
 
 
-def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path, *, normalize: bool) -> Recipe:
+def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path, *, normalize: bool, stage: bool = False) -> Recipe:
     """The recipe as run, for mergecli.toml: hub revisions pinned to their commits; local inputs,
     data and the method's paths (stats_dir) relative to the output directory (no absolute path is
     published) and identified by their digest; `output = "."`; `normalize` as the method applied it.
@@ -205,6 +230,8 @@ def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path, *, normalize: 
         return os.path.relpath(path, output)
 
     def pinned(spec: Any, checkpoint: Checkpoint) -> Any:
+        if spec.path.startswith(STAGE):  # an earlier stage: its recipe is recorded beside
+            return spec
         if checkpoint.commit:
             return spec.model_copy(update={"revision": checkpoint.commit})
         update = {"path": where(spec.path), "digest": checkpoint.digest()}
@@ -212,8 +239,13 @@ def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path, *, normalize: 
             update["data"] = where(spec.data)
         return spec.model_copy(update=update)
 
-    update: dict[str, Any] = {"output": ".", "normalize": normalize,
+    update: dict[str, Any] = {"normalize": normalize,
                               "models": [pinned(s, c) for s, c in zip(recipe.models, inputs.models)]}
+    if not stage:  # a stage writes no output of its own
+        update["output"] = "."
+    names = [spec.name for spec in recipe.models]
+    if recipe.tokenizer not in ("base", "union", *names) and os.path.isabs(recipe.tokenizer):
+        update["tokenizer"] = where(recipe.tokenizer)  # a model the merge does not read: its tokenizer
     if recipe.base and inputs.base:
         update["base"] = pinned(recipe.base, inputs.base)
     resolved = recipe.model_copy(update=update)
@@ -221,6 +253,13 @@ def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path, *, normalize: 
     if settings is not None:
         settings = settings.model_copy(update={key: where(getattr(settings, key)) for key in path_keys(type(settings))})
     resolved.bind(settings, [spec.settings for spec in recipe.models])
+    return resolved
+
+
+def with_stages(recipe: Recipe, stages: list[Recipe]) -> Recipe:
+    """The resolved recipe with its stages' resolved recipes (each bound to its method)."""
+    resolved = recipe.model_copy(update={"stages": stages})
+    resolved.bind(recipe.settings, [spec.settings for spec in recipe.models])
     return resolved
 
 

@@ -42,10 +42,11 @@ def _integer_combine(name: str, warnings: list[str]) -> Combine:
 
 
 def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: set[str] = frozenset(), *,
-                  normalize: bool = True) -> list[TensorTask]:
+                  normalize: bool = True, places: dict[str, float] | None = None) -> list[TensorTask]:
     """One task per tensor of the reference (but the `dropped` ones): averaged (divided by the sum of
     the weights when `normalize`: the weights of that tensor, where they vary by tensor), or copied
-    from the reference model. Each task knows its position among the layers (`t`).
+    from the reference model. Each task knows its position among the layers (`t`: from `places`, else
+    from the reference's tensor names).
 
     Raises:
         RecipeError: weights that vary by tensor sum to 0 for one, and `normalize` would divide by it.
@@ -53,7 +54,7 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
     head = [re.compile(p) for p in recipe.head_patterns]
     exclude = [re.compile(p) for p in recipe.exclude]
     reference = inputs.reference
-    places = positions(reference.tensors)
+    places = places if places is not None else positions(reference.tensors)
     combines: dict[tuple, Combine] = {}  # one combine per set of weights: all tensors but for gradients
 
     def average(name: str, t: float) -> tuple[tuple, Combine]:

@@ -89,6 +89,7 @@ class Average(Method):
     help = "θ = Σ wᵢ θᵢ: the weighted average of the models (weight ensembling)"
     mergekit = "linear"
     command = "average"
+    copies_one_model = True
 
     def describe(self, recipe) -> list[str]:
         weights = "with the weights normalized to sum 1." if recipe.normalize else "with the weights as given."

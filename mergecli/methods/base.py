@@ -238,6 +238,7 @@ class Method:
     settings: ClassVar[type[BaseModel] | None] = None  # its table, `[<name>]`
     model_settings: ClassVar[type[BaseModel] | None] = None  # the keys it adds to a [[models]] entry
     normalize_default: ClassVar[bool] = True  # `normalize` when the recipe does not say
+    copies_one_model: ClassVar[bool] = False  # a merge of one model is a copy of it (the plan says so)
     kinds: ClassVar[dict[str, str]] = {}  # summary labels of the task kinds it adds
 
     def normalize(self, recipe: Recipe) -> bool:

@@ -17,7 +17,7 @@ from mergecli.io.hub import looks_like_repo_id
 from mergecli.io.hub_errors import hub_errors
 from mergecli.io.safetensors import read_header
 from mergecli.methods.registry import get_method
-from mergecli.recipe import Recipe, load_recipe
+from mergecli.recipe import Recipe, load_toml
 
 # Weights an earlier push may have left on the branch: a new merge with other shard boundaries must
 # replace them all, or the stale index would point transformers at stale shards.
@@ -98,7 +98,7 @@ def output_files(directory: Path) -> list[tuple[str, int]]:
 
 def _output_recipe(directory: Path) -> Recipe:
     try:
-        return load_recipe(directory / "mergecli.toml")
+        return load_toml(directory / "mergecli.toml")
     except RecipeError as exc:
         raise UsageError(f"{directory}: not a finished mergecli output: {exc.message}") from None
 

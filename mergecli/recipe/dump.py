@@ -31,24 +31,33 @@ def _toml_key(key: str) -> str:
     return key if _BARE_KEY.fullmatch(key) else toml_value(key)
 
 
-def dump_data(data: dict[str, Any]) -> str:
-    """Recipe data as TOML: its keys, then its tables (`[base]`, `[ties]`), then `[[models]]` entries."""
+TABLE_ARRAYS = ("models", "slices", "stages")  # written as [[...]] tables; other lists are values
+
+
+def _lines(data: dict[str, Any], prefix: str) -> list[str]:
+    """One table's lines: its values, then its sub-tables (`[ties]`, `[slices.slerp]`), then its arrays
+    of tables (`[[models]]`, `[[stages.models]]`); a stage's keys and tables nest under its own."""
     lines = [f"{_toml_key(key)} = {toml_value(value)}" for key, value in data.items()
-             if not isinstance(value, dict) and key != "models"]
+             if not isinstance(value, dict) and not (key in TABLE_ARRAYS and isinstance(value, list))]
     for key, table in data.items():
         if isinstance(table, dict):
-            lines.append(f"\n[{_toml_key(key)}]")
-            lines.extend(f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items())
-    for model in data.get("models", []):
-        lines.append("\n[[models]]")
-        lines.extend(f"{_toml_key(k)} = {toml_value(v)}" for k, v in model.items())
-    return "\n".join(lines) + "\n"
+            lines += ["", f"[{prefix}{_toml_key(key)}]", *_lines(table, f"{prefix}{_toml_key(key)}.")]
+    for key in TABLE_ARRAYS:
+        for entry in data.get(key) or [] if isinstance(data.get(key), list) else []:
+            lines += ["", f"[[{prefix}{key}]]", *_lines(entry, f"{prefix}{key}.")]
+    return lines
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as TOML, every default filled in, so that it reproduces the merge: the method's own
-    table and model keys as the method validated them (tables of other methods are left out)."""
-    data = recipe.model_dump(exclude_none=True)
+def dump_data(data: dict[str, Any]) -> str:
+    """Recipe data as TOML: its keys, then its tables (`[base]`, `[ties]`, `[tokens]`), then its arrays of
+    tables (`[[models]]`, `[[slices]]`, `[[stages]]`, each stage a recipe of its own under its header)."""
+    return "\n".join(_lines(data, "")).lstrip("\n") + "\n"
+
+
+def recipe_data(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as TOML data, every default filled in: the method's own table and model keys as the
+    method validated them (tables of other methods are left out), its slices' and stages' too."""
+    data = recipe.model_dump(exclude_none=True, exclude={"slices", "stages", "tokens"})
     settings = recipe.settings
     table = settings.model_dump(exclude_none=True, by_alias=True) if settings is not None \
         else recipe.tables.get(recipe.method)
@@ -57,4 +66,17 @@ def dump_recipe(recipe: Recipe) -> str:
     for entry, spec in zip(data["models"], recipe.models):
         entry.update(spec.settings.model_dump(exclude_none=True, by_alias=True) if spec.settings is not None
                      else spec.options)
-    return dump_data(data)
+    if recipe.tokens:
+        data["tokens"] = {token: spec.model_dump(exclude_none=True) for token, spec in recipe.tokens.items()}
+    if recipe.slices:
+        data["slices"] = [{"sources": [{**source.model_dump(exclude_none=True), "layers": list(source.layers),
+                                        **source.options} for source in spec.sources], **spec.tables}
+                          for spec in recipe.slices]
+    if recipe.stages:
+        data["stages"] = [recipe_data(stage) for stage in recipe.stages]
+    return data
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as TOML, every default filled in, so that it reproduces the merge."""
+    return dump_data(recipe_data(recipe))

@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from mergecli.errors import RecipeError
-from mergecli.recipe.schema import WEIGHT_SUFFIXES, BaseSpec, ModelSpec, PushSettings, Recipe
+from mergecli.recipe.names import WEIGHT_SUFFIXES
+from mergecli.recipe.schema import STAGE, BaseSpec, ModelSpec, PushSettings, Recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -136,13 +137,24 @@ def resolve_local(path: str, base_dir: Path) -> str:
 
 
 def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    for entry in [data.get("base"), *data.get("models", [])]:
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]:
-            entry["path"] = resolve_local(entry["path"], base_dir)
+    """The recipe's local paths made absolute against `base_dir` (its stages' too); a model named by an
+    earlier stage (`stage:NAME`) or a hub repo id is left as it is."""
+    models = data.get("models") if isinstance(data.get("models"), list) else []
+    for entry in [data.get("base"), *models]:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(path, str) and path and not path.startswith(STAGE):
+            entry["path"] = resolve_local(path, base_dir)
         if isinstance(entry, dict) and isinstance(entry.get("data"), str):
             entry["data"] = os.path.abspath(base_dir / Path(entry["data"]).expanduser())
+    tokenizer = data.get("tokenizer")
+    names = {entry.get("name") for entry in models if isinstance(entry, dict)}
+    if isinstance(tokenizer, str) and tokenizer not in ("base", "union", *names) and "/" in tokenizer:
+        data["tokenizer"] = resolve_local(tokenizer, base_dir)  # a model the merge does not read: its tokenizer
     if isinstance(data.get("output"), str):
         data["output"] = os.path.abspath(base_dir / Path(data["output"]).expanduser())
+    for stage in data.get("stages") if isinstance(data.get("stages"), list) else []:
+        if isinstance(stage, dict):
+            _resolve_paths(stage, base_dir)
     return data
 
 
@@ -165,7 +177,7 @@ def recipe_from_data(data: dict[str, Any], *, source: str, base_dir: Path,
 
 
 def load_toml(path: str | Path, *, overrides: list[str] = ()) -> Recipe:
-    """Read and validate a TOML recipe (see `recipe.read.load_recipe`)."""
+    """Read and validate a TOML recipe (`merge.configs.load_recipe` reads mergekit configs too)."""
     path = Path(path)
     source = str(path)
     try:

@@ -19,15 +19,16 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
-    Strict,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from mergecli.recipe.names import fill_names
+from mergecli.recipe.sections import CHAT_TEMPLATES, SliceSpec, TokenSpec
+from mergecli.recipe.strict import Flag, StrictModel
 from mergecli.recipe.varying import Varying, evaluate, varies
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -35,9 +36,8 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-Flag = Annotated[bool, Strict()]  # true or false only: "no" or 0 is not a boolean
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # files that hold weights
 HEAD_PATTERNS = [r"lm_head\..*", r"score\..*", r"classifier\..*"]  # `head`'s default
+STAGE = "stage:"  # a model path that names an earlier stage of the recipe
 
 
 def parse_size(value: int | str) -> int:
@@ -54,34 +54,6 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise ValueError("size must be positive")
     return size
-
-
-GENERIC_FILES = ("model", "pytorch_model", "model.safetensors", "adapter_model")  # names that say nothing
-
-
-def _default_name(path: str, depth: int = 1) -> str:
-    """A model's name from its path: the last component without its weight suffix, or its folder's
-    for a generic file name (`a/model.safetensors` → `a`); `depth` more components when needed to
-    tell models apart (`x/a` and `y/a` → `x-a`, `y-a`)."""
-    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
-    if not parts:
-        return path
-    last = parts[-1]
-    for suffix in WEIGHT_SUFFIXES:
-        if last.endswith(suffix) and len(last) > len(suffix):
-            last = last[: -len(suffix)]
-    if last in GENERIC_FILES and len(parts) > 1:
-        parts = parts[:-1]
-    else:
-        parts[-1] = last
-    name = "-".join(parts[-depth:])
-    return re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-") or "model"
-
-
-class StrictModel(BaseModel):
-    """A recipe table: unknown keys are errors, and it is frozen once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _split(data: Any, method_key: Callable[[str, Any], bool]) -> tuple[dict[str, Any], Any]:
@@ -199,6 +171,11 @@ class Recipe(StrictModel):
     exclude: list[str] = []
     base: BaseSpec | None = None
     models: list[ModelSpec] = Field(min_length=1)
+    slices: list[SliceSpec] | None = None  # the output's layers, from layer ranges of the models
+    tokens: dict[str, TokenSpec] = {}  # where a token's embedding row comes from
+    chat_template: str | None = None  # a named template, "auto", or Jinja text: into tokenizer_config.json
+    stages: list[Recipe] | None = None  # earlier merges, which models name as `stage:NAME`
+    name: str | None = None  # a stage's name
     push_to_hub: Flag = False
     push: PushSettings | None = None
     _source: str = PrivateAttr(default="recipe")
@@ -207,6 +184,7 @@ class Recipe(StrictModel):
     _tables: dict[str, Any] = PrivateAttr(default_factory=dict)
     _settings: BaseModel | None = PrivateAttr(default=None)
     _locate: Callable[[str], str] | None = PrivateAttr(default=None)  # a converted config's key and line
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what its conversion left out, and why
 
     @model_validator(mode="wrap")
     @classmethod
@@ -230,6 +208,11 @@ class Recipe(StrictModel):
     def overrides(self) -> list[str]:
         """The keys `--set` gave (`models.1.weight`): a problem with one of them is said to be theirs."""
         return self._overrides
+
+    @property
+    def notes(self) -> list[str]:
+        """What reading it left out, and why (a setting mergekit ignores, in a converted config)."""
+        return self._notes
 
     def locate_with(self, locate: Callable[[str], str]) -> None:
         """Say problems with this recipe's keys at the place they came from (a mergekit config's line)."""
@@ -272,9 +255,42 @@ class Recipe(StrictModel):
                 raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
         return patterns
 
+    @field_validator("chat_template")
+    @classmethod
+    def _a_template(cls, template: str | None) -> str | None:
+        if template is None or template in ("auto", *CHAT_TEMPLATES) or ("{" in template and len(template) >= 20):
+            return template
+        raise ValueError(f"expected a named template ({', '.join(CHAT_TEMPLATES)}), \"auto\" (the inputs' most "
+                         "common one) or a Jinja template")
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> Recipe:
+        names = []
+        for index, stage in enumerate(self.stages or []):
+            where = f"stages.{index}"
+            if not stage.name or not _NAME_RE.fullmatch(stage.name):
+                raise ValueError(f"{where}: a stage needs a name of letters, digits, '.', '_' or '-'")
+            if stage.name in names:
+                raise ValueError(f"{where}: the name {stage.name!r} is given to two stages")
+            if stage.stages or stage.output is not None or stage.push_to_hub:
+                raise ValueError(f"{where} ({stage.name}): a stage has no stages, output or push of its own")
+            for path in stage.stage_paths():
+                if path not in names:
+                    raise ValueError(f"{where} ({stage.name}): stage:{path} names no earlier stage "
+                                     f"({', '.join(names) or 'none'})")
+            names.append(stage.name)
+        unknown = [path for path in self.stage_paths() if path not in names]
+        if unknown:
+            raise ValueError(f"stage:{unknown[0]} names no stage of the recipe ({', '.join(names) or 'none'})")
+        return self
+
+    def stage_paths(self) -> list[str]:
+        """The stages its models and base name (`stage:NAME` → NAME)."""
+        return [spec.path.removeprefix(STAGE) for spec in self.input_specs if spec.path.startswith(STAGE)]
+
     @model_validator(mode="after")
     def _check_models(self) -> Recipe:
-        _fill_names(self.models)
+        fill_names(self.models)
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -332,25 +348,11 @@ class Recipe(StrictModel):
         return scaled, (math.fsum(scaled) if normalize else scale)
 
 
-def _fill_names(models: list[ModelSpec]) -> None:
-    """Give every model without a `name` one from its path, unique among the recipe's models when
-    the paths allow (more of the path, as needed)."""
-    unnamed = [m for m in models if not m.name]
-    depth = dict.fromkeys(range(len(unnamed)), 1)
-    taken = [m.name for m in models if m.name]
-    for _ in range(8):
-        names = [_default_name(m.path, depth[i]) for i, m in enumerate(unnamed)]
-        clashing = [i for i, name in enumerate(names) if names.count(name) > 1 or name in taken]
-        if not clashing:
-            break
-        for i in clashing:
-            depth[i] += 1
-    for model, name in zip(unnamed, names):
-        object.__setattr__(model, "name", name)
-
-
 def scaled_weights(weights: list[float]) -> tuple[list[float], float]:
     """The weights × 2^-e, the largest of them in [1, 2) (equal weights become exactly 1, which the sum
     needs no multiplication for), and 2^-e."""
     exponent = max((math.frexp(w)[1] - 1 for w in weights if w), default=0)
     return [math.ldexp(w, -exponent) for w in weights], math.ldexp(1.0, -exponent)
+
+
+Recipe.model_rebuild()  # `stages` holds recipes
