@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergecli.errors import CheckpointError, MergecliError
+from mergecli.errors import CheckpointError, MergecliError, RecipeError
 from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import CARD_FILE, TOKENIZER_FILES, regular_file
 from mergecli.merge.card import render_card
+from mergecli.merge.chat_templates import chosen_template, write_template
 from mergecli.merge.vocabulary import Vocabulary
 from mergecli.methods.base import Inputs, Method
 from mergecli.recipe import WEIGHT_SUFFIXES, Recipe, dump_recipe, path_keys
@@ -41,6 +42,7 @@ class SupportFiles:
     pipeline_from: str | None = None  # where the sentence-transformers pipeline (modules.json) came from
     added_tokens: list[tuple[str, bool]] = field(default_factory=list)  # (token, special) added to the tokenizer
     license: str | None = None  # from the reference's model card (else the first model's that has one)
+    chat_template: str | None = None  # the recipe's chat template, written into the output's tokenizer
 
 
 def _labels(recipe: Recipe, inputs: Inputs) -> list[tuple[str, Checkpoint]]:
@@ -116,7 +118,17 @@ def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str], vocabulary
             holder["vocab_size"] = vocabulary.rows
         named.sort(key=lambda pair: pair[0] != vocabulary.source)  # its tokenizer first
         support.added_tokens = list(vocabulary.added)
+    support.chat_template = chosen_template(recipe.chat_template, inputs)
+    if support.chat_template is not None and not recipe.copy_tokenizer:
+        raise RecipeError(recipe.source, [recipe.locate("chat_template: it goes into the output's tokenizer, which "
+                                                        "copy_tokenizer = false leaves out")])
     if not recipe.copy_tokenizer:
+        return support
+    if vocabulary is not None and vocabulary.external is not None:  # a model the merge does not read
+        external = vocabulary.external
+        support.tokenizer_from = vocabulary.source
+        support.copies.update({name: external.directory / name for name in TOKENIZER_FILES
+                               if regular_file(external.directory / name, external.root)})
         return support
     for marker in ("tokenizer_config.json", "preprocessor_config.json"):
         for label, checkpoint in named:
@@ -127,6 +139,8 @@ def plan_support(recipe: Recipe, inputs: Inputs, warnings: list[str], vocabulary
                     if path is not None:
                         support.copies[name] = path
                 return support
+    if support.chat_template is not None:
+        raise CheckpointError(inputs.reference.source, "chat_template: no input has tokenizer files to hold it")
     if support.config is not None:  # a transformers checkpoint without a tokenizer is worth a word
         warnings.append("copy_tokenizer: no input has tokenizer files; none copied")
     return support
@@ -294,6 +308,8 @@ def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recip
             shutil.copyfile(source, directory / name)
     if support.added_tokens and support.tokenizer_from is not None:
         add_tokens(directory, support.added_tokens)
+    if support.chat_template is not None:
+        write_template(directory, support.chat_template)
     (directory / "mergecli.toml").write_text(dump_recipe(recipe))
     card = render_card(recipe, method, config=config, title=directory_name, config_from=support.config_from,
                        pipeline_from=support.pipeline_from,

@@ -31,6 +31,7 @@ from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.files import regular_file
 from mergecli.io.safetensors import TensorInfo
 from mergecli.io.tokens import TOKENIZER_FILE, read_tokens
+from mergecli.merge.token_table import ExternalTokenizer, Source, external_tokenizer, token_sources
 from mergecli.methods.base import Inputs
 from mergecli.recipe import Recipe
 
@@ -47,19 +48,40 @@ class Vocabulary:
     tensors: set[str]  # the tensors whose rows are the vocabulary
     weights: Callable[[str], list[float]]  # per tensor, per input: its share of a row others lack (0 for the base)
     has_base: bool
+    sources: dict[int, Source] = dataclasses.field(default_factory=dict)  # rows the [tokens] table gives
+    external: ExternalTokenizer | None = None  # a model the merge does not read, whose tokenizer is the output's
+
+    def new_rows(self) -> torch.Tensor | None:
+        """The output rows the base lacks, for tokens only the models have (None without a base)."""
+        if not self.has_base:
+            return None
+        lacking = self.maps[0] < 0
+        lacking[len(self.tokens):] = False  # padding rows are matched by position
+        for row in self.sources:
+            lacking[row] = False
+        return lacking if bool(lacking.any()) else None
 
     def views(self, inputs: Inputs) -> Inputs:
-        """The inputs as the merge sees them: every vocabulary tensor in the output's rows."""
+        """The inputs as the merge sees them: every vocabulary tensor in the output's rows (and, for the
+        task-vector methods, which rows the base lacks)."""
         views = [VocabularyView(checkpoint, self, position, inputs.all)
                  for position, checkpoint in enumerate(inputs.all)]
         base = views[0] if self.has_base else None
-        return dataclasses.replace(inputs, base=base, models=views[1:] if self.has_base else views)
+        lacking = self.new_rows()
+        new_rows = {name: lacking for name in self.tensors} if lacking is not None else {}
+        return dataclasses.replace(inputs, base=base, models=views[1:] if self.has_base else views,
+                                   new_rows=new_rows)
 
     def fill(self, position: int, name: str, rows: list[int], checkpoints: list[Checkpoint]) -> torch.Tensor:
         """Rows `rows` of tensor `name` for the input at `position`, which lacks them (float32)."""
         info = checkpoints[position].tensors[name]
         out = torch.zeros((len(rows), *info.shape[1:]), dtype=torch.float32)
         for k, row in enumerate(rows):
+            if row in self.sources:  # the [tokens] table's row (None: zeros)
+                source = self.sources[row]
+                if source is not None:
+                    out[k] = checkpoints[source[0]].read(name, (source[1], source[1] + 1))[0].float()
+                continue
             base_row = int(self.maps[0][row]) if self.has_base else -1
             if self.has_base and position > 0 and base_row >= 0:
                 out[k] = checkpoints[0].read(name, (base_row, base_row + 1))[0].float()
@@ -176,23 +198,28 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
     """
     labels = recipe.input_labels
     names = [spec.name for spec in recipe.models]
-    choice = recipe.tokenizer  # that it names a model of the recipe was checked when the recipe was bound
+    choice = recipe.tokenizer  # that it names a model, or another model's path, was checked when it was bound
     rows = [_config_rows(c) for c in inputs.all]
     if None in rows:
         return None  # not a transformers checkpoint: no vocabulary to speak of
-    source = 0 if choice in ("base", "union") else names.index(choice) + (1 if inputs.base else 0)
-    if choice == "base" and len(set(rows)) == 1 and recipe.pad_to_multiple_of is None and _same_files(inputs):
+    external = external_tokenizer(recipe)
+    source = 0 if choice in ("base", "union") or external else names.index(choice) + (1 if inputs.base else 0)
+    if choice == "base" and len(set(rows)) == 1 and recipe.pad_to_multiple_of is None and not recipe.tokens \
+            and _same_files(inputs):
         return None  # the same tokenizer everywhere, or (some without one) nothing to match rows by: by position
     tokens = [read_tokens(c.directory, c.root or c.directory, label, rows=own)
               for c, label, own in zip(inputs.all, labels, rows)]
+    reference = external.tokens if external else tokens[source]
+    reference_label = f"the tokenizer of {choice}" if external else f"{labels[source]}'s"
     for label, checkpoint, own in zip(labels, inputs.all, tokens):
-        if own.base != tokens[source].base:
-            differ = sorted(set(own.base.items()) ^ set(tokens[source].base.items()))
+        if own.base != reference.base:
+            differ = sorted(set(own.base.items()) ^ set(reference.base.items()))
+            cannot = "they cannot be united" if choice == "union" else "its rows cannot be matched to that vocabulary"
             raise CheckpointError(checkpoint.source, f"{label}: its tokenizer's vocabulary differs from "
-                                                     f"{labels[source]}'s beyond added tokens ({len(differ)} entries "
-                                                     f"differ, e.g. {differ[0][0]!r}): they cannot be united",
+                                                     f"{reference_label} beyond added tokens ({len(differ)} entries "
+                                                     f"differ, e.g. {differ[0][0]!r}): {cannot}",
                                   hint="merge models that share a base vocabulary (fine-tunes of one model)")
-    out = [tokens[source].by_id[i] for i in range(len(tokens[source].by_id)) if i in tokens[source].by_id]
+    out = [reference.by_id[i] for i in range(len(reference.by_id)) if i in reference.by_id]
     added: list[tuple[str, bool]] = []
     if choice == "union":
         known = set(out)
@@ -203,7 +230,11 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
                     known.add(token)
                     out.append(token)
                     added.append((token, own.special.get(token, False)))
-    total = max(len(out), rows[source])
+    for token in recipe.tokens:  # a token the table lists and the vocabulary lacks is added, as mergekit adds it
+        if token not in out:
+            out.append(token)
+            added.append((token, False))
+    total = max(len(out), rows[source] if not external else len(out))
     if recipe.pad_to_multiple_of:
         total = -(-total // recipe.pad_to_multiple_of) * recipe.pad_to_multiple_of
     maps = []
@@ -211,7 +242,9 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
         index = [own.ids.get(token, -1) for token in out]
         index += [r if len(own.by_id) <= r < own_rows else -1 for r in range(len(out), total)]
         maps.append(torch.tensor(index, dtype=torch.int64))
-    if all(own_rows == total and torch.equal(m, torch.arange(total)) for m, own_rows in zip(maps, rows)):
+    sources = token_sources(recipe, out, tokens, maps, recipe.input_names)
+    if not sources and all(own_rows == total and torch.equal(m, torch.arange(total))
+                           for m, own_rows in zip(maps, rows)):
         return None
     kept = set(out)
     for label, own in zip(labels, tokens):
@@ -229,4 +262,5 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
     def weights(tensor: str) -> list[float]:  # a vocabulary tensor lies outside the layers
         return ([0.0] if inputs.base else []) + [abs(weight) for weight in recipe.weights_at(tensor)]
 
-    return Vocabulary(out, total, recipe.input_names[source], added, maps, tensors, weights, inputs.base is not None)
+    return Vocabulary(out, total, choice if external else recipe.input_names[source], added, maps, tensors, weights,
+                      inputs.base is not None, sources, external)

@@ -196,6 +196,9 @@ class Inputs:
     dry_run: bool = False
     device: str = "cpu"
     fetcher: Fetcher | None = None  # `--stream`: what reads the hub inputs by range requests
+    # per vocabulary tensor, the output rows the base lacks (tokens only the models have): for them a
+    # task-vector method gives the weighted mean of the models' rows, as a linear merge does
+    new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def reference(self) -> Checkpoint:

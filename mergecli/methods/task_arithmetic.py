@@ -24,6 +24,7 @@ class TaskArithmetic(TaskVectorMethod):
     mergekit = "task_arithmetic"
     settings = LambdaSettings
     normalize_default = False
+    linear = True
     kinds = {"task_arithmetic": "task arithmetic"}
 
     def task_for(self, recipe, inputs, task, read, shared, here):

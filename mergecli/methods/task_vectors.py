@@ -7,6 +7,7 @@ dtype: θ = θ_b + λ · merge(w_1 δ_1, ..., w_n δ_n).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -135,6 +136,7 @@ class TaskVectorMethod(Method):
 
     command = "merge"
     needs_base: ClassVar[bool] = True
+    linear: ClassVar[bool] = False  # a weighted sum of the inputs: a row only the models have comes out their mean
     kinds: ClassVar[dict[str, str]] = {}
 
     def check(self, recipe: Recipe) -> None:
@@ -155,7 +157,11 @@ class TaskVectorMethod(Method):
             weights = scaled_weights(here.weights)[0]
             read = [(index, checkpoint, weight) for index, (checkpoint, weight)
                     in enumerate(zip(inputs.models, weights)) if weight != 0]
-            out.append(self.task_for(recipe, inputs, task, read, shared, here))
+            made = self.task_for(recipe, inputs, task, read, shared, here)
+            lacking = inputs.new_rows.get(task.out.name)
+            if lacking is not None and not self.linear:
+                made = with_new_rows(made, lacking, [weight for _, _, weight in read])
+            out.append(made)
         return out
 
     def shared(self, recipe: Recipe, floating: list[TensorTask]) -> Any:
@@ -173,3 +179,24 @@ class TaskVectorMethod(Method):
         `normalize`, else the power of two that the weights were scaled by (so that they count as given)."""
         scaled, scale = scaled_weights(here.weights)
         return math.fsum(scaled) if self.normalize(recipe) else scale
+
+
+def with_new_rows(task: TensorTask, lacking: torch.Tensor, weights: list[float]) -> TensorTask:
+    """`task` (its sources the base, then the models read, with `weights`), but for the rows the base
+    lacks (`lacking`, a bool per row: tokens only the models have), which are the weighted mean of the
+    models' rows: a task vector against a row the base does not have means nothing, so trimming, dropping
+    or electing signs on it would make each entry one model's value, or push it outward."""
+    row_elements = task.out.numel // task.out.shape[0]
+    total = math.fsum(weights)
+
+    def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
+        merged = task.combine(blocks, out, start) if task.positional else task.combine(blocks, out)
+        first = start // row_elements
+        rows = lacking[first:first + blocks[0].shape[0]]
+        if bool(rows.any()):
+            mean = sum(weight * block[rows].to(merged.dtype if merged.is_floating_point() else torch.float32)
+                       for block, weight in zip(blocks[1:], weights))
+            merged.view(blocks[0].shape)[rows] = (mean / total).to(merged.dtype)
+        return merged
+
+    return dataclasses.replace(task, combine=combine, positional=True)

@@ -116,3 +116,9 @@ class TokenSpec(StrictModel):
             if "token" in source and not isinstance(source["token"], str):
                 raise ValueError("token must be a string")
         return source
+
+    @model_validator(mode="after")
+    def _force_needs_a_source(self) -> Any:
+        if self.force and self.source is None:
+            raise ValueError("force takes the token's row from its source: give a source")
+        return self
