@@ -13,7 +13,7 @@ $(BIN)/mergecli: pyproject.toml
 
 install: $(BIN)/mergecli
 
-test: install
+test: install mergekit-venv
 	$(BIN)/pytest -q
 
 demo: demo-average demo-ties demo-regmean

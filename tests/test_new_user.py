@@ -55,12 +55,18 @@ def test_progress_without_a_terminal_names_the_block_and_estimates_from_the_work
         plan.inputs.close()
 
 
-def test_the_time_left_follows_the_rate_so_far():
-    from mergecli.cli._render import _left
+def test_the_time_left_follows_a_steady_rate():
+    from mergecli.cli._render import Remaining
 
-    assert _left(10.0, 0.25, 1.0) == ", about 30 s left"
-    assert _left(60.0, 0.2, 1.0) == ", about 4 min left"
-    assert _left(0.5, 0.25, 1.0) == ""  # too early to tell
+    remaining = Remaining(0.0)
+    assert remaining.words(0.5, 0.25, 1.0) == ""  # too early to tell
+    for second in range(1, 11):
+        words = remaining.words(float(second), 0.025 * second, 1.0)
+    assert words == ", about 30 s left"
+    slow = Remaining(0.0)
+    for second in range(10, 61, 10):
+        words = slow.words(float(second), 0.2 * second / 60, 1.0)
+    assert words == ", about 4 min left"
 
 
 def test_a_sentence_transformers_model_keeps_its_pipeline(tmp_path):

@@ -77,7 +77,10 @@ def merge_and_report(plan: MergePlan) -> None:
     try:
         print_report(report, plan.method, plan.reference_name)
         say(f"\nmerged model: {report.output}")
-        if plan.support.config is not None:
+        if plan.support.pipeline_from is not None:  # a sentence-transformers model: its pipeline is in the output
+            say("load it with: from sentence_transformers import SentenceTransformer; "
+                f"SentenceTransformer({str(report.output)!r})")
+        elif plan.support.config is not None:
             auto_class = loader_class(plan.support.config)
             say(f"load it with: from transformers import {auto_class}; "
                 f"{auto_class}.from_pretrained({str(report.output)!r})")

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mergecli.cli._console import clean, err_console, info, interactive, mode, note, out_console, plural, result, warn
+from mergecli.io.blocks import block_of
 
 if TYPE_CHECKING:
     from mergecli.merge.plan import MergePlan
@@ -52,10 +53,29 @@ def kinds_line(counts: dict[str, int], method: Method, reference: str) -> list[s
 
 def plan_data(plan: MergePlan) -> dict:
     """The plan, for --json."""
+    varying = {key: [{"value": value, "tensors": len(names), "names": names} for value, names in values.items()]
+               for key, values in plan.varying.items()}
     return {"dry_run": True, "method": plan.recipe.method, "output": str(plan.output),
             "tensors": len(plan.tasks), "counts": plan.counts(), "shards": len(plan.shards),
             "bytes_read": plan.bytes_read, "bytes_written": plan.bytes_written, "peak_memory": plan.peak_memory,
+            "varying": varying, "stages": [stage.recipe.name for stage in plan.stage_plans],
             "warnings": plan.warnings, "notes": plan.notes}
+
+
+def tensor_group(names: list[str]) -> str:
+    """A group of tensors in a few words: `layers 0-1 (14 tensors), model.norm.weight`."""
+    layers = sorted({block[1] for name in names if (block := block_of(name)) is not None})
+    outside = [name for name in names if block_of(name) is None]
+    runs, start = [], None
+    for index, layer in enumerate(layers):
+        start = layer if start is None else start
+        if index + 1 == len(layers) or layers[index + 1] != layer + 1:
+            runs.append(f"{start}" if start == layer else f"{start}-{layer}")
+            start = None
+    words = [f"layer{'s' * (len(layers) > 1)} {', '.join(runs)} ({plural(len(names) - len(outside), 'tensor')})"] \
+        if layers else []
+    words += outside[:3] + ([f"and {len(outside) - 3} more"] if len(outside) > 3 else [])
+    return ", ".join(words)
 
 
 def print_plan(plan: MergePlan, *, title: str) -> None:
@@ -84,6 +104,13 @@ def _print_plan(plan: MergePlan, title: str) -> None:
     for line in kinds_line(plan.counts(), plan.method, plan.reference_name):
         count, label = line.split(" ", 1)
         out_console.print(f"  {count:>6} {'tensor' if count == '1' else 'tensors'} {label}")
+    for key, values in plan.varying.items():
+        out_console.print(f"  {key} varies by tensor:")
+        for value, names in values.items():
+            out_console.print(f"    {value:>10}  {tensor_group(names)}")
+    if plan.stage_plans:
+        out_console.print(f"  stages      {', '.join(stage.recipe.name for stage in plan.stage_plans)} (written to "
+                          "scratch first, then removed)")
     out_console.print(f"  output      {plan.output} ({plural(len(plan.shards), 'shard')})")
     out_console.print(f"  read        {human_bytes(plan.bytes_read)}")
     out_console.print(f"  write       {human_bytes(plan.bytes_written)}")
@@ -120,18 +147,35 @@ def _print_report(report: MergeReport, method: Method, reference: str) -> None:
         out_console.print(Text.assemble((f"{label:<8}", "bold"), " ", clean(value)))
 
 
-def _left(elapsed: float, done: float, total: float) -> str:
-    """", about 12 s left", from the rate so far (once there is one to go by)."""
-    if not total or done <= 0 or done >= total or elapsed < 1:
-        return ""
-    left = elapsed * (total - done) / done
-    return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
+class Remaining:
+    """The time left, from the rate of the last RATE_WINDOW seconds (not the average since the start: a
+    streamed merge waits for its first bytes, then runs at the link's pace), said only once there is a
+    rate to go by (MIN_SHARE of the work done, MIN_SECONDS gone)."""
+
+    RATE_WINDOW, MIN_SHARE, MIN_SECONDS = 10.0, 0.05, 3.0
+
+    def __init__(self, started: float):
+        self.started = started
+        self.samples: list[tuple[float, float]] = [(started, 0.0)]  # (time, work done)
+
+    def words(self, now: float, done: float, total: float) -> str:
+        """", about 12 s left", or nothing yet."""
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW:
+            self.samples.pop(0)
+        if not total or done >= total or done < self.MIN_SHARE * total or now - self.started < self.MIN_SECONDS:
+            return ""
+        then, before = self.samples[0]
+        if now <= then or done <= before:
+            return ""
+        left = (total - done) * (now - then) / (done - before)
+        return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
 
 
 @contextmanager
 def progress(description: str, *, total: float, unit: str = "bytes", what: str = "") -> Iterator[Update]:
-    """Yield `update(done, detail)`: a Rich bar on a terminal, else a plain line per tenth (and at
-    least every 10 s) with the time left, or nothing with --quiet.
+    """Yield `update(done, detail)`: a Rich bar on a terminal, else a plain line per tenth of the work
+    (and after 10 s without one) with the time left, or nothing with --quiet.
 
     Args:
         total: how many units make the whole job (0: not known yet; `update` can tell it later).
@@ -162,7 +206,8 @@ def progress(description: str, *, total: float, unit: str = "bytes", what: str =
         return
 
     started = time.monotonic()
-    state = {"time": started, "tenth": -1, "total": total, "step": ""}
+    state = {"time": started, "tenth": 0, "total": total, "step": ""}
+    remaining = Remaining(started)
 
     def opening() -> None:
         size = {"bytes": human_bytes(state["total"]), "work": ""}.get(unit, f"{state['total']} {unit}")
@@ -176,17 +221,18 @@ def progress(description: str, *, total: float, unit: str = "bytes", what: str =
             state["total"] = total
             opening()
         total = state["total"]
-        tenth = int(10 * done / total) if total else 10
+        tenth = int(10 * done / total) if total else 0
         now = time.monotonic()
-        finished = done >= total * (1 - 1e-9)
+        left = remaining.words(now, done, total)
+        finished = bool(total) and done >= total * (1 - 1e-9)
         if finished and state.get("finished"):
             return
         state["finished"] = finished
-        if finished or step != state["step"] or (tenth > state["tenth"] and now - state["time"] >= 1) \
-                or now - state["time"] >= 10:
-            state.update(time=now, tenth=tenth, step=step)
+        # a line when a new tenth of the work is reached, at the end, and after 10 s without one
+        if finished or tenth > state["tenth"] or now - state["time"] >= 10:
+            state.update(time=now, tenth=max(tenth, state["tenth"]), step=step)
             amount = {"bytes": human_bytes(done), "work": ""}.get(unit, f"{done}/{total} {unit}")
             words = ", ".join(filter(None, (amount, detail, step, f"{now - started:.0f} s")))
-            info(f"{description}: {100 * done / max(total, 1):3.0f}% ({words}{_left(now - started, done, total)})")
+            info(f"{description}: {100 * done / max(total, 1):3.0f}% ({words}{left})")
 
     yield log

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mergecli.cli._console import say, warn
 from mergecli.cli._errors import report_errors
 from mergecli.cli._heavy import import_torch
@@ -33,7 +35,10 @@ def validate(recipe: RecipeArg, output: OutputOpt = None, set_: SetOpt = None, q
     from mergecli.merge.plan import plan_merge
 
     job = Job(spec).bind(push=True)  # with push_to_hub: the token and write access too
-    plan = plan_merge(job, output=output, force=True, dry_run=True)
+    placeholder = output is None and spec.output is None  # a converted mergekit config names none
+    plan = plan_merge(job, output=Path("merged") if placeholder else output, force=True, dry_run=True)
+    if placeholder:
+        plan.notes.append("the recipe names no output: the merge needs -o DIR (planned here as ./merged)")
     try:
         print_plan(plan, title=f"{recipe}: valid {spec.method} recipe")
         if plan.output.exists():

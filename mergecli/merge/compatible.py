@@ -88,6 +88,9 @@ def check_compatible(recipe: Recipe, inputs: Inputs, notes: list[str]) -> set[st
         kinds = {_label(recipe, inputs, c): _architecture(c) for c in everyone}
         mixed = len({k for k in kinds.values() if k}) > 1
         problems, hint = _in_a_few_words(recipe, inputs, problems)
+        if hint is None and any(": missing in " in problem for problem in problems):
+            hint = ("merge checkpoints of one architecture and vocabulary size, or `exclude` the tensors only some "
+                    "inputs have (they then come from the base, else the first model)")
         raise ShapeMismatchError(problems, architectures=", ".join(f"{label} is {kind}" for label, kind
                                                                   in kinds.items()) if mixed else None, hint=hint)
     return dropped

@@ -87,7 +87,8 @@ class Translation:
 
     def name_of(self, reference: ModelRef, origin: Path_) -> str:
         """The recipe's name for `reference` (added to its models the first time)."""
-        return self.names[self.model(reference, origin)]
+        index = self.model(reference, origin)  # first: it may rename the models
+        return self.names[index]
 
 
 def translate(document: Document, *, stages: set[str] = frozenset()) -> Converted:
@@ -213,17 +214,20 @@ def _models(job: Translation, method: Method, path: Path_, base: ModelRef | None
             reference, own = job.reference(where, entry), {}
         listed.append((where, reference, own))
     references = [reference for _, reference, _ in listed]
-    if base is not None and method.name == "average" and base not in references:
-        if "weight" not in each:  # mergekit's linear averages its base like any input, with a weight
+    if base is None or method.name == "passthrough":
+        pass
+    elif method.name == "average":  # mergekit's linear averages its base like any input, with a weight
+        if base not in references and "weight" not in each:
             raise job.document.error(("base_model",), "linear: the base_model is not among the models and has no "
                                                       "weight; mergekit refuses this config (it averages its base "
                                                       "like any model)")
-        listed.append((("base_model",), base, {}))
-    elif base is not None and method.name == "slerp":  # the base is t = 0: the first model
+        if base not in references:
+            listed.append((("base_model",), base, {}))
+    elif method.name == "slerp":  # the base is t = 0: the first model
         listed.sort(key=lambda item: item[1] != base)
         if base not in references:
             listed.insert(0, (("base_model",), base, {}))
-    elif base is not None and method.name != "passthrough":
+    else:
         listed = [item for item in listed if item[1] != base]  # the task vectors' base, never merged
     for where, reference, own in listed:
         index = job.model(reference, where)

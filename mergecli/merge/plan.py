@@ -24,7 +24,7 @@ from mergecli.merge.stream import peak_memory
 from mergecli.merge.support import SupportFiles, plan_support
 from mergecli.merge.tasks import default_tasks
 from mergecli.merge.vocabulary import plan_vocabulary
-from mergecli.methods.base import Inputs, Method, Stage, TensorTask
+from mergecli.methods.base import Inputs, Method, Stage, TensorTask, varying_values
 from mergecli.recipe import Recipe, model_label
 from mergecli.recipe.schema import STAGE
 
@@ -45,6 +45,7 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)  # what is expected but worth a word (a dropped buffer)
     sync: bool = True  # the output reaches the disk before it is put in place (--no-sync: not)
     stage_plans: list[MergePlan] = field(default_factory=list)  # the recipe's stages, written first (scratch)
+    varying: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # setting → value → tensors
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -138,17 +139,19 @@ def stream_notes(recipe: Recipe, inputs: Inputs, stages: list[Stage]) -> list[st
     if not streamed:
         return ["--stream: no input is fetched from the Hub (local, or complete in the cache)"]
     tasks = [task for stage in stages for task in stage.tasks]
-    notes = []
+    fetched, again = [], []
     for label, checkpoint in streamed:
         mine = [(task.out.name, 1 + sum(prepass.reads for prepass in task.prepasses)) for task in tasks
-                if any(s is checkpoint for s in task.sources)]
+                if any(getattr(s, "checkpoint", s) is checkpoint for s in task.sources)]
         size = sum(checkpoint.tensors[name].nbytes for name, _ in mine)
         reads = sum(checkpoint.tensors[name].nbytes * times for name, times in mine) / size if size else 0
-        times = "" if reads <= 1 else f"; its bytes are fetched about {reads:.2g} times (the method reads " \
-                                      "them in passes before it merges, and nothing is stored between them)"
-        notes.append(f"{label}: streamed from the Hub by range requests, nothing of it stored "
-                     f"(read-ahead at most {recipe.stream_buffer / 2**20:.0f} MiB){times}")
-    return notes
+        fetched.append(label)
+        if reads > 1:
+            again.append(f"{label} about {reads:.2g} times")
+    times = "" if not again else f"; bytes are fetched again where the method reads them in passes before it " \
+                                 f"merges ({', '.join(again)}), since nothing is stored between them"
+    return [f"--stream: {', '.join(fetched)} read from the Hub by range requests, nothing of them stored "
+            f"(read-ahead at most {recipe.stream_buffer / 2**20:.0f} MiB){times}"]
 
 
 def input_paths(inputs: Inputs) -> list[Path]:
@@ -174,12 +177,12 @@ def output_order(stages: list[Stage], inputs: Inputs, *, sliced: bool = False) -
     return sorted(tasks, key=key)
 
 
-def _sliced(job: Job, inputs: Inputs, warnings: list[str], notes: list[str]) -> tuple[list[Stage], set[str],
-                                                                                      list[tuple[int, int]]]:
+def _sliced(job: Job, inputs: Inputs, warnings: list[str], notes: list[str]) -> tuple[
+        list[Stage], set[str], list[tuple[int, int]], list[tuple[Recipe, list[TensorTask]]]]:
     """A recipe with slices: each slice planned as a merge of its own sources (merge/slices.py). Returns
-    the stages, the tensors dropped (buffers transformers does not load), and each output layer's source
-    (its input's index in `inputs.all`, its layer there)."""
-    stages, dropped, layers = [], set(), []
+    the stages, the tensors dropped (buffers transformers does not load), each output layer's source
+    (its input's index in `inputs.all`, its layer there), and each slice's recipe and default tasks."""
+    stages, dropped, layers, sliced = [], set(), [], []
     for piece in plan_slices(job.recipe, inputs, job.slices):
         lost = check_compatible(piece.recipe, piece.inputs, notes)
         defaults = default_tasks(piece.recipe, piece.inputs, warnings, lost,
@@ -187,7 +190,8 @@ def _sliced(job: Job, inputs: Inputs, warnings: list[str], notes: list[str]) -> 
         stages += job.bound.stages(piece.recipe, piece.inputs, defaults, warnings)
         dropped |= lost
         layers += piece.layers
-    return stages, dropped, layers
+        sliced.append((piece.recipe, defaults))
+    return stages, dropped, layers, sliced
 
 
 def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bool = False,
@@ -246,7 +250,7 @@ def _plan(job: Job, target: Path, *, force: bool = False, dry_run: bool, sync: b
         if vocabulary is not None:
             inputs = vocabulary.views(inputs)
         if recipe.slices:
-            stages, dropped, layers = _sliced(job, inputs, warnings, notes)
+            stages, dropped, layers, sliced = _sliced(job, inputs, warnings, notes)
         else:
             dropped, layers = check_compatible(recipe, inputs, notes), None
         check_digests(recipe, inputs)
@@ -264,6 +268,10 @@ def _plan(job: Job, target: Path, *, force: bool = False, dry_run: bool, sync: b
         if not recipe.slices:
             defaults = default_tasks(recipe, inputs, warnings, dropped, normalize=method.normalize(recipe))
             stages = method.stages(recipe, inputs, defaults, warnings)
+            varying = varying_values(recipe, defaults)
+        else:
+            varying = {f"slices.{number}.{key}": values for number, (sub, tasks) in enumerate(sliced)
+                       for key, values in varying_values(sub, tasks).items()}
         check_nothing_lost(inputs, [task.out for stage in stages for task in stage.tasks], dropped)
         if recipe.stream:
             notes += stream_notes(recipe, inputs, stages)
@@ -272,7 +280,8 @@ def _plan(job: Job, target: Path, *, force: bool = False, dry_run: bool, sync: b
         shards = plan_shards([task.out for task in output_order(stages, inputs, sliced=bool(recipe.slices))],
                              recipe.shard_size)
         support = plan_support(recipe, inputs, warnings, vocabulary, layers=layers)
-        return MergePlan(recipe, method, target, force, inputs, stages, shards, support, warnings, notes, sync)
+        return MergePlan(recipe, method, target, force, inputs, stages, shards, support, warnings, notes, sync,
+                         varying=varying)
     except BaseException:
         inputs.close()
         raise

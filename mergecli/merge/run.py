@@ -43,10 +43,12 @@ class Progress:
         self.stage = (0, 0.0)
         self.label = ""
 
-    def update(self, tensors: int, work: float) -> None:
+    def update(self, tensors: int, work: float, step: str = "") -> None:
+        """The running stage's tensors done and work done, and the pass it is in (a prepass names itself)."""
         self.stage = (tensors, work)
         if self.callback:
-            self.callback(self.tensors + tensors, self.work + work, self.label)
+            label = "; ".join(filter(None, (self.label, step)))
+            self.callback(self.tensors + tensors, self.work + work, label)
 
     def start(self, stage: Stage) -> None:
         self.label = stage.label

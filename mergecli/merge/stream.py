@@ -24,7 +24,7 @@ from mergecli.methods.average import CHUNK_ELEMENTS
 from mergecli.methods.base import TensorTask
 
 MAX_WORKERS = 4  # past a few threads, the copies in and out of the page cache share one memory bus
-ProgressCallback = Callable[[int, float], None]  # (tensors done, work done so far: TensorTask.work)
+ProgressCallback = Callable[[int, float, str], None]  # (tensors done, work done so far: TensorTask.work, the pass)
 
 
 def rows_elements(info: TensorInfo, block_elements: int) -> Iterator[int]:
@@ -161,6 +161,9 @@ class _Stream:
     def __init__(self, tasks: list[TensorTask], writer: ShardWriter, on_progress: ProgressCallback | None,
                  non_finite: NonFinite, *, depth: int | None = None, work_done: float = 0.0):
         self.tasks, self.depth = tasks, depth
+        # what progress says this pass does: a prepass names itself ("TIES thresholds: ..."), the merge nothing
+        labels = sorted({task.prepasses[depth].label for task in tasks}) if depth is not None else []
+        self.label = f"pass {depth + 1}: {', '.join(labels)}" if labels else ""
         self.writer, self.on_progress, self.non_finite = writer, on_progress, non_finite
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -224,6 +227,6 @@ class _Stream:
             last = self.blocks_left[name] == 0
             self.tensors_done += last and self.depth is None
             if self.on_progress:
-                self.on_progress(self.tensors_done, self.work_done)
+                self.on_progress(self.tensors_done, self.work_done, self.label)
         if last and self.depth is not None:
             task.prepasses[self.depth].task_done()  # every block of this tensor is folded

@@ -6,7 +6,7 @@ Every embedding and output-head row is matched by the token it stands for, read 
 `tokenizer.json`, never by its number. A row an input lacks is filled in: a model's from the base's
 row of that token (a zero task vector), else, and for the base, by the weighted mean of the models
 that have it (they share its weight). Padding rows past the tokens (`pad_to_multiple_of`) are
-matched by position.
+matched by position; one no input has is the mean of each input's token rows, as mergekit fills it.
 
 The inputs are then seen through `VocabularyView`s: each presents the output's row count, and reads
 a block of rows by gathering the input's own rows (contiguous runs, one read each) and filling the
@@ -19,6 +19,7 @@ before anything is read.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from mergecli.merge.token_table import ExternalTokenizer, Source, external_token
 from mergecli.methods.base import Inputs
 from mergecli.recipe import Recipe
 
+MEAN_BLOCK_ROWS = 4096  # rows summed per step of a padding row's mean
+
 
 @dataclass
 class Vocabulary:
@@ -50,6 +53,8 @@ class Vocabulary:
     has_base: bool
     sources: dict[int, Source] = dataclasses.field(default_factory=dict)  # rows the [tokens] table gives
     external: ExternalTokenizer | None = None  # a model the merge does not read, whose tokenizer is the output's
+    _means: dict[tuple[int, str], torch.Tensor] = dataclasses.field(default_factory=dict)  # see `mean_row`
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def new_rows(self) -> torch.Tensor | None:
         """The output rows the base lacks, for tokens only the models have (None without a base)."""
@@ -88,12 +93,39 @@ class Vocabulary:
                 continue
             holders = [(i, int(self.maps[i][row])) for i in range(len(checkpoints))
                        if (i > 0 or not self.has_base) and int(self.maps[i][row]) >= 0]
+            if not holders and row >= len(self.tokens):  # padding no input has: the mean of its token rows
+                out[k] = self.mean_row(position, name, checkpoints)
+                continue
             weights = self.weights(name)
             total = sum(weights[i] for i, _ in holders)
             for i, source_row in holders:
                 share = weights[i] / total if total else 1.0 / len(holders)
                 out[k] += share * checkpoints[i].read(name, (source_row, source_row + 1))[0].float()
         return out
+
+
+    def mean_row(self, position: int, name: str, checkpoints: list[Checkpoint]) -> torch.Tensor:
+        """The mean of the input's rows for the output's tokens (its own, and those filled in for it), in
+        float32 (summed in float64 over row blocks, once per tensor and input): what a padding row no
+        input has gets, as mergekit fills padding (the vocabulary-expansion recipe: an unused row looks
+        like an average token)."""
+        key = (position, name)
+        with self._lock:
+            if key not in self._means:
+                checkpoint = checkpoints[position]
+                index = self.maps[position][:len(self.tokens)]
+                rows = sorted(int(r) for r in index if r >= 0)
+                total = self.fill(position, name, [i for i, r in enumerate(index.tolist()) if r < 0],
+                                  checkpoints).double().sum(dim=0)
+                first = 0
+                while first < len(rows):  # runs of consecutive rows, a block at a time
+                    last = first
+                    while last + 1 < len(rows) and rows[last + 1] == rows[last] + 1 and last - first < MEAN_BLOCK_ROWS:
+                        last += 1
+                    total += checkpoint.read(name, (rows[first], rows[last] + 1)).double().sum(dim=0)
+                    first = last + 1
+                self._means[key] = (total / max(len(self.tokens), 1)).float()
+            return self._means[key]
 
 
 class VocabularyView:
@@ -263,4 +295,4 @@ def plan_vocabulary(recipe: Recipe, inputs: Inputs, notes: list[str]) -> Vocabul
         return ([0.0] if inputs.base else []) + [abs(weight) for weight in recipe.weights_at(tensor)]
 
     return Vocabulary(out, total, choice if external else recipe.input_names[source], added, maps, tensors, weights,
-                      inputs.base is not None, sources, external)
+                      inputs.base is not None, sources=sources, external=external)

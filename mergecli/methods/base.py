@@ -39,6 +39,7 @@ class Prepass:
     `fold` and `task_done`; by default a pass reads every row block, once."""
 
     reads: float = 1.0  # the share of the tensor this pass is expected to read (for progress and --stream's notes)
+    label: str = "a statistic of each tensor"  # what progress says the pass does
 
     def needed(self) -> bool:
         """Whether this pass has anything to do (a tie-break pass only when there are ties to break)."""
@@ -129,6 +130,33 @@ def settings_at(recipe: Recipe, tensor: str, t: float = 0.0, names: list[str] | 
             update[key] = value if value is not None else evaluate(declared.default, name, t)
         models.append(own.model_copy(update=update))
     return TensorSettings(_evaluated(table, tensor, t), models, recipe.weights_at(tensor, t, names))
+
+
+def varying_values(recipe: Recipe, tasks: list[TensorTask]) -> dict[str, dict[str, list[str]]]:
+    """For each setting of the recipe that varies by tensor (`slerp.t`, `models.1.weight`), the value each
+    group of the merged tensors gets: setting → shown value → tensor names (what validate and --dry-run
+    show)."""
+    table = recipe.settings
+    keys = [(f"{recipe.method}.{declared.alias or key}", key, None) for key, declared in
+            (type(table).model_fields.items() if table is not None else []) if varies(getattr(table, key))]
+    for index, spec in enumerate(recipe.models):
+        if varies(spec.weight):
+            keys.append((f"models.{index}.weight", "weight", index))
+        own = spec.settings
+        for key, declared in (type(own).model_fields.items() if own is not None else []):
+            table_value = getattr(table, key, None) if table is not None else None
+            if varies(getattr(own, key)) or varies(table_value):
+                keys.append((f"models.{index}.{declared.alias or key}", key, index))
+    found: dict[str, dict[str, list[str]]] = {}
+    for task in tasks:
+        if task.kind in ("exclude", "head", "integer"):
+            continue
+        here = settings_at(recipe, task.out.name, task.t)
+        for label, key, index in keys:
+            value = here.weights[index] if key == "weight" and index is not None else \
+                getattr(here.models[index] if index is not None else here.settings, key)
+            found.setdefault(label, {}).setdefault(shown_value(value), []).append(task.out.name)
+    return found
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ class SlerpSettings(StrictModel):
 class Angle(Prepass):
     """Σ a², Σ b², Σ ab of one tensor, from its blocks, then the interpolation's two coefficients."""
 
+    label = "SLERP angles"
+
     def __init__(self, t: float):
         self.t = t
         self.parts: dict[int, torch.Tensor] = {}  # block start → its three float64 sums

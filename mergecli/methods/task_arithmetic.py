@@ -25,6 +25,8 @@ class TaskArithmetic(TaskVectorMethod):
     settings = LambdaSettings
     normalize_default = False
     linear = True
+    # mergekit's task arithmetic takes (and ignores: it sparsifies nothing) density and rescale
+    mergekit_ignored = frozenset({"int8_mask", "density", "rescale"})
     kinds = {"task_arithmetic": "task arithmetic"}
 
     def task_for(self, recipe, inputs, task, read, shared, here):

@@ -20,7 +20,7 @@ from mergecli.errors import RecipeError
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.methods.base import Prepass, TensorTask, register, settings_at, shown_value
 from mergecli.methods.bracket import SamplePlan, sample_rows, sample_share
-from mergecli.methods.magnitude import BRACKET, DONE, SAMPLE, TopMagnitudes
+from mergecli.methods.magnitude import BRACKET, DONE, LOW, SAMPLE, TIES, TOP, TopMagnitudes
 from mergecli.methods.task_vectors import (
     DensitySettings,
     ModelDensity,
@@ -74,6 +74,11 @@ def sample_plan(task: TensorTask, share: float) -> SamplePlan:
     return SamplePlan(sum(slabs), len(slabs))
 
 
+PASS_LABELS = {SAMPLE: "TIES thresholds: a sample of rows", BRACKET: "TIES thresholds: the values near each cut",
+               TOP: "TIES thresholds: counting magnitudes", LOW: "TIES thresholds: counting within the cut's bucket",
+               TIES: "TIES thresholds: equal values at the cut"}
+
+
 class TrimPass(Prepass):
     """Pass `depth` (a stage of TopMagnitudes) of a task's trims: one read of the tensor's blocks (a
     sample of its rows, for the SAMPLE stage) counts every model's task vector into its population (at
@@ -81,6 +86,7 @@ class TrimPass(Prepass):
 
     def __init__(self, depth: int, populations: list[tuple[Population, int]], share: float, block: int):
         self.depth = depth
+        self.label = PASS_LABELS[depth]
         self.populations = populations
         self.share = share  # of the rows, that the sample reads
         self.block = block  # elements in a row block of the merge: the trims know each block by its start
