@@ -9,6 +9,8 @@ from mergecli.methods.base import Method, TensorTask, copy_first, register
 class TakeFirst(Method):
     name = "first"
     title = "copy of the first model"
+    help = "every tensor that would be averaged taken from the first model"
+    mergekit = "take_first"
     command = "average"
     kinds = {"first": "taken from the first model"}
 

@@ -87,3 +87,28 @@ def test_what_mergecli_lacks_is_refused_by_name(tmp_path, config, words):
     result = convert(tmp_path, config)
     assert result.exit_code == 2, result.output
     assert words in result.stderr and "Traceback" not in result.output
+
+
+def test_relative_paths_are_read_from_the_current_directory_and_rebased_for_the_recipe(llama_fp32, tmp_path):
+    """mergekit reads a config's relative paths from where it runs; a recipe's are relative to its file."""
+    import shutil
+
+    from clirunner import cli_process
+
+    for index in (0, 1):
+        shutil.copytree(llama_fp32[index], tmp_path / f"m{index}")
+    config = tmp_path / "config.yml"
+    config.write_text("merge_method: slerp\nbase_model: m0\nmodels: [{model: m0}, {model: ./m1}]\n"
+                      "parameters: {t: 0.3}\n")
+    ran = cli_process("merge", "config.yml", "-o", "out", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    written = cli_process("convert", "config.yml", "-o", "recipes/slerp.toml", cwd=tmp_path)
+    assert written.returncode == 0, written.stderr
+    recipe = tomllib.loads((tmp_path / "recipes" / "slerp.toml").read_text())
+    assert [m["path"] for m in recipe["models"]] == ["../m0", "../m1"]
+    again = cli("merge", tmp_path / "recipes" / "slerp.toml", "-o", tmp_path / "again")  # from anywhere
+    assert again.exit_code == 0, again.output
+    weights = [(tmp_path / folder / "model.safetensors").read_bytes() for folder in ("again", "out")]
+    assert weights[0] == weights[1]
+    refused = cli_process("convert", "config.yml", "-o", "recipes/slerp.toml", cwd=tmp_path)
+    assert refused.returncode == 2 and "recipes/slerp.toml exists" in refused.stderr

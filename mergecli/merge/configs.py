@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mergecli.errors import RecipeError
+from mergecli.errors import RecipeError, UsageError
 from mergecli.merge.mergekit import STAGE, translate
 from mergecli.recipe import Recipe, load_toml
 from mergecli.recipe.convert import Converted, check
@@ -126,3 +126,15 @@ def rebased(converted: Converted, recipe_dir: Path) -> Converted:
         return moved(node) if key == "path" and isinstance(node, str) else node
 
     return Converted(walk(converted.data), converted.document, dict(converted.origins), list(converted.notes))
+
+
+def write_recipe(path: Path, text: str, *, force: bool = False) -> None:
+    """Write a converted recipe; an existing file only with `force`.
+
+    Raises:
+        UsageError: the file exists and `force` is not given.
+    """
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists", hint="pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
