@@ -46,9 +46,9 @@ $(MERGEKIT):
 
 mergekit-venv: $(MERGEKIT)
 
-# mergecli against mergekit 0.1.5 on the same inputs (task arithmetic, TIES, SLERP): how many elements differ
+# a corpus of mergekit configs run by mergekit 0.1.5 and by mergecli on the same inputs: every tensor compared
 compare-mergekit: install mergekit-venv
-	$(BIN)/python benchmarks/compare_mergekit.py
+	$(BIN)/python benchmarks/mergekit_corpus.py
 
 bench-regmean: install
 	$(BIN)/python benchmarks/bench_regmean.py

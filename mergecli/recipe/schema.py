@@ -279,8 +279,8 @@ class Recipe(StrictModel):
                     raise ValueError(f"{where} ({stage.name}): stage:{path} names no earlier stage "
                                      f"({', '.join(names) or 'none'})")
             names.append(stage.name)
-        unknown = [path for path in self.stage_paths() if path not in names]
-        if unknown:
+        unknown = [path for path in self.stage_paths() if path not in names] if self.name is None else []
+        if unknown:  # a stage's own (named) references are checked by the recipe that holds it, above
             raise ValueError(f"stage:{unknown[0]} names no stage of the recipe ({', '.join(names) or 'none'})")
         return self
 
