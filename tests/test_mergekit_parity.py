@@ -257,3 +257,26 @@ dtype: float32
                 for path in (out, tmp_path / "theirs")]
     assert rendered[0] == rendered[1]
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_per_layer_config_lists_follow_the_slices(tmp_path):
+    """Gemma 2's `layer_types` alternates sliding and full attention: an output of slices keeps each layer's
+    own type, in a list of the output's depth, and loads."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, vocab_size=128)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'method = "passthrough"\noutput = "out"\n[[models]]\npath = "{tmp_path / "gemma"}"\n'
+                      f'name = "g"\n[[slices]]\nsources = [{{ model = "g", layers = [0, 3] }}]\n'
+                      f'[[slices]]\nsources = [{{ model = "g", layers = [2, 4] }}]\n')
+    result = cli("merge", recipe)
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = config.layer_types
+    assert written["num_hidden_layers"] == 5
+    assert written["layer_types"] == [source[0], source[1], source[2], source[2], source[3]]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.layer_types == written["layer_types"] and len(model.model.layers) == 5
