@@ -1,6 +1,7 @@
 """DARE (Yu et al., ICML 2024): drop each entry of each task vector with probability 1 − density and
-rescale the survivors by 1/density; then sum them (`dare_linear`) or elect signs as TIES does
-(`dare_ties`): θ = θ_b + λ × that.
+rescale the survivors by 1/density (or, as mergekit does, to the tensor's L1 norm: `rescale = "l1"`, which
+`convert` writes for a mergekit config); then sum them (`dare_linear`) or elect signs as TIES does
+(`dare_ties`): θ = θ_b + λ × that (methods/sparse.py).
 
 The drop is decided by a hash of `seed`, the model's place in the recipe, the tensor's name and the
 entry's position, never by a random generator's state: the same entries are dropped whatever the
@@ -10,31 +11,27 @@ block size, the number of threads or the machine.
 from __future__ import annotations
 
 import hashlib
+from typing import Literal
 
 import numpy
 import torch
 from pydantic import Field
 
-from mergecli.methods.base import TensorTask, register, shown_value
-from mergecli.methods.task_vectors import (
-    DensitySettings,
-    DensityValue,
-    ModelDensity,
-    TaskVectorMethod,
-    add_elected,
-    deltas,
-    shown_density,
-)
+from mergecli.methods.base import register
+from mergecli.methods.sparse import SparseMethod
+from mergecli.methods.task_vectors import DensitySettings, DensityValue, ModelDensity
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 _LOW32 = 0xFFFFFFFF
 
 
 class DareSettings(DensitySettings):
-    """`[dare_linear]` / `[dare_ties]`: density (the fraction kept), seed and lambda."""
+    """`[dare_linear]` / `[dare_ties]`: density (the fraction kept), seed, lambda, and how the survivors are
+    rescaled: "density" (× 1/density, the paper's), "l1" or true (the tensor's L1 norm kept, mergekit's), false."""
 
     density: DensityValue | dict[str, DensityValue] = 0.5
     seed: int = Field(default=0, ge=0, lt=2**63)
+    rescale: Literal["density", "l1"] | bool = "density"
 
 
 _MULTIPLIER = 0x45D9F3B
@@ -66,69 +63,53 @@ def stream_key(seed: int, model: int, tensor: str) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
 
 
-def kept(key: tuple[int, int], start: int, count: int, density: float) -> torch.Tensor:
-    """Whether each of the entries at flat positions start..start+count is kept: a 32-bit hash of the
-    key and the position, below density × 2³². The position's high 32 bits go into the key (one value
-    for a block within 2³² entries; a block across that boundary is done in two parts)."""
+def draws(key: tuple[int, int], start: int, count: int) -> numpy.ndarray:
+    """A uniform 32-bit draw (uint32) for each of the entries at flat positions start..start+count: a hash
+    of the key and the position. The position's high 32 bits go into the key (one value for a block
+    within 2³² entries; a block across that boundary is done in two parts)."""
     boundary = ((start >> 32) + 1) << 32
     if start + count > boundary:
-        return torch.cat([kept(key, start, boundary - start, density),
-                          kept(key, boundary, start + count - boundary, density)])
+        return numpy.concatenate([draws(key, start, boundary - start), draws(key, boundary, start + count - boundary)])
     salt = _mix_scalar((start >> 32) ^ key[1]) ^ key[0]
+    x = numpy.arange(start & _LOW32, (start & _LOW32) + count, dtype=numpy.uint32)
+    x ^= numpy.uint32(salt)
+    return _mix32(x)
+
+
+def kept(key: tuple[int, int], start: int, count: int, density: float) -> torch.Tensor:
+    """Whether each of the entries at flat positions start..start+count is kept: its draw below
+    density × 2³²."""
     limit = int(density * 2**32)
     if limit >= 2**32:
         return torch.ones(count, dtype=torch.bool)
-    x = numpy.arange(start & _LOW32, (start & _LOW32) + count, dtype=numpy.uint32)
-    x ^= numpy.uint32(salt)
-    return torch.from_numpy(_mix32(x) < numpy.uint32(limit))
+    return torch.from_numpy(draws(key, start, count) < numpy.uint32(limit))
 
 
-class Dare(TaskVectorMethod):
+class Dare(SparseMethod):
     settings = DareSettings
-    mergekit_defaults = {"density": 1.0}  # mergekit keeps every entry unless told a density
+    mergekit_defaults = {"density": 1.0, "rescale": "l1"}  # mergekit keeps every entry unless told a density,
+    # and rescales the survivors to the tensor's L1 norm
     model_settings = ModelDensity
     normalize_default = False
-    elect_signs = False
+    paper = f"[Yu et al., ICML 2024]({PAPER})"
+    dropped = ("each entry of each task vector δᵢ = θᵢ − θ_base is dropped with probability 1 − density (by a hash of "
+               "the seed and its position)")
 
-    def task_for(self, recipe, inputs, task, read, shared, here):
-        settings = here.settings
-        model_density = [model.density for model in here.models]
-        drops = [(stream_key(settings.seed, index, task.out.name), model_density[index]) for index, _, _ in read]
-        weights = [weight for _, _, weight in read]
-        normalize = self.normalize(recipe)
-        elect_signs = self.elect_signs
-        scale = settings.lambda_ * (1.0 if normalize and elect_signs else 1.0 / self.divisor(recipe, here))
+    def sparsifier(self, recipe, inputs, task, read, here):
+        drops = [(stream_key(here.settings.seed, index, task.out.name), here.models[index].density)
+                 for index, _, _ in read]
+        if all(density >= 1.0 for _, density in drops):
+            return None, ()
 
-        def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
-            base, vectors = deltas(blocks)
-            survivors = []
-            for (key, density), vector, weight in zip(drops, vectors, weights):
+        def sparsify(vectors: list[torch.Tensor], start: int) -> None:
+            for (key, density), vector in zip(drops, vectors):
                 mask = kept(key, start, vector.numel(), density).numpy()
                 numpy.multiply(vector.numpy(), mask, out=vector.numpy())  # numpy's float × bool: a third of torch's
-                survivors.append(vector.mul_(weight / density))
-            if elect_signs:
-                return add_elected(base, survivors, weights, normalize=normalize, scale=scale).view(out.shape)
-            merged = survivors[0]
-            for survivor in survivors[1:]:
-                merged.add_(survivor)
-            return base.add_(merged, alpha=scale).view(out.shape)
 
-        sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
-        return TensorTask(task.out, self.name, sources, combine, task.block_elements, independent_blocks=True,
-                          positional=True, t=task.t)
+        return sparsify, ()
 
-    def describe(self, recipe) -> list[str]:
-        settings = recipe.settings
-        shown = shown_density(recipe)
-        then = ("a sign is elected per entry as in TIES and the agreeing entries are "
-                + ("averaged" if self.normalize(recipe) else "summed")) if self.elect_signs else \
-            "the weighted task vectors are " + ("averaged" if self.normalize(recipe) else "summed")
-        return [f"**{self.title}** ([Yu et al., ICML 2024]({PAPER})): each entry of each task vector "
-                f"δᵢ = θᵢ − θ_base is dropped with probability 1 − density and the survivors rescaled by 1/density; "
-                f"{then}; θ = θ_base + λ × that.", "", f"- density (fraction kept): {shown}",
-                f"- seed: {settings.seed} (the drop depends on it and on each entry's position alone)",
-                f"- λ (`lambda`): {shown_value(settings.lambda_)}",
-                "- computed in float32 (float64 for float64 inputs), rounded once"]
+    def setting_lines(self, recipe) -> list[str]:
+        return [f"- seed: {recipe.settings.seed} (the drop depends on it and on each entry's position alone)"]
 
 
 class DareLinear(Dare):

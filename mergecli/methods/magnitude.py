@@ -38,7 +38,7 @@ def _as_float(bits: int) -> float:
 
 
 class TopMagnitudes:
-    """Which entries of a population of `size` values are its ⌊density × size⌋ largest magnitudes.
+    """Which entries of a population of `size` values are its ⌊density × size⌋ (or `k`) largest magnitudes.
 
     Fed block by block, one pass per stage (`count`, then `finish_pass` once every block of the pass was
     counted): SAMPLE and BRACKET for a population with a `sample` plan (what its sample pass reads), then
@@ -47,9 +47,9 @@ class TopMagnitudes:
     """
 
     def __init__(self, size: int, density: float, store_entries: int = STORE_ENTRIES,
-                 sample: SamplePlan | None = None):
+                 sample: SamplePlan | None = None, k: int | None = None):
         self.size = size
-        self.k = min(size, math.floor(density * size))
+        self.k = min(size, math.floor(density * size) if k is None else k)
         counted = 0 < self.k < size
         self.sample = Sample(sample, size) if counted and sample is not None and size >= bracket.MIN_SAMPLED else None
         self.bracket: Bracket | None = None

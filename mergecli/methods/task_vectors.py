@@ -137,6 +137,7 @@ class TaskVectorMethod(Method):
     command = "merge"
     needs_base: ClassVar[bool] = True
     linear: ClassVar[bool] = False  # a weighted sum of the inputs: a row only the models have comes out their mean
+    uses_weights: ClassVar[bool] = True  # False: every model counts alike (the method weighs them itself)
     kinds: ClassVar[dict[str, str]] = {}
 
     def check(self, recipe: Recipe) -> None:
@@ -147,6 +148,8 @@ class TaskVectorMethod(Method):
             check_densities(recipe)
 
     def tasks(self, recipe: Recipe, inputs: Inputs, tasks: list[TensorTask], warnings: list[str]) -> list[TensorTask]:
+        if not self.uses_weights and any(spec.weight != 1.0 for spec in recipe.models):
+            warnings.append(f"{self.name}: the models' weights are not used (every model counts alike)")
         shared = self.shared(recipe, [task for task in tasks if task.kind == "average"])
         out = []
         for task in tasks:
@@ -154,7 +157,7 @@ class TaskVectorMethod(Method):
                 out.append(task)
                 continue
             here = settings_at(recipe, task.out.name, task.t)
-            weights = scaled_weights(here.weights)[0]
+            weights = scaled_weights(here.weights)[0] if self.uses_weights else [1.0] * len(inputs.models)
             read = [(index, checkpoint, weight) for index, (checkpoint, weight)
                     in enumerate(zip(inputs.models, weights)) if weight != 0]
             made = self.task_for(recipe, inputs, task, read, shared, here)

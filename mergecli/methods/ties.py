@@ -11,16 +11,13 @@ large population (methods/bracket.py), histogram passes for a small one.
 
 from __future__ import annotations
 
-import threading
 from typing import Literal
 
 import torch
 
 from mergecli.errors import RecipeError
-from mergecli.io.checkpoint import iter_row_blocks
-from mergecli.methods.base import Prepass, TensorTask, register, settings_at, shown_value
-from mergecli.methods.bracket import SamplePlan, sample_rows, sample_share
-from mergecli.methods.magnitude import BRACKET, DONE, LOW, SAMPLE, TIES, TOP, TopMagnitudes
+from mergecli.methods.base import TensorTask, register, settings_at, shown_value
+from mergecli.methods.bracket import SamplePlan, sample_share
 from mergecli.methods.task_vectors import (
     DensitySettings,
     ModelDensity,
@@ -29,91 +26,16 @@ from mergecli.methods.task_vectors import (
     deltas,
     shown_density,
 )
+from mergecli.methods.trims import BRACKET_BLOCKS, Population, row_blocks, sample_plan, trim_passes
 from mergecli.recipe.varying import varies
 
 PAPER = "https://arxiv.org/abs/2306.01708"
-BRACKET_BLOCKS = 2  # row blocks read at once by the bracket pass (its work per value is light: fewer calls pay)
 
 
 class TiesSettings(DensitySettings):
     """`[ties]`: density, lambda and where the trim's threshold is taken."""
 
     trim_scope: Literal["tensor", "model"] = "tensor"
-
-
-class Population:
-    """The values one threshold is taken over (a model's task vector in one tensor, or in all of them),
-    and how many tasks must finish a pass before it is settled."""
-
-    def __init__(self, size: int, density: float, members: int, sample: SamplePlan):
-        self.trim = TopMagnitudes(size, density, sample=sample)
-        self.members = members
-        self.left = members
-        self.lock = threading.Lock()
-
-    def done(self, depth: int) -> None:
-        if self.trim.stage != depth:
-            return
-        with self.lock:
-            self.left -= 1
-            settled = self.left == 0
-            if settled:
-                self.left = self.members
-        if settled:
-            self.trim.finish_pass()
-
-
-def row_blocks(task: TensorTask) -> list[tuple[int, int] | None]:
-    """A task's row blocks (None: the whole tensor)."""
-    return list(iter_row_blocks(task.sources[0].tensors[task.out.name], task.block_elements))
-
-
-def sample_plan(task: TensorTask, share: float) -> SamplePlan:
-    """What the sample pass reads of a task's tensor, `share` of its rows."""
-    slabs = [task.out.elements(rows) for rows in sample_rows(row_blocks(task), share)]
-    return SamplePlan(sum(slabs), len(slabs))
-
-
-PASS_LABELS = {SAMPLE: "TIES thresholds: a sample of rows", BRACKET: "TIES thresholds: the values near each cut",
-               TOP: "TIES thresholds: counting magnitudes", LOW: "TIES thresholds: counting within the cut's bucket",
-               TIES: "TIES thresholds: equal values at the cut"}
-
-
-class TrimPass(Prepass):
-    """Pass `depth` (a stage of TopMagnitudes) of a task's trims: one read of the tensor's blocks (a
-    sample of its rows, for the SAMPLE stage) counts every model's task vector into its population (at
-    the tensor's offset in it)."""
-
-    def __init__(self, depth: int, populations: list[tuple[Population, int]], share: float, block: int):
-        self.depth = depth
-        self.label = PASS_LABELS[depth]
-        self.populations = populations
-        self.share = share  # of the rows, that the sample reads
-        self.block = block  # elements in a row block of the merge: the trims know each block by its start
-        expected = {stage for population, _ in populations for stage in population.trim.expected_passes()}
-        self.reads = (share if depth == SAMPLE else 1.0) if depth in expected else 0.0
-
-    def needed(self) -> bool:
-        return any(population.trim.stage == self.depth for population, _ in self.populations)
-
-    def rows(self, blocks: list[tuple[int, int] | None]) -> list[tuple[int, int] | None]:
-        if self.depth == SAMPLE:
-            return list(sample_rows(blocks, self.share))
-        if self.depth == BRACKET and blocks != [None]:  # fewer, larger reads: measured 8% faster there
-            return [(blocks[i][0], blocks[min(len(blocks), i + BRACKET_BLOCKS) - 1][1])
-                    for i in range(0, len(blocks), BRACKET_BLOCKS)]
-        return blocks
-
-    def fold(self, blocks: list[torch.Tensor], start: int) -> None:
-        _, vectors = deltas(blocks)
-        for (population, offset), vector in zip(self.populations, vectors):
-            if population.trim.stage == self.depth:
-                for at in range(0, vector.numel(), self.block):  # the merge's row blocks, in a larger read
-                    population.trim.count(vector[at:at + self.block], offset + start + at)
-
-    def task_done(self) -> None:
-        for population, _ in self.populations:
-            population.done(self.depth)
 
 
 class Ties(TaskVectorMethod):
@@ -158,18 +80,19 @@ class Ties(TaskVectorMethod):
         model_density = [model.density for model in here.models]
         if shared is not None:
             model_scope, offsets, share = shared
-            populations = [(model_scope[index], offsets[task.out.name]) for index, _, _ in read]
+            populations = [(model_scope[index], offsets[task.out.name], i) for i, (index, _, _) in enumerate(read)]
         else:
             share = sample_share(task.out.numel)
             sample = sample_plan(task, share)
-            populations = [(Population(task.out.numel, model_density[index], 1, sample), 0) for index, _, _ in read]
+            populations = [(Population(task.out.numel, model_density[index], 1, sample), 0, i)
+                           for i, (index, _, _) in enumerate(read)]
         weights = [weight for _, _, weight in read]
         normalize = self.normalize(recipe)
         scale = settings.lambda_ * (1.0 if normalize else 1.0 / self.divisor(recipe, here))
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
             base, vectors = deltas(blocks)
-            for (population, offset), vector, weight in zip(populations, vectors, weights):
+            for (population, offset, _), vector, weight in zip(populations, vectors, weights):
                 population.trim.trim_(vector, offset + start)
                 if weight != 1:
                     vector.mul_(weight)
@@ -177,12 +100,12 @@ class Ties(TaskVectorMethod):
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
         block = task.out.elements(row_blocks(task)[0])
-        passes = tuple(TrimPass(depth, populations, share, block) for depth in range(DONE))
+        passes = trim_passes(populations, share, block)
         # per worker: the task vectors and the election's buffers (float32 or float64), for blocks of up to
         # BRACKET_BLOCKS row blocks; and what the trims being counted hold
         itemsize = 8 if any(source.tensors[task.out.name].dtype == torch.float64 for source in sources) else 4
         buffers = (len(read) + 5) * itemsize * BRACKET_BLOCKS * task.block_elements
-        trims = sum(population.trim.memory() for population, _ in populations)
+        trims = sum(population.trim.memory() for population, _, _ in populations)
         return TensorTask(task.out, "ties", sources, combine, task.block_elements, independent_blocks=True,
                           prepasses=passes, positional=True, work_bytes=buffers + trims, t=task.t)
 
