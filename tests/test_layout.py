@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mergecli"
 # From the bottom up: a module may import its own package or a lower layer, never a higher one.
-LAYERS = ["mergecli.errors", "mergecli.recipe", "mergecli.io", "mergecli.stats", "mergecli.methods",
+LAYERS = ["mergecli.errors", "mergecli.exact", "mergecli.recipe", "mergecli.io", "mergecli.stats", "mergecli.methods",
           "mergecli.publish", "mergecli.merge", "mergecli.cli", "mergecli.__main__"]
 # Where an import may sit inside a function: only in the command line, to keep --help fast, and
 # in the entry point, which installs its signal handlers before importing anything.

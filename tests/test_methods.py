@@ -58,5 +58,6 @@ def test_an_unknown_method_is_a_recipe_error(llama_fp32, tmp_path):
     for command in (["validate"], ["average"], ["regmean", "merge"]):
         result = cli(*command, path)
         assert result.exit_code == 2, result.output
-        assert f"{path}: method: unknown method 'firts'; did you mean 'first'? (methods: arcee_fusion, average, " in result.stderr
+        assert f"{path}: method: unknown method 'firts'; did you mean 'first'? (methods: arcee_fusion, average, " \
+            in result.stderr
     assert not (tmp_path / "out").exists()

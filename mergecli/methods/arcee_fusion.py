@@ -1,6 +1,6 @@
 """Arcee Fusion, as mergekit 0.1.5 defines it: the base θ_b and one model θ₁; each entry's importance is
 
-    s = |θ₁ − θ_b| · KL(p ‖ q),   p = softmax(θ₁) + 1e-8,  q = softmax(θ_b) + 1e-8
+    s = |θ₁ − θ_b| · KL(p ‖ q),   p = softmax(θ₁) + 1e-8,  q = softmax(θ_b) + 1e-8   (KL at least 0)
 
 (the softmax and the divergence taken along each row's last dimension; a 1-D tensor is one row), and the
 model's change is kept where s ≥ median(s) + 1.5 · (Q3(s) − Q1(s)):  θ = θ_b + (θ₁ − θ_b) · [s ≥ that].
@@ -31,13 +31,14 @@ SMOOTHING = 1e-8  # mergekit's: added to each probability
 
 def importance(blocks: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """s of each entry of a block (flat), from the base's and the model's blocks, in float32 (float64 for
-    float64 inputs), as mergekit computes it."""
+    float64 inputs), as mergekit computes it; but a divergence that rounding made negative (rows the model
+    barely changed) is 0, as it is exactly: the scores are never below 0, and the cuts count magnitudes."""
     dtype = torch.float64 if blocks[0].dtype == torch.float64 else torch.float32
     rows = (-1, shape[-1]) if len(shape) > 1 else (1, -1)
     base, model = (block.to(dtype).reshape(rows) for block in blocks)
     p = F.softmax(model, dim=-1) + SMOOTHING
     q = F.softmax(base, dim=-1) + SMOOTHING
-    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True).clamp_(min=0)
     return ((model - base).abs() * divergence).reshape(-1)
 
 
@@ -85,7 +86,7 @@ class ArceeFusion(TaskVectorMethod):
                 cut = threshold(*(float(ordered[place]) for place in places(size)), scores.dtype)
             else:
                 cut = threshold(*(_as_float(population.trim.threshold) for population, _, _ in cuts), scores.dtype)
-            base, (delta,) = deltas(blocks)
+            base, (delta,) = deltas(blocks, out.dtype)
             return base.add_(delta.mul_(scores >= cut)).view(out.shape)
 
         prepasses = () if whole else trim_passes(cuts, sample_share(size), task.out.elements(blocks[0]),
@@ -99,7 +100,8 @@ class ArceeFusion(TaskVectorMethod):
         return [f"**Arcee Fusion** ([Arcee]({REFERENCE})): the model's changes θ₁ − θ_base are kept where their "
                 "importance |θ₁ − θ_base| · KL(softmax θ₁ ‖ softmax θ_base) (per row) reaches median + 1.5 · IQR of "
                 "the tensor's.", "",
-                "- the quantiles exact; computed in float32 (float64 for float64 inputs), rounded once"]
+                "- the quantiles exact; computed in float32 for 16-bit inputs and output, float64 otherwise; "
+                "rounded once"]
 
 
 register(ArceeFusion())

@@ -1,4 +1,4 @@
-"""Weighted averaging: θ = Σ w_i θ_i, accumulated in float32 (float64 for float64 inputs).
+"""Weighted averaging: θ = Σ w_i θ_i, accumulated in float32 for 16-bit inputs and output, float64 otherwise.
 
 The math, and the `average` method, which keeps the planner's default tasks as they are.
 """
@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import torch
 
+from mergecli.exact import common_fraction
 from mergecli.io.buffers import thread_buffer
 from mergecli.methods.base import Combine, Method, register
 
+WIDE = (torch.float32, torch.float64)
+PRECISION = "in float32 for 16-bit inputs and output, float64 otherwise"  # what the cards say
 
-def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
-    """float64 when any input is float64, else float32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+def accumulation_dtype(dtypes: list[torch.dtype], out: torch.dtype | None = None) -> torch.dtype:
+    """What a merge computes in: float32 for 16-bit inputs and output (exact for the bf16 and fp16 values
+    and small integer weights it sums, mergecli/exact.py; else a few units of float32, which the output's
+    rounding hides); float64 where an input or the output is float32 or float64 (float32 arithmetic on
+    float32 values is not within one unit where terms cancel, nor correctly rounded to fp16 often enough)."""
+    return torch.float64 if out in WIDE or any(dtype in WIDE for dtype in dtypes) else torch.float32
 
 
 CHUNK_ELEMENTS = 1 << 18  # elements summed per pass: the accumulator chunk stays in the L2 cache
@@ -41,7 +48,7 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], *, divisor: 
     """
     if len(tensors) != len(weights) or not tensors:
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
-    dtype = accumulation_dtype([t.dtype for t in tensors])
+    dtype = accumulation_dtype([t.dtype for t in tensors], out.dtype if out is not None else None)
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype)
     if out.dtype == dtype:
@@ -71,10 +78,14 @@ def _accumulate(total: torch.Tensor, tensors: list[torch.Tensor], weights: list[
 
 def weighted_combine(weights: list[float], *, divisor: float = 1.0) -> Combine:
     """The combine of Σ w_i t_i / divisor over row blocks (`weighted_sum`), each streaming thread with an
-    accumulator chunk of its own, reused from block to block."""
+    accumulator chunk of its own, reused from block to block. Coefficients that are ratios of small
+    integers are summed as those integers, divided once (mergecli/exact.py)."""
+    exact = common_fraction([*weights, divisor])
+    if exact is not None and exact[0][-1] != 0.0:
+        weights, divisor = exact[0][:-1], exact[0][-1]
 
     def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        dtype = accumulation_dtype([b.dtype for b in blocks])
+        dtype = accumulation_dtype([b.dtype for b in blocks], out.dtype)
         return weighted_sum(blocks, weights, divisor=divisor, out=out,
                             scratch=thread_buffer(("accumulator", dtype), CHUNK_ELEMENTS, dtype))
 
@@ -94,7 +105,7 @@ class Average(Method):
     def describe(self, recipe) -> list[str]:
         weights = "with the weights normalized to sum 1." if recipe.normalize else "with the weights as given."
         return [f"**Weighted average** of the parameters (weight ensembling): θ = Σ wᵢ θᵢ, {weights}", "",
-                "- accumulated in float32 (float64 for float64 inputs)"]
+                "- accumulated in float32 for 16-bit inputs and output, float64 otherwise"]
 
 
 register(Average())

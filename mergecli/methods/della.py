@@ -71,10 +71,10 @@ def keep_probability(vector: torch.Tensor, shape: tuple[int, ...], density: floa
     """Each entry's keep probability (float64, flat, in the block's order) from its magnitude's rank in its
     row: the vector along dimension 1 (a 2-D tensor's rows; a 1-D tensor is one row)."""
     if len(shape) <= 2:
-        ranks = row_ranks(vector.abs().view(-1, shape[-1])).reshape(-1)
+        ranks = row_ranks(vector.abs().float().view(-1, shape[-1])).reshape(-1)
     else:
         rest = shape[2:].numel()
-        along = vector.abs().view(-1, shape[1], rest).transpose(1, 2).reshape(-1, shape[1])
+        along = vector.abs().float().view(-1, shape[1], rest).transpose(1, 2).reshape(-1, shape[1])
         ranks = row_ranks(along).reshape(-1, rest, shape[1]).transpose(0, 2, 1).reshape(-1)
     return ranks.astype(numpy.float64) * (2 * epsilon) + (density - epsilon)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from mergecli.methods.average import PRECISION
 from mergecli.methods.base import register, shown_value
 from mergecli.methods.whole import WholeMatrixMethod, polar
 from mergecli.recipe import StrictModel
@@ -94,7 +95,7 @@ class IsoC(WholeMatrixMethod):
                 "tensor's summed task vector with all its singular values set to their mean; other tensors get the "
                 "mean task vector. θ = θ_base + scaling_factor × that.", "",
                 f"- scaling_factor: {shown_value(recipe.settings.scaling_factor)}",
-                "- SVDs in float32 (float64 for float64 inputs), one task vector in memory at a time"]
+                f"- SVDs {PRECISION}, one task vector in memory at a time"]
 
 
 class IsoCts(IsoC):
@@ -116,7 +117,7 @@ class IsoCts(IsoC):
                 "the mean task vector. θ = θ_base + scaling_factor × that.", "",
                 f"- scaling_factor: {shown_value(settings.scaling_factor)}, common_space_fraction: "
                 f"{shown_value(settings.common_space_fraction)}",
-                "- SVDs in float32 (float64 for float64 inputs), one task vector in memory at a time"]
+                f"- SVDs {PRECISION}, one task vector in memory at a time"]
 
 
 register(IsoC())

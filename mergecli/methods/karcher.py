@@ -119,7 +119,7 @@ class Karcher(TaskVectorMethod):
                 + (" (the base counts as one more model)" if recipe.base is not None else "") + ".", "",
                 f"- max_iter: {settings.max_iter}, tol: {shown_value(settings.tol)}",
                 "- the steps on the K coefficients in float64, from each tensor's Gram matrix; the merge in float32 "
-                "(float64 for float64 inputs), rounded once"]
+                "for 16-bit inputs and output, float64 otherwise; rounded once"]
 
 
 register(Karcher())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from mergecli.errors import RecipeError
+from mergecli.methods.average import PRECISION
 from mergecli.methods.base import TensorTask, register
 from mergecli.methods.statistics import Sums, gram, row_view
 from mergecli.methods.task_vectors import TaskVectorMethod, deltas
@@ -67,11 +68,12 @@ class ModelStock(TaskVectorMethod):
             return ratio(rows @ rows.transpose(1, 2)).to(vectors[0].dtype)
 
         found: dict[str, float] = {}
-        stats = None if per_row else Sums("Model Stock angles", lambda blocks, start: gram(deltas(blocks)[1]),
+        stats = None if per_row else Sums("Model Stock angles",
+                                          lambda blocks, start: gram(deltas(blocks, task.out.dtype)[1]),
                                           lambda total: found.update(t=float(ratio(total))))
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-            base, vectors = deltas(blocks)
+            base, vectors = deltas(blocks, out.dtype)
             t = row_ratios(vectors).unsqueeze(-1) / k if per_row else found["t"] / k
             total = vectors[0]
             for vector in vectors[1:]:
@@ -90,7 +92,7 @@ class ModelStock(TaskVectorMethod):
         return [f"**Model Stock** ([Jang et al., ECCV 2024]({PAPER})): θ = θ_base + t · mean δᵢ, with "
                 "t = k cos θ / (1 + (k − 1) cos θ) and cos θ the mean cosine between the task vectors "
                 f"δᵢ = θᵢ − θ_base, taken for {scope}.", "",
-                "- angles in float64, the merge in float32 (float64 for float64 inputs), rounded once"]
+                f"- angles in float64, the merge {PRECISION}; rounded once"]
 
 
 register(ModelStock())

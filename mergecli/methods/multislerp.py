@@ -6,7 +6,8 @@ with weights w_i (divided by their sum, with `normalize_weights`, the default):
     θ = θ_b + (Σ w_i ‖τ_i‖) · (cos(‖g‖ + eps) m + sin(‖g‖ + eps) / (‖g‖ + eps) · g)
 
 (θ_b: 0 without a base). Where ‖Σ w_i u_i‖ < eps, two models are interpolated linearly (Σ w_i τ_i) and more
-are refused, as mergekit does. Every vector above is in the span of the τ_i: the formula is computed on K
+are refused, as mergekit does, but where every τ_i is 0 (no model changes the tensor) the base is kept.
+Every vector above is in the span of the τ_i: the formula is computed on K
 coefficients in float64, from the Gram matrix of the task vectors (one streamed pass over each tensor's
 row blocks), and the merge is one weighted sum.
 """
@@ -47,6 +48,8 @@ def multislerp_coefficients(grams: torch.Tensor, weights: list[float], eps: floa
 
     length = norm(w)
     if length < eps:
+        if not bool((norms > 0).any()):
+            return [0.0] * len(weights)  # no model changes the tensor: the base
         return weights if len(weights) == 2 else None
     mean = w / length
     dots = units @ mean
@@ -83,7 +86,7 @@ class MultiSlerp(TaskVectorMethod):
         merge: dict[str, object] = {}
 
         def vectors(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
-            return deltas(blocks)[1] if has_base else blocks
+            return deltas(blocks, task.out.dtype)[1] if has_base else blocks
 
         def settle(total: torch.Tensor) -> None:
             found = multislerp_coefficients(total, weights, settings.eps)
@@ -96,7 +99,7 @@ class MultiSlerp(TaskVectorMethod):
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
             if not has_base:
                 return merge["combine"](blocks, out)
-            base, taus = deltas(blocks)
+            base, taus = deltas(blocks, out.dtype)
             for tau, c in zip(taus, merge["c"]):
                 base.add_(tau, alpha=c)
             return base.view(out.shape)
@@ -111,7 +114,7 @@ class MultiSlerp(TaskVectorMethod):
         return [f"**Multi-SLERP** ([Goddard]({REFERENCE})): barycentric interpolation of {what} on the sphere, with "
                 f"the weights {weights}, scaled by their weighted mean norm.", "",
                 "- computed on the K coefficients in float64 from each tensor's Gram matrix; the merge in float32 "
-                "(float64 for float64 inputs), rounded once"]
+                "for 16-bit inputs and output, float64 otherwise; rounded once"]
 
 
 register(MultiSlerp())

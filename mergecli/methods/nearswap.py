@@ -45,7 +45,7 @@ class NearSwap(TaskVectorMethod):
         t = here.settings.t
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-            base, (delta,) = deltas(blocks)
+            base, (delta,) = deltas(blocks, out.dtype)
             distance = torch.abs(delta).clamp_(min=CLOSEST)
             weight = torch.div(torch.tensor(t, dtype=delta.dtype), distance, out=distance).clamp_(0, 1)
             return base.addcmul_(weight, delta).view(out.shape)
@@ -57,7 +57,7 @@ class NearSwap(TaskVectorMethod):
     def describe(self, recipe) -> list[str]:
         return [f"**NearSwap** ([alchemonaut]({REFERENCE})): θ = θ_base + w · (θ₁ − θ_base) per entry, with "
                 "w = clamp(t / |θ₁ − θ_base|, 0, 1).", "", f"- t: {shown_value(recipe.settings.t)}",
-                "- computed in float32 (float64 for float64 inputs), rounded once"]
+                "- computed in float32 for 16-bit inputs and output, float64 otherwise; rounded once"]
 
 
 register(NearSwap())

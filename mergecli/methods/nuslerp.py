@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from mergecli.errors import RecipeError
+from mergecli.methods.average import PRECISION, accumulation_dtype
 from mergecli.methods.base import TensorTask, register, settings_at
 from mergecli.methods.statistics import Sums, row_view
 from mergecli.methods.task_vectors import TaskVectorMethod, deltas
@@ -83,14 +84,15 @@ class NuSlerp(TaskVectorMethod):
             "column" if settings.nuslerp_row_wise else "row"
         found: dict[str, torch.Tensor] = {}
 
-        def pair(blocks: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        def pair(blocks: list[torch.Tensor], out: torch.dtype | None = None) \
+                -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
             if has_base:
-                base, (a, b) = deltas(blocks)
+                base, (a, b) = deltas(blocks, out)
                 return base, a, b
             return None, blocks[0].reshape(-1), blocks[1].reshape(-1)
 
         def sums(blocks: list[torch.Tensor], start: int) -> torch.Tensor:
-            _, a, b = pair(blocks)
+            _, a, b = pair(blocks, task.out.dtype)
             if scope == "tensor":
                 return products(a, b, None)
             return products(a.view(-1, *shape[1:]).flatten(1), b.view(-1, *shape[1:]).flatten(1), 0)
@@ -99,8 +101,8 @@ class NuSlerp(TaskVectorMethod):
             found["c"] = coefficients(total, t)
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-            base, a, b = pair(blocks)
-            dtype = a.dtype if a.dtype == torch.float64 else torch.float32
+            base, a, b = pair(blocks, out.dtype)
+            dtype = accumulation_dtype([a.dtype, b.dtype], out.dtype)
             if scope == "row":
                 c = coefficients(products(row_view(a, shape), row_view(b, shape), -1), t).to(dtype)
                 merged = row_view(a, shape).to(dtype) * c[:, :1] + row_view(b, shape).to(dtype) * c[:, 1:]
@@ -126,7 +128,7 @@ class NuSlerp(TaskVectorMethod):
             "each row"
         what = "the task vectors δᵢ = θᵢ − θ_base (added to the base)" if recipe.base is not None else "the models"
         return [f"**NuSLERP**: spherical interpolation of {what}, at t = w₂ / (w₁ + w₂), over {scope}.", "",
-                "- angles in float64, the interpolation in float32 (float64 for float64 inputs), rounded once"]
+                f"- angles in float64, the interpolation {PRECISION}; rounded once"]
 
 
 register(NuSlerp())

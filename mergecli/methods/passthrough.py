@@ -25,7 +25,7 @@ def scaled_copy(scale: float):
     """The combine of a tensor taken from its only source, times `scale`, rounded once."""
 
     def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        dtype = accumulation_dtype([blocks[0].dtype])
+        dtype = accumulation_dtype([blocks[0].dtype], out.dtype)
         return thread_buffer("scaled", blocks[0].numel(), dtype).view(blocks[0].shape).copy_(blocks[0]).mul_(scale)
 
     return combine

@@ -59,7 +59,7 @@ class Ram(TaskVectorMethod):
         epsilon = here.settings.epsilon
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-            base, vectors = deltas(blocks)
+            base, vectors = deltas(blocks, out.dtype)
             vectors, counts = changed(vectors, epsilon)
             total = vectors[0]
             for vector in vectors[1:]:
@@ -74,7 +74,7 @@ class Ram(TaskVectorMethod):
         return [f"**RAM** ([arXiv 2601.13572]({PAPER})): θ = θ_base + Σᵢ mᵢ δᵢ / max(c, 1), where mᵢ marks the entries "
                 "model i changes by more than epsilon and c counts the models that change each entry.", "",
                 f"- epsilon: {shown_value(recipe.settings.epsilon)}",
-                "- computed in float32 (float64 for float64 inputs), rounded once"]
+                "- computed in float32 for 16-bit inputs and output, float64 otherwise; rounded once"]
 
 
 class RamPlus(Ram):
@@ -91,7 +91,7 @@ class RamPlus(Ram):
         scales: list[float] = []
 
         def counts(blocks: list[torch.Tensor], start: int) -> torch.Tensor:
-            vectors, count = changed(deltas(blocks)[1], epsilon)
+            vectors, count = changed(deltas(blocks, task.out.dtype)[1], epsilon)
             unique = (count == 1).to(torch.float64)
             overlap = (count > 1).to(torch.float64)
             marks = [(vector != 0).to(torch.float64) for vector in vectors]
@@ -103,7 +103,7 @@ class RamPlus(Ram):
             scales.extend((1 + settings.r * rho.clamp(min=0, max=settings.alpha)).tolist())
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-            base, vectors = deltas(blocks)
+            base, vectors = deltas(blocks, out.dtype)
             vectors, count = changed(vectors, epsilon)
             plain = torch.zeros_like(vectors[0])
             scaled = torch.zeros_like(vectors[0])
@@ -123,7 +123,7 @@ class RamPlus(Ram):
                 "scaled by λᵢ = 1 + r · clamp(ρᵢ, 0, alpha), ρᵢ the ratio of the entries it shares to those it alone "
                 "changes in the tensor.", "", f"- epsilon: {shown_value(settings.epsilon)}, r: "
                 f"{shown_value(settings.r)}, alpha: {shown_value(settings.alpha)}",
-                "- counts exact, the merge in float32 (float64 for float64 inputs), rounded once"]
+                "- counts exact, the merge in float32 for 16-bit inputs and output, float64 otherwise; rounded once"]
 
 
 register(Ram())

@@ -40,9 +40,9 @@ class SceSettings(StrictModel):
 
 
 def variance(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """The population variance across the models of each entry (flat)."""
-    stacked = thread_buffer("sce-stack", len(vectors) * vectors[0].numel(), vectors[0].dtype) \
-        .view(len(vectors), -1)
+    """The population variance across the models of each entry (flat), in float32 whatever the vectors'
+    dtype (the cut's passes and the merge must see the same values)."""
+    stacked = thread_buffer("sce-stack", len(vectors) * vectors[0].numel(), torch.float32).view(len(vectors), -1)
     for row, vector in zip(stacked, vectors):
         row.copy_(vector)
     return torch.var(stacked, dim=0, unbiased=False)
@@ -64,7 +64,7 @@ class Sce(TaskVectorMethod):
         cut: list[tuple[Population, int, int]] = []  # filled once the nonzero variances are counted
         share = sample_share(size)
         sample = sample_plan(task, share)
-        select = {"none": topk <= 0.0}
+        nothing = {"kept": topk <= 0.0}
         weights: list[float] = []
 
         def variances(blocks: list[torch.Tensor], start: int) -> list[torch.Tensor]:
@@ -75,14 +75,13 @@ class Sce(TaskVectorMethod):
 
         def settle_count(total: torch.Tensor) -> None:
             k = int(int(total[0]) * topk)
-            select["none"] = select["none"] or k == 0
-            if not select["none"]:
+            nothing["kept"] = nothing["kept"] or k == 0
+            if not nothing["kept"]:
                 cut.append((Population(size, 1.0, 1, sample, k=k), 0, 0))
 
-        def selected(blocks: list[torch.Tensor], start: int) -> list[torch.Tensor]:
-            vectors = deltas(blocks)[1]
+        def select(vectors: list[torch.Tensor], start: int) -> list[torch.Tensor]:
             if selecting:
-                if select["none"]:
+                if nothing["kept"]:
                     for vector in vectors:
                         vector.zero_()
                 else:
@@ -92,7 +91,8 @@ class Sce(TaskVectorMethod):
             return vectors
 
         def energies(blocks: list[torch.Tensor], start: int) -> torch.Tensor:
-            return torch.stack([vector.square().sum(dtype=torch.float64) for vector in selected(blocks, start)])
+            vectors = select(deltas(blocks, task.out.dtype)[1], start)
+            return torch.stack([vector.square().sum(dtype=torch.float64) for vector in vectors])
 
         def settle_weights(total: torch.Tensor) -> None:
             means = (total / size).tolist()
@@ -100,8 +100,8 @@ class Sce(TaskVectorMethod):
             weights.extend([1.0 / len(means)] * len(means) if abs(whole) < FLOOR else [m / whole for m in means])
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
-            base = deltas(blocks)[0]
-            vectors = selected(blocks, start)
+            base, vectors = deltas(blocks, out.dtype)
+            vectors = select(vectors, start)
             total = torch.stack(vectors).sum(dim=0)
             sign = torch.copysign(torch.ones((), dtype=total.dtype), total)
             numerator = torch.zeros_like(total)

@@ -99,7 +99,7 @@ class Slerp(TaskVectorMethod):
         angle = Angle(here.settings.t)
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-            dtype = accumulation_dtype([b.dtype for b in blocks])
+            dtype = accumulation_dtype([b.dtype for b in blocks], out.dtype)
             first, second = angle.coefficients
             merged = thread_buffer("slerp", blocks[0].numel(), dtype).view(blocks[0].shape).copy_(blocks[0])
             return merged.mul_(first).add_(blocks[1], alpha=second)
@@ -112,8 +112,8 @@ class Slerp(TaskVectorMethod):
                 "θ = sin((1 − t)Ω)/sin Ω · θ₁ + sin(tΩ)/sin Ω · θ₂ with Ω the angle between them (linear "
                 f"interpolation where |cos Ω| > {DOT_THRESHOLD}).", "",
                 f"- t: {shown_value(recipe.settings.t)} (0: the first model)",
-                "- norms and angles in float64, the interpolation in float32 (float64 for float64 inputs), "
-                "rounded once"]
+                "- norms and angles in float64, the interpolation in float32 for 16-bit inputs and output "
+                "(else float64), rounded once"]
 
 
 register(Slerp())

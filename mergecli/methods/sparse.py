@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from mergecli.errors import RecipeError
+from mergecli.exact import add_scaled_
 from mergecli.methods.base import Prepass, TensorTask, shown_value
 from mergecli.methods.statistics import Sums
 from mergecli.methods.task_vectors import TaskVectorMethod, add_elected, deltas, shown_density
@@ -70,7 +71,7 @@ class SparseMethod(TaskVectorMethod):
         factors = [weight * s for weight, s in zip(weights, scales)]
         if rescale == "l1":
             def sums(blocks: list[torch.Tensor], start: int) -> torch.Tensor:
-                vectors = deltas(blocks)[1]
+                vectors = deltas(blocks, task.out.dtype)[1]
                 before = [vector.abs().sum(dtype=torch.float64) for vector in vectors]
                 sparsify(vectors, start)
                 return torch.stack([torch.stack([b, vector.abs().sum(dtype=torch.float64)])
@@ -82,7 +83,7 @@ class SparseMethod(TaskVectorMethod):
             prepasses = (*prepasses, Sums(f"{self.title}: L1 norms", sums, settle))
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
-            base, vectors = deltas(blocks)
+            base, vectors = deltas(blocks, out.dtype)
             if sparsify is not None:
                 sparsify(vectors, start)
             for vector, factor in zip(vectors, factors):
@@ -93,7 +94,7 @@ class SparseMethod(TaskVectorMethod):
             total = vectors[0]
             for vector in vectors[1:]:
                 total.add_(vector)
-            return base.add_(total, alpha=scale).view(out.shape)
+            return add_scaled_(base, total, scale).view(out.shape)
 
         sources = (inputs.base, *(checkpoint for _, checkpoint, _ in read))
         return self.made(task, sources, combine, prepasses)
@@ -115,7 +116,7 @@ class SparseMethod(TaskVectorMethod):
         return [f"**{self.title}** ({self.paper}): {self.dropped}; {then}; θ = θ_base + λ × that.", "",
                 f"- density (fraction kept): {shown_density(recipe)}", f"- rescale: {self.rescale_line(recipe)}",
                 *self.setting_lines(recipe), f"- λ (`lambda`): {shown_value(recipe.settings.lambda_)}",
-                "- computed in float32 (float64 for float64 inputs), rounded once"]
+                "- computed in float32 for 16-bit inputs and output, float64 otherwise; rounded once"]
 
     def setting_lines(self, recipe) -> list[str]:
         """The card's lines for the method's own settings."""

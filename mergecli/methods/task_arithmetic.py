@@ -3,13 +3,15 @@
 
 Rewritten as a weighted sum of the checkpoints themselves, θ = (1 − Σ c_i) θ_b + Σ c_i θ_i with
 c_i = λ w_i (÷ Σ w_i), it is average's fused sum: each block read once, summed in float32 in the
-cache, rounded once; no task vector is ever formed.
+cache, rounded once; no task vector is ever formed. Decimal weights and λ make the c_i (and 1 − Σ c_i)
+ratios of small integers, summed as such (mergecli/exact.py).
 """
 
 from __future__ import annotations
 
 import math
 
+from mergecli.exact import ratio
 from mergecli.methods.average import weighted_combine
 from mergecli.methods.base import TensorTask, register, shown_value
 from mergecli.methods.task_vectors import LambdaSettings, TaskVectorMethod
@@ -33,6 +35,12 @@ class TaskArithmetic(TaskVectorMethod):
         scale = here.settings.lambda_ / self.divisor(recipe, here)
         coefficients = [scale * weight for _, _, weight in read]
         base = 1.0 - math.fsum(coefficients)
+        exact = [ratio(here.settings.lambda_), ratio(self.divisor(recipe, here)),
+                 *(ratio(weight) for _, _, weight in read)]
+        if None not in exact:  # 1 − Σ c_i as the exact fraction it is (mergecli/exact.py)
+            lam, divisor, *weights = exact
+            fractions = [lam * weight / divisor for weight in weights]
+            coefficients, base = [float(c) for c in fractions], float(1 - sum(fractions))
         sources = [checkpoint for _, checkpoint, _ in read]
         if base != 0.0:  # λ Σ c = 1 (normalized, λ = 1): the base cancels out, and is not read
             sources, coefficients = [inputs.base, *sources], [base, *coefficients]
@@ -43,7 +51,7 @@ class TaskArithmetic(TaskVectorMethod):
         weights = "divided by their sum" if self.normalize(recipe) else "as given"
         return [f"**Task arithmetic** ([Ilharco et al., ICLR 2023]({PAPER})): θ = θ_base + λ Σ wᵢ (θᵢ − θ_base), "
                 f"with the weights {weights}.", "", f"- λ (`lambda`): {shown_value(recipe.settings.lambda_)}",
-                "- computed in float32 (float64 for float64 inputs), rounded once"]
+                "- computed in float32 for 16-bit inputs and output, float64 otherwise; rounded once"]
 
 
 register(TaskArithmetic())

@@ -1,8 +1,8 @@
 """What the task-vector methods share: task vectors δ_i = θ_i − θ_b of the models against the base,
 the sign election of TIES, and a `Method` whose tasks turn every averaged tensor into its own.
 
-Every block is computed in float32 (float64 for float64 inputs) and rounded once, into the output
-dtype: θ = θ_b + λ · merge(w_1 δ_1, ..., w_n δ_n).
+Every block is computed in float32 for 16-bit inputs and output (float64 otherwise) and rounded once,
+into the output dtype: θ = θ_b + λ · merge(w_1 δ_1, ..., w_n δ_n).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from mergecli.errors import RecipeError
+from mergecli.exact import add_scaled_, common_fraction
 from mergecli.io.buffers import thread_buffer
 from mergecli.methods.average import accumulation_dtype
 from mergecli.methods.base import Inputs, Method, TensorSettings, TensorTask, settings_at
@@ -83,11 +84,12 @@ def shown_density(recipe: Recipe) -> str:
     return ", ".join(parts)
 
 
-def deltas(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(θ_b, [δ_1, ..., δ_n]) of one row block, flat, in the accumulation dtype (float32, or float64 for
-    float64 inputs), in this thread's buffers (valid until its next call): `blocks` is the base's block,
-    then each model's. Each δ is taken in that dtype from the inputs as they are (exact for bf16)."""
-    dtype = accumulation_dtype([b.dtype for b in blocks])
+def deltas(blocks: list[torch.Tensor], out: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(θ_b, [δ_1, ..., δ_n]) of one row block, flat, in the accumulation dtype for an output of dtype `out`
+    (methods/average.py accumulation_dtype), in this thread's buffers (valid until its
+    next call): `blocks` is the base's block, then each model's. Each δ is taken in that dtype from the
+    inputs as they are (exact for bf16; in float64, rounded to float32 it is the float32 difference)."""
+    dtype = accumulation_dtype([b.dtype for b in blocks], out)
     size = blocks[0].numel()
     base = thread_buffer("base", size, dtype).copy_(blocks[0].reshape(-1))
     return base, [thread_buffer(("delta", index), size, dtype).copy_(block.reshape(-1)).sub_(base)
@@ -120,10 +122,18 @@ def add_elected(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[
             divisor.add_(part.sign_(), alpha=weight)
     agreeing.mul_(sign)
     if divisor is None:
-        return base.add_(agreeing, alpha=scale)
+        return add_scaled_(base, agreeing, scale)
     if min(weights) > 0:  # the divisor is 0 only where nothing agrees, and the sum is 0 there
-        return base.addcdiv_(agreeing, divisor.clamp_(min=torch.finfo(dtype).tiny), value=scale)
-    return base.addcdiv_(agreeing, divisor.masked_fill_(divisor == 0, 1.0), value=scale)
+        divisor.clamp_(min=torch.finfo(dtype).tiny)
+    else:
+        divisor.masked_fill_(divisor == 0, 1.0)
+    exact = common_fraction([scale])
+    if exact is None:
+        return base.addcdiv_(agreeing, divisor, value=scale)
+    (numerator,), denominator = exact  # (divisor · d · θ_b + n · Σ) / (divisor · d): one rounding
+    if denominator != 1.0:
+        divisor.mul_(denominator)
+    return base.mul_(divisor).add_(agreeing, alpha=numerator).div_(divisor)
 
 
 class TaskVectorMethod(Method):

@@ -91,7 +91,7 @@ class Ties(TaskVectorMethod):
         scale = settings.lambda_ * (1.0 if normalize else 1.0 / self.divisor(recipe, here))
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor, start: int) -> torch.Tensor:
-            base, vectors = deltas(blocks)
+            base, vectors = deltas(blocks, out.dtype)
             for (population, offset, _), vector, weight in zip(populations, vectors, weights):
                 population.trim.trim_(vector, offset + start)
                 if weight != 1:
@@ -121,7 +121,7 @@ class Ties(TaskVectorMethod):
                 f"- trim scope: {scope} (`trim_scope = \"{settings.trim_scope}\"`), exactly ⌊density × n⌋ entries, "
                 "ties at the threshold broken by position",
                 f"- λ (`lambda`): {shown_value(settings.lambda_)}",
-                "- computed in float32 (float64 for float64 inputs), rounded once"]
+                "- computed in float32 for 16-bit inputs and output, float64 otherwise; rounded once"]
 
 
 register(Ties())

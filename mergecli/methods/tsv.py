@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from mergecli.methods.average import PRECISION
 from mergecli.methods.base import register, shown_value
 from mergecli.methods.whole import WholeMatrixMethod, polar
 from mergecli.recipe import StrictModel
@@ -68,7 +69,7 @@ class Tsv(WholeMatrixMethod):
                 "made orthonormal together (polar factors) and recombined with their singular values; other "
                 "tensors get the mean task vector. θ = θ_base + alpha × that.", "",
                 f"- alpha: {shown_value(recipe.settings.alpha)}",
-                "- SVDs in float32 (float64 for float64 inputs), one task vector in memory at a time"]
+                f"- SVDs {PRECISION}, one task vector in memory at a time"]
 
 
 register(Tsv())

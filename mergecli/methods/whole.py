@@ -77,7 +77,7 @@ class WholeMatrixMethod(TaskVectorMethod):
             mean = scale / len(read)
 
             def average(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-                base, vectors = deltas(blocks)
+                base, vectors = deltas(blocks, out.dtype)
                 for vector, weight in zip(vectors, weights):
                     base.add_(vector, alpha=weight * mean)
                 return base.view(out.shape)
@@ -88,7 +88,7 @@ class WholeMatrixMethod(TaskVectorMethod):
         placement = self.placement
 
         def combine(blocks: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-            dtype = accumulation_dtype([blocks[0].dtype, *(c.tensors[name].dtype for _, c, _ in read)])
+            dtype = accumulation_dtype([blocks[0].dtype, *(c.tensors[name].dtype for _, c, _ in read)], out.dtype)
 
             def work(device: str) -> torch.Tensor:
                 base = blocks[0].to(device=device, dtype=dtype)

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from mergecli.exact import common_fraction
 from mergecli.recipe.names import fill_names
 from mergecli.recipe.sections import CHAT_TEMPLATES, SliceSpec, TokenSpec
 from mergecli.recipe.strict import Flag, StrictModel
@@ -341,16 +342,22 @@ class Recipe(StrictModel):
 
     def average_weights(self, *, normalize: bool, tensor: str = "", t: float = 0.0,
                         names: list[str] | None = None) -> tuple[list[float], float]:
-        """The weights (for one tensor, where they vary) scaled by a power of two (exactly: huge or tiny
-        weights neither overflow nor underflow), and what the weighted sum is divided by, once, at the
-        end: their total with `normalize`, else the power of two that undoes the scaling."""
+        """The weights (for one tensor, where they vary) scaled exactly (`scaled_weights`: to small integers,
+        or by a power of two), and what the weighted sum is divided by, once, at the end: their total with
+        `normalize`, else the factor that undoes the scaling."""
         scaled, scale = scaled_weights(self.weights_at(tensor, t, names))
         return scaled, (math.fsum(scaled) if normalize else scale)
 
 
 def scaled_weights(weights: list[float]) -> tuple[list[float], float]:
-    """The weights × 2^-e, the largest of them in [1, 2) (equal weights become exactly 1, which the sum
-    needs no multiplication for), and 2^-e."""
+    """The weights × s, and s: small integers where the weights are ratios of them (0.3 and 0.7 become 3
+    and 7, s = 10; equal weights become exactly 1, which the sum needs no multiplication for: a weighted sum
+    of bf16 values is then exact in float32, and its one division by s rounds it once, mergecli/exact.py);
+    else the weights × 2^-e, the largest of them in [1, 2) (huge or tiny weights neither overflow nor
+    underflow), s = 2^-e."""
+    exact = common_fraction(weights)
+    if exact is not None and any(exact[0]):
+        return exact
     exponent = max((math.frexp(w)[1] - 1 for w in weights if w), default=0)
     return [math.ldexp(w, -exponent) for w in weights], math.ldexp(1.0, -exponent)
 
