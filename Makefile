@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-regmean bench-stream bench-quality compare-mergekit mergekit-venv lint clean
+.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-regmean bench-stream bench-quality compare-mergekit mergekit-venv fusionbench-venv lint clean
 
 $(BIN)/mergecli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/mergecli: pyproject.toml
 
 install: $(BIN)/mergecli
 
-test: install mergekit-venv
+test: install mergekit-venv fusionbench-venv
 	$(BIN)/pytest -q
 
 demo: demo-average demo-ties demo-regmean
@@ -45,6 +45,15 @@ $(MERGEKIT):
 	bench-out/mergekit-venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 mergekit==0.1.5
 
 mergekit-venv: $(MERGEKIT)
+
+# fusion-bench beside mergecli for its data-free methods (TSV-M, Iso-C, Iso-CTS, WUDI), in a venv of its own
+FUSIONBENCH := bench-out/fusionbench-venv/bin/fusion_bench
+
+$(FUSIONBENCH):
+	$(PYTHON) -m venv bench-out/fusionbench-venv
+	bench-out/fusionbench-venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 fusion-bench==0.2.33
+
+fusionbench-venv: $(FUSIONBENCH)
 
 # a corpus of mergekit configs run by mergekit 0.1.5 and by mergecli on the same inputs: every tensor compared
 compare-mergekit: install mergekit-venv

@@ -1,5 +1,6 @@
 """The peers mergecli is checked against, each from a venv of its own (never a mergecli dependency):
-mergekit 0.1.5 (`make mergekit-venv`), which `make test` builds first."""
+mergekit 0.1.5 (`make mergekit-venv`) and fusion-bench 0.2.33 (`make fusionbench-venv`), which `make test`
+builds first."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MERGEKIT_VENV = Path(os.environ.get("MERGEKIT_VENV", ROOT / "bench-out" / "mergekit-venv"))
+FUSIONBENCH_VENV = Path(os.environ.get("FUSIONBENCH_VENV", ROOT / "bench-out" / "fusionbench-venv"))
 
 
 def mergekit(script: str = "mergekit-yaml") -> Path:
@@ -20,6 +22,15 @@ def mergekit(script: str = "mergekit-yaml") -> Path:
     path = MERGEKIT_VENV / "bin" / script
     if not path.exists():
         pytest.fail(f"mergekit 0.1.5 is not installed at {MERGEKIT_VENV}: run `make mergekit-venv` (make test does)")
+    return path
+
+
+def fusionbench_python() -> Path:
+    """The python of the fusion-bench venv; the test fails, naming the make target, without it."""
+    path = FUSIONBENCH_VENV / "bin" / "python"
+    if not (FUSIONBENCH_VENV / "bin" / "fusion_bench").exists():
+        pytest.fail(f"fusion-bench 0.2.33 is not installed at {FUSIONBENCH_VENV}: run `make fusionbench-venv` "
+                    "(make test does)")
     return path
 
 

@@ -112,3 +112,31 @@ def test_relative_paths_are_read_from_the_current_directory_and_rebased_for_the_
     assert weights[0] == weights[1]
     refused = cli_process("convert", "config.yml", "-o", "recipes/slerp.toml", cwd=tmp_path)
     assert refused.returncode == 2 and "recipes/slerp.toml exists" in refused.stderr
+
+
+@pytest.mark.parametrize("method,parameters,table", [
+    ("dare_ties", "", {"density": 1.0, "rescale": "l1"}),  # mergekit rescales to the L1 norm by default
+    ("dare_linear", "rescale: false", {"density": 1.0, "rescale": False}),
+    ("della", "epsilon: 0.1", {"epsilon": 0.1}),
+    ("breadcrumbs_ties", "gamma: 0.02\nrescale: true", {"gamma": 0.02, "rescale": True}),
+    ("sce", "select_topk: 0.3\nint8_mask: true", {"select_topk": 0.3}),
+])
+def test_a_mergekit_method_s_parameters_become_its_table(llama_fp32, tmp_path, method, parameters, table):
+    base, a, b = llama_fp32
+    shared = "parameters:\n" + "".join(f"  {line}\n" for line in parameters.splitlines()) if parameters else ""
+    result = convert(tmp_path, f"""
+merge_method: {method}
+base_model: {base}
+{shared}models:
+  - model: {a}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.5, density: 0.6}}
+""".replace("{weight: 0.5, density: 0.5}", "{}" if method == "sce" else "{weight: 0.5, density: 0.5}")
+        .replace("{weight: 0.5, density: 0.6}", "{}" if method == "sce" else "{weight: 0.5, density: 0.6}"))
+    assert result.exit_code == 0, result.output
+    recipe = tomllib.loads(result.stdout)
+    assert recipe["method"] == method and recipe[method] == table
+    (tmp_path / "recipe.toml").write_text(result.stdout)
+    merged = cli("merge", tmp_path / "recipe.toml", "-o", tmp_path / "out")
+    assert merged.exit_code == 0, merged.output

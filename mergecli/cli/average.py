@@ -104,6 +104,7 @@ MERGE_HELP = """Merge by the recipe's method (a TOML recipe, or a mergekit confi
       mergecli merge -m ./math -m ./code --base ./base --set method=task_arithmetic -o merged/
       mergecli merge slerp.toml --set slerp.t=0.3
       mergecli merge ties.toml --stream       # hub inputs by range requests, nothing downloaded
+      mergecli merge tsv.toml --device cuda   # the SVDs of TSV-M on the GPU
     """
 
 
@@ -135,8 +136,16 @@ def merge(
     stream: StreamOpt = False,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
+    device: Annotated[str, typer.Option(
+        "--device", metavar="cpu|cuda[:N]", help="Where the matrix methods (tsv, iso_c, iso_cts, wudi) take their "
+                                                 "SVDs and solves; a tensor too large for it is done on the CPU.")] = "cpu",
 ) -> None:
     """`mergecli average` (AVERAGE_HELP) or `mergecli merge` (MERGE_HELP), by the name it was called by."""
     spec = recipe_from_options(recipe, model or [], weights, name or [], base, [*(set_ or []),
                                                                                *(["stream=true"] if stream else [])])
-    plan_and_run(spec, context.info_name, output=output, force=force, dry_run=dry_run, sync=not no_sync)
+    if device != "cpu":
+        from mergecli.stats.device import resolve_device
+
+        device = resolve_device(device)
+    plan_and_run(spec, context.info_name, output=output, force=force, dry_run=dry_run, sync=not no_sync,
+                 device=device)
