@@ -137,8 +137,9 @@ def merge(
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
     device: Annotated[str, typer.Option(
-        "--device", metavar="cpu|cuda[:N]", help="Where the matrix methods (tsv, iso_c, iso_cts, wudi) take their "
-                                                 "SVDs and solves; a tensor too large for it is done on the CPU.")] = "cpu",
+        "--device", metavar="cpu|cuda[:N]",
+        help="Where the matrix methods (tsv, iso_c, iso_cts, wudi) take their SVDs and solves; a tensor too "
+             "large for it is done on the CPU.")] = "cpu",
 ) -> None:
     """`mergecli average` (AVERAGE_HELP) or `mergecli merge` (MERGE_HELP), by the name it was called by."""
     spec = recipe_from_options(recipe, model or [], weights, name or [], base, [*(set_ or []),
