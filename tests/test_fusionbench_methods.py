@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from formulas import wudi_loss
 from safetensors.torch import load_file, save_file
 from test_mergekit_parity import build_deep_llama, fine_tuned
 
 from clirunner import cli
-from formulas import wudi_loss
 from peers import fusionbench_python
 
 SCRIPT = """

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from formulas import ranks_by_magnitude
 from safetensors.torch import load_file
 from test_mergekit_parity import build_deep_llama, fine_tuned
 
 from clirunner import cli
-from formulas import ranks_by_magnitude
 from peers import assert_close, run_mergekit, tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
