@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-regmean bench-stream bench-quality compare-mergekit mergekit-venv fusionbench-venv lint clean
+.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-svd bench-rounding bench-regmean bench-stream bench-quality compare-mergekit mergekit-venv fusionbench-venv lint clean
 
 $(BIN)/mergecli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ fusionbench-venv: $(FUSIONBENCH)
 # a corpus of mergekit configs run by mergekit 0.1.5 and by mergecli on the same inputs: every tensor compared
 compare-mergekit: install mergekit-venv
 	$(BIN)/python benchmarks/mergekit_corpus.py
+
+bench-svd: install
+	$(BIN)/python benchmarks/bench_svd.py
+
+bench-rounding: install
+	$(BIN)/python benchmarks/bench_rounding.py
 
 bench-regmean: install
 	$(BIN)/python benchmarks/bench_regmean.py

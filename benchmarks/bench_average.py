@@ -52,9 +52,19 @@ HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS = 2048, 8, 5632, 16, 16
 
 BASELINE = "import torch, mergecli.cli.app"
 # The task-vector methods, with the settings their rows use (models[0] is the base, the other two merged)
-METHODS = {"task_arithmetic": "lambda = 1.0", "ties": "density = 0.5", "dare_ties": "density = 0.5",
-           "slerp": "t = 0.5"}
-MERGEKIT_METHODS = {"task_arithmetic": "  lambda: 1.0\n", "ties": "  density: 0.5\n", "slerp": "  t: 0.5\n"}
+# The other methods: name → (its settings, in TOML; how many of models[1:] it merges; whether models[0] is its
+# base). mergekit runs each with the same settings (in YAML), when its venv is there.
+METHODS = {"task_arithmetic": ("lambda = 1.0", 2, True), "ties": ("density = 0.5", 2, True),
+           "dare_ties": ("density = 0.5", 2, True), "slerp": ("t = 0.5", 2, False),
+           "model_stock": ("", 2, True), "della": ("density = 0.5\nepsilon = 0.1", 2, True),
+           "della_linear": ("density = 0.5\nepsilon = 0.1", 2, True),
+           "breadcrumbs": ("density = 0.5\ngamma = 0.01", 2, True),
+           "breadcrumbs_ties": ("density = 0.5\ngamma = 0.01", 2, True), "sce": ("select_topk = 0.5", 2, True),
+           "karcher": ("", 2, False), "nuslerp": ("", 2, True), "multislerp": ("", 2, True),
+           "nearswap": ("t = 0.001", 1, True), "arcee_fusion": ("", 1, True), "ram": ("", 2, True),
+           "ramplus_tl": ("", 2, True)}
+WEIGHTED = {"task_arithmetic", "ties", "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties",
+            "nuslerp", "multislerp"}  # mergekit requires their models' weight
 
 # Each child writes its work time (seconds after its imports) to the file named by BENCH_WORK_FILE.
 # mergecli runs through its command's entry point, which ends the process itself (os._exit, after the
@@ -270,11 +280,11 @@ def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[li
                                        out / "nosync", {}),
         "copy floor, fsync at the end": (floor, out / "copy.bin", {"BENCH_SYNC": "1"}),
     }
-    for method, table in METHODS.items():  # the task-vector methods: models[0] as the base, the others merged
+    for method, (table, count, based) in METHODS.items():  # models[0] as the base, the others merged
         recipe = work / f"{method}-{label}.toml"
-        entries = models[1:3] if method == "slerp" else models[1:]
+        entries = models[1:1 + count]
         recipe.write_text(f'method = "{method}"\nshard_size = "5GB"\n'
-                          + (f'[base]\npath = "{models[0]}"\n' if method != "slerp" else "")
+                          + (f'[base]\npath = "{models[0]}"\n' if based else "")
                           + f"[{method}]\n{table}\n" + "".join(f'[[models]]\npath = "{m}"\n' for m in entries))
         runs[f"mergecli {method}"] = ([py, "-c", MERGECLI, "merge", str(recipe), "-q", "-o", str(out / method)],
                                       out / method, {})
@@ -296,13 +306,15 @@ def contenders(models: list[Path], work: Path, label: str) -> dict[str, tuple[li
             f"  - model: {m}\n    parameters:\n      weight: 1.0\n" for m in models))
         runs["mergekit 0.1.5 linear (mergekit-yaml)"] = ([mergekit, "-c", MERGEKIT, str(config), str(out / "mergekit")],
                                                          out / "mergekit", {})
-        for method, parameters in MERGEKIT_METHODS.items():
+        for method, (table, count, based) in METHODS.items():
             config = work / f"mergekit-{method}-{label}.yml"
-            entries = models[1:3] if method == "slerp" else models[1:]
-            base = models[0] if method != "slerp" else entries[0]
-            weight = "    parameters:\n      weight: 1.0\n" if method != "slerp" else ""
-            config.write_text(f"merge_method: {method}\ndtype: bfloat16\nbase_model: {base}\n"
-                              f"parameters:\n{parameters}models:\n"
+            entries = models[1:1 + count]
+            base = f"base_model: {models[0] if based else entries[0]}\n" if based or method == "slerp" else ""
+            weight = "    parameters:\n      weight: 1.0\n" if method in WEIGHTED else ""
+            parameters = "".join(f"  {key.strip()}: {value.strip()}\n" for key, value in
+                                 (line.split("=") for line in table.splitlines()))
+            config.write_text(f"merge_method: {method}\ndtype: bfloat16\n{base}"
+                              + (f"parameters:\n{parameters}" if parameters else "") + "models:\n"
                               + "".join(f"  - model: {m}\n{weight}" for m in entries))
             runs[f"mergekit 0.1.5 {method}"] = ([mergekit, "-c", MERGEKIT, str(config), str(out / f"mk-{method}")],
                                                 out / f"mk-{method}", {})

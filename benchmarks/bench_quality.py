@@ -11,8 +11,9 @@ task needs the encoder to change: a head trained on the frozen encoder is printe
   position  the number word is in the first half of the sentence
   match     the two number words are the same number
 
-The five encoders are then merged through the CLI (`mergecli average`, task arithmetic and TIES
-against the pretrained encoder at FusionBench's default settings, `mergecli regmean collect-stats` +
+The five encoders are then merged through the CLI (`mergecli average`; task arithmetic, TIES and
+DARE-TIES against the pretrained encoder at FusionBench's default settings; Model Stock and DELLA at
+mergekit's; the data-free TSV-M, Iso-CTS and WUDI at FusionBench's; `mergecli regmean collect-stats` +
 `merge` at α 0.9 and 0.6, and RegMean++), and each merged encoder is evaluated on
 every task with that task's own head. The tasks were written before any merge was run and are not
 tuned toward a winner.
@@ -216,7 +217,13 @@ def main() -> None:
     recipe.write_text("\n".join(lines) + "\n")
     # the task-vector methods against the pretrained encoder, at FusionBench's default settings (not tuned here)
     vectors = {"task_arithmetic": ("", "[task_arithmetic]\nlambda = 0.3"),
-               "ties": ("normalize = false\n", "[ties]\ndensity = 0.2\nlambda = 0.3")}
+               "ties": ("normalize = false\n", "[ties]\ndensity = 0.2\nlambda = 0.3"),
+               "dare_ties": ("normalize = false\n", "[dare_ties]\ndensity = 0.5\nlambda = 0.3"),
+               "model_stock": ("", "[model_stock]"),
+               "della": ("", "[della]\ndensity = 0.5\nepsilon = 0.1"),
+               "tsv": ("", "[tsv]\nalpha = 1.0"),
+               "iso_cts": ("", "[iso_cts]\nscaling_factor = 1.0"),
+               "wudi": ("", "[wudi]")}
     for method, (top, table) in vectors.items():
         models = "".join(f'\n[[models]]\npath = "minilm-{task}"\nname = "{task}"\n' for task in TASKS)
         (work / f"{method}.toml").write_text(f'method = "{method}"\n{top}[base]\npath = "{minilm()}"\n{table}\n'
@@ -225,6 +232,13 @@ def main() -> None:
         "average": ("average", recipe, "-o", work / "average", "--set", 'method="average"', "--force"),
         "task arithmetic λ=0.3": ("merge", work / "task_arithmetic.toml", "-o", work / "task-arithmetic", "--force"),
         "TIES density 0.2, λ=0.3 (sum)": ("merge", work / "ties.toml", "-o", work / "ties", "--force"),
+        "DARE-TIES density 0.5, λ=0.3 (sum)": ("merge", work / "dare_ties.toml", "-o", work / "dare-ties", "--force"),
+        "Model Stock": ("merge", work / "model_stock.toml", "-o", work / "model-stock", "--force"),
+        "DELLA density 0.5, ε=0.1 (mergekit's defaults)": ("merge", work / "della.toml", "-o", work / "della",
+                                                           "--force"),
+        "TSV-M α=1": ("merge", work / "tsv.toml", "-o", work / "tsv", "--force"),
+        "Iso-CTS α=1": ("merge", work / "iso_cts.toml", "-o", work / "iso-cts", "--force"),
+        "WUDI (exact)": ("merge", work / "wudi.toml", "-o", work / "wudi", "--force"),
         "RegMean α=0.9": ("regmean", "merge", recipe, "-o", work / "regmean-0.9", "--force"),
         "RegMean α=0.6": ("regmean", "merge", recipe, "-o", work / "regmean-0.6", "--force",
                           "--set", "regmean.reduce_non_diagonal_ratio=0.6"),

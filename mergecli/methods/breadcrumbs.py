@@ -59,7 +59,7 @@ class Breadcrumbs(SparseMethod):
     dropped = ("of each task vector δᵢ = θᵢ − θ_base, the largest gamma share of magnitudes and the smallest are "
                "dropped, ⌊density · n⌋ kept")
 
-    def sparsifier(self, recipe, inputs, task, read, here):
+    def sparsifier(self, recipe, inputs, task, read, here, shared):
         size = task.out.numel
         share = sample_share(size)
         sample = sample_plan(task, share)
@@ -77,7 +77,7 @@ class Breadcrumbs(SparseMethod):
         populations = [(population, 0, i) for i, cut in enumerate(cuts) if cut is not None
                        for population in cut if population is not None]
 
-        def sparsify(vectors: list[torch.Tensor], start: int) -> None:
+        def sparsify(vectors: list[torch.Tensor], start: int, remember: bool = False) -> None:
             for i, (cut, vector) in enumerate(zip(cuts, vectors)):
                 if cut is None:
                     continue

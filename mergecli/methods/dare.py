@@ -95,13 +95,13 @@ class Dare(SparseMethod):
     dropped = ("each entry of each task vector δᵢ = θᵢ − θ_base is dropped with probability 1 − density (by a hash of "
                "the seed and its position)")
 
-    def sparsifier(self, recipe, inputs, task, read, here):
+    def sparsifier(self, recipe, inputs, task, read, here, shared):
         drops = [(stream_key(here.settings.seed, index, task.out.name), here.models[index].density)
                  for index, _, _ in read]
         if all(density >= 1.0 for _, density in drops):
             return None, ()
 
-        def sparsify(vectors: list[torch.Tensor], start: int) -> None:
+        def sparsify(vectors: list[torch.Tensor], start: int, remember: bool = False) -> None:
             for (key, density), vector in zip(drops, vectors):
                 mask = kept(key, start, vector.numel(), density).numpy()
                 numpy.multiply(vector.numpy(), mask, out=vector.numpy())  # numpy's float × bool: a third of torch's

@@ -16,6 +16,8 @@ the output is the same for any block size, thread count or machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
 
 import numpy
 import torch
@@ -29,6 +31,7 @@ from mergecli.recipe import StrictModel
 from mergecli.recipe.varying import Varying, varies
 
 PAPER = "https://arxiv.org/abs/2406.11617"
+MASK_BUDGET = 192 * 2**20  # bytes of packed keep masks kept from the L1 pass for the merge
 EpsilonValue = Varying(float, ge=0.0, allow_inf_nan=False)
 
 
@@ -50,33 +53,61 @@ class ModelDella(StrictModel):
 
 
 def row_ranks(magnitudes: torch.Tensor) -> numpy.ndarray:
-    """(r − 1) / (n − 1) for each entry of each row of `magnitudes` (rows × n, float32, ≥ 0): its rank among
-    its row's, equal ones ordered by position, as float32 (0 for a row of one). Two stable radix passes,
-    the low 16 bits of each magnitude then the high 16 (numpy sorts 16-bit keys by radix: several times
-    faster than a comparison sort of the float32 values)."""
+    """The 0-based rank r − 1 of each entry of each row of `magnitudes` (rows × n, float32, ≥ 0) among its
+    row's, equal ones ordered by position (int32). Two stable radix passes, the low 16 bits of each
+    magnitude then the high 16 (numpy sorts 16-bit keys by radix: several times faster than a comparison
+    sort of the float32 values)."""
     rows, n = magnitudes.shape
-    if n == 1:
-        return numpy.zeros((rows, 1), dtype=numpy.float32)
     bits = magnitudes.contiguous().view(torch.int32).numpy()
     order = numpy.argsort((bits & 0xFFFF).astype(numpy.uint16), axis=1, kind="stable")
     high = numpy.take_along_axis((bits >> 16).astype(numpy.uint16), order, axis=1)
     order = numpy.take_along_axis(order, numpy.argsort(high, axis=1, kind="stable"), axis=1)
-    ranks = numpy.empty((rows, n), dtype=numpy.float32)
-    numpy.put_along_axis(ranks, order, numpy.arange(n, dtype=numpy.float32)[None, :], axis=1)
-    ranks *= numpy.float32(1.0 / (n - 1))
+    ranks = numpy.empty((rows, n), dtype=numpy.int32)
+    numpy.put_along_axis(ranks, order, numpy.arange(n, dtype=numpy.int32)[None, :], axis=1)
     return ranks
 
 
-def keep_probability(vector: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float) -> numpy.ndarray:
-    """Each entry's keep probability (float64, flat, in the block's order) from its magnitude's rank in its
-    row: the vector along dimension 1 (a 2-D tensor's rows; a 1-D tensor is one row)."""
+@functools.lru_cache(maxsize=64)
+def limits(n: int, density: float, epsilon: float) -> numpy.ndarray:
+    """For each rank r − 1 = 0..n − 1, the largest 32-bit draw that keeps the entry: draw < p · 2³² with
+    p = (density − ε) + 2ε · (r − 1) / (n − 1) in float64 (strictly between 0 and 1: check_epsilon)."""
+    ranks = numpy.arange(n, dtype=numpy.float64)
+    probability = (density - epsilon) + 2 * epsilon * (ranks / (n - 1) if n > 1 else ranks * 0)
+    return (numpy.ceil(probability * 2.0**32) - 1).astype(numpy.uint32)
+
+
+def ranks_in_rows(vector: torch.Tensor, shape: tuple[int, ...]) -> numpy.ndarray:
+    """Each entry's 0-based rank (flat, in the block's order) by magnitude in its row: the vector along
+    dimension 1 (a 2-D tensor's rows; a 1-D tensor is one row)."""
     if len(shape) <= 2:
-        ranks = row_ranks(vector.abs().float().view(-1, shape[-1])).reshape(-1)
-    else:
-        rest = shape[2:].numel()
-        along = vector.abs().float().view(-1, shape[1], rest).transpose(1, 2).reshape(-1, shape[1])
-        ranks = row_ranks(along).reshape(-1, rest, shape[1]).transpose(0, 2, 1).reshape(-1)
-    return ranks.astype(numpy.float64) * (2 * epsilon) + (density - epsilon)
+        return row_ranks(vector.abs().float().view(-1, shape[-1])).reshape(-1)
+    rest = shape[2:].numel()
+    along = vector.abs().float().view(-1, shape[1], rest).transpose(1, 2).reshape(-1, shape[1])
+    return row_ranks(along).reshape(-1, rest, shape[1]).transpose(0, 2, 1).reshape(-1)
+
+
+class KeptMasks:
+    """The keep masks the L1 pass drew, packed 8 to a byte, for the merge to take instead of ranking every
+    row again, up to a budget (past it, the merge ranks the rows again: the same masks, recomputed)."""
+
+    def __init__(self, budget: int = MASK_BUDGET):
+        self.left = budget
+        self.masks: dict[tuple, numpy.ndarray] = {}
+        self.lock = threading.Lock()
+
+    def put(self, key: tuple, keep: numpy.ndarray) -> None:
+        packed = numpy.packbits(keep)
+        with self.lock:
+            if packed.nbytes <= self.left:
+                self.left -= packed.nbytes
+                self.masks[key] = packed
+
+    def take(self, key: tuple, count: int) -> numpy.ndarray | None:
+        with self.lock:
+            packed = self.masks.pop(key, None)
+            if packed is not None:
+                self.left += packed.nbytes
+        return None if packed is None else numpy.unpackbits(packed, count=count).view(numpy.bool_)
 
 
 class Della(SparseMethod):
@@ -97,7 +128,7 @@ class Della(SparseMethod):
             if isinstance(density, float) and isinstance(epsilon, float) and not varies(density):
                 check_epsilon(recipe, density, epsilon, spec.name)
 
-    def sparsifier(self, recipe, inputs, task, read, here):
+    def sparsifier(self, recipe, inputs, task, read, here, shared):
         shape = task.out.shape
         drops = []
         for index, _, _ in read:
@@ -108,14 +139,25 @@ class Della(SparseMethod):
         if all(density >= 1.0 for _, density, _ in drops):
             return None, ()
 
-        def sparsify(vectors: list[torch.Tensor], start: int) -> None:
-            for (key, density, epsilon), vector in zip(drops, vectors):
-                if density < 1.0:
-                    probability = keep_probability(vector, shape, density, epsilon)
-                    keep = draws(key, start, vector.numel()).astype(numpy.float64) < probability * 2.0**32
-                    numpy.multiply(vector.numpy(), keep, out=vector.numpy())
+        row = shape[1] if len(shape) > 1 else shape[0]
+        masks = shared
+
+        def sparsify(vectors: list[torch.Tensor], start: int, remember: bool = False) -> None:
+            for i, ((key, density, epsilon), vector) in enumerate(zip(drops, vectors)):
+                if density >= 1.0:
+                    continue
+                keep = None if remember else masks.take((task.out.name, i, start), vector.numel())
+                if keep is None:
+                    drawn = draws(key, start, vector.numel())
+                    keep = drawn <= limits(row, density, epsilon)[ranks_in_rows(vector, shape)]
+                    if remember:
+                        masks.put((task.out.name, i, start), keep)
+                numpy.multiply(vector.numpy(), keep, out=vector.numpy())
 
         return sparsify, ()
+
+    def shared(self, recipe, floating):
+        return KeptMasks()
 
     def made(self, task, sources, combine, prepasses):
         made = super().made(task, sources, combine, prepasses)  # a 1-D tensor is one row: ranked in one block

@@ -29,9 +29,9 @@ from mergecli.methods.task_vectors import TaskVectorMethod, add_elected, deltas,
 
 L1_FLOOR = 1e-7  # mergekit's: an L1 norm below it is not rescaled
 
-# (a block's task vectors, flat, one per model read; the block's first element's flat position) → None:
-# the dropped entries zeroed in place
-Sparsify = Callable[[list[torch.Tensor], int], None]
+# (a block's task vectors, flat, one per model read; the block's first element's flat position; whether this
+# is the L1 pass, whose masks the merge may take again) → None: the dropped entries zeroed in place
+Sparsify = Callable[..., None]
 
 
 def rescale_kind(value: bool | str) -> str | None:
@@ -51,7 +51,7 @@ class SparseMethod(TaskVectorMethod):
     paper: ClassVar[str] = ""
     dropped: ClassVar[str] = ""  # how the entries are dropped, for the card
 
-    def sparsifier(self, recipe, inputs, task, read, here) -> tuple[Sparsify | None, tuple[Prepass, ...]]:
+    def sparsifier(self, recipe, inputs, task, read, here, shared) -> tuple[Sparsify | None, tuple[Prepass, ...]]:
         """How one tensor's task vectors are sparsified (None: none is), and the prepasses that needs."""
         raise NotImplementedError
 
@@ -65,7 +65,7 @@ class SparseMethod(TaskVectorMethod):
         normalize = self.normalize(recipe)
         elect = self.elect_signs
         scale = settings.lambda_ * (1.0 if normalize and elect else 1.0 / self.divisor(recipe, here))
-        sparsify, prepasses = self.sparsifier(recipe, inputs, task, read, here)
+        sparsify, prepasses = self.sparsifier(recipe, inputs, task, read, here, shared)
         rescale = rescale_kind(settings.rescale) if sparsify is not None else None
         scales = self.density_scales(here, read) if rescale == "density" else [1.0] * len(read)
         factors = [weight * s for weight, s in zip(weights, scales)]
@@ -73,7 +73,7 @@ class SparseMethod(TaskVectorMethod):
             def sums(blocks: list[torch.Tensor], start: int) -> torch.Tensor:
                 vectors = deltas(blocks, task.out.dtype)[1]
                 before = [vector.abs().sum(dtype=torch.float64) for vector in vectors]
-                sparsify(vectors, start)
+                sparsify(vectors, start, remember=True)
                 return torch.stack([torch.stack([b, vector.abs().sum(dtype=torch.float64)])
                                     for b, vector in zip(before, vectors)])
 
