@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-svd bench-rounding bench-regmean bench-stream bench-quality compare-mergekit mergekit-venv fusionbench-venv lint clean
+.PHONY: install test examples demo demo-average demo-regmean demo-ties bench bench-average bench-svd bench-rounding bench-fp8 bench-regmean bench-stream bench-quality compare-mergekit mergekit-venv fusionbench-venv lint clean
 
 $(BIN)/mergecli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-svd: install
 
 bench-rounding: install
 	$(BIN)/python benchmarks/bench_rounding.py
+
+# fp8 block inputs merged to fp8 against the same merge in bf16, and against converting every input to bf16 first
+bench-fp8: install
+	$(BIN)/python benchmarks/bench_fp8.py
 
 bench-regmean: install
 	$(BIN)/python benchmarks/bench_regmean.py

@@ -75,7 +75,7 @@ tokenizer:
 @pytest.mark.parametrize("config, words", [
     ("merge_method: model_stok\nmodels: [{model: a}]\n",
      "line 1: merge_method: 'model_stok' is not a method of mergecli"),
-    ("merge_method: linear\nmodels: [{model: a+lora}]\n", "a LoRA adapter applied on the fly"),
+    ("merge_method: linear\nmodels: [{model: a@v1+lora}]\n", "a LoRA adapter's base at a revision"),
     ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union, vocab: {x: y}}\n",
      "line 3: tokenizer.vocab: unknown key of the tokenizer (source, tokens, pad_to_multiple_of)"),
     ("merge_method: ties\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n    residual_weight: 0.5\n",
@@ -140,3 +140,13 @@ base_model: {base}
     (tmp_path / "recipe.toml").write_text(result.stdout)
     merged = cli("merge", tmp_path / "recipe.toml", "-o", tmp_path / "out")
     assert merged.exit_code == 0, merged.output
+
+
+def test_model_plus_lora_becomes_an_adapter_entry_with_its_base(tmp_path):
+    """mergekit's `model+lora` (the adapter merged into a cached copy of the model) is the adapter as an input,
+    applied to its base as it is read."""
+    result = convert(tmp_path, "merge_method: linear\nmodels:\n  - model: base-model+my-adapter\n"
+                               "    parameters: {weight: 1.0}\n")
+    assert result.exit_code == 0, result.output
+    entry = tomllib.loads(result.stdout)["models"][0]
+    assert entry["path"].endswith("my-adapter") and entry["base"].endswith("base-model"), entry

@@ -77,7 +77,10 @@ def merge_and_report(plan: MergePlan) -> None:
     try:
         print_report(report, plan.method, plan.reference_name)
         say(f"\nmerged model: {report.output}")
-        if plan.support.pipeline_from is not None:  # a sentence-transformers model: its pipeline is in the output
+        if plan.recipe.output_format == "lora":
+            say("load it with: from peft import PeftModel; PeftModel.from_pretrained(BASE_MODEL, "
+                f"{str(report.output)!r})")
+        elif plan.support.pipeline_from is not None:  # a sentence-transformers model: its pipeline is in the output
             say("load it with: from sentence_transformers import SentenceTransformer; "
                 f"SentenceTransformer({str(report.output)!r})")
         elif plan.support.config is not None:

@@ -17,8 +17,10 @@ import torch
 
 from mergecli.errors import CheckpointError, HubError, InputNotFoundError, file_kind
 from mergecli.io import hub
+from mergecli.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+from mergecli.io.decoders import readable
+from mergecli.io.dequantize import Decoder
 from mergecli.io.files import STATE_DICT_SUFFIXES, choose_weight_files, regular_file, weight_map, within
-from mergecli.io.quantized import stored_format
 from mergecli.io.remote import Fetcher, RemoteFile
 from mergecli.io.safetensors import DTYPE_CODES, TensorInfo, header_length, parse_header, pread_into, read_header
 
@@ -30,7 +32,8 @@ class Checkpoint:
     """An opened checkpoint: its tensor headers, and reads of tensors or row blocks.
 
     `directory` is where config and tokenizer files live (None for a single weights file);
-    `commit` is the hub commit it was resolved to (None when local).
+    `commit` is the hub commit it was resolved to (None when local). A quantized checkpoint lists its
+    logical tensors in `tensors` (each read dequantized by its decoder) and its stored ones in `stored`.
     """
 
     source: str
@@ -44,16 +47,28 @@ class Checkpoint:
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _remote: dict[Path, RemoteFile] = field(default_factory=dict, repr=False)  # streamed: read by ranges
     fetcher: Fetcher | None = field(default=None, repr=False)
+    stored: dict[str, TensorInfo] = field(default_factory=dict, repr=False)  # as stored: quantized ones only
+    decoders: dict[str, Decoder] = field(default_factory=dict, repr=False)
+    adapter: dict | None = field(default=None, repr=False)  # a LoRA adapter's config: these are its factors
 
     def read(self, name: str, rows: tuple[int, int] | None = None, *,
              buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Read tensor `name`, or only rows `[start, stop)` of its first dimension.
+        """Read tensor `name`, or only rows `[start, stop)` of its first dimension (dequantized, float32,
+        where it is stored quantized).
 
         Args:
             buffer: optional uint8 tensor to read into (reused by the caller to spare the
                 allocation and page faults of a fresh buffer per block); it must be large enough.
         """
-        info = self.tensors[name]
+        decoder = self.decoders.get(name)
+        if decoder is not None:
+            return decoder.decode(self.read_stored, rows)
+        return self.read_stored(name, rows, buffer=buffer)
+
+    def read_stored(self, name: str, rows: tuple[int, int] | None = None, *,
+                    buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read stored tensor `name` (a quantized one's part), or rows `[start, stop)` of it."""
+        info = self._stored_info(name)
         if name in self._state_dict:
             tensor = self._state_dict[name]
             return tensor[rows[0]:rows[1]] if rows else tensor
@@ -74,9 +89,12 @@ class Checkpoint:
         pread_into(fd, out, offset, path=info.file)
         return out
 
+    def _stored_info(self, name: str) -> TensorInfo:
+        return self.stored[name] if self.stored else self.tensors[name]
+
     def _byte_range(self, name: str, rows: tuple[int, int] | None) -> tuple[int, int]:
-        """(offset in its file, length) of tensor `name`, or of rows `[start, stop)` of it."""
-        info = self.tensors[name]
+        """(offset in its file, length) of stored tensor `name`, or of rows `[start, stop)` of it."""
+        info = self._stored_info(name)
         if rows is None or not info.shape:
             return info.offset, info.nbytes
         return info.offset + rows[0] * info.row_bytes, (rows[1] - rows[0]) * info.row_bytes
@@ -102,15 +120,23 @@ class Checkpoint:
     def remote_files(self) -> list[RemoteFile]:
         return list(self._remote.values())
 
-    def remote_read(self, name: str, rows: tuple[int, int] | None) -> tuple[RemoteFile, int, int] | None:
-        """(file, offset, length) of a read that goes to the Hub (`--stream`); None for a local one."""
-        remote = self._remote.get(self.tensors[name].file)
-        return None if remote is None else (remote, *self._byte_range(name, rows))
+    def remote_reads(self, name: str, rows: tuple[int, int] | None) -> list[tuple[RemoteFile, int, int]]:
+        """(file, offset, length) of each read of tensor `name` (or of its rows) that goes to the Hub
+        (`--stream`): none for a local one, several for a quantized one (codes and scales); a quantized
+        format whose parts are read whole (GPTQ, AWQ) announces none, they are fetched when read."""
+        decoder = self.decoders.get(name)
+        reads = decoder.reads(rows) if decoder is not None else [(name, rows)]
+        found = []
+        for part, part_rows in reads:
+            remote = self._remote.get(self._stored_info(part).file)
+            if remote is not None:
+                found.append((remote, *self._byte_range(part, part_rows)))
+        return found
 
     def fingerprint(self) -> str:
-        """Hash of tensor names, shapes and dtypes (plus the hub commit, when there is one)."""
+        """Hash of stored tensor names, shapes and dtypes (plus the hub commit, when there is one)."""
         digest = hashlib.sha256()
-        for info in sorted(self.tensors.values(), key=lambda t: t.name):
+        for info in sorted((self.stored or self.tensors).values(), key=lambda t: t.name):
             digest.update(f"{info.name}|{list(info.shape)}|{DTYPE_CODES[info.dtype]}\n".encode())
         if self.commit:
             digest.update(f"commit|{self.commit}\n".encode())
@@ -121,11 +147,12 @@ class Checkpoint:
         (fine-tunes of one model share a fingerprint), for a few KB read per tensor."""
         digest = hashlib.sha256()
         for name in sorted(names):
-            info = self.tensors.get(name)
             digest.update(f"{name}|".encode())
-            if info is not None:
-                block = self.read(name, (0, 1) if info.shape and info.shape[0] else None)
-                digest.update(block.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            for part in (self.decoders[name].parts if name in self.decoders else [name]):
+                info = self._stored_info(part) if part in (self.stored or self.tensors) else None
+                if info is not None:
+                    block = self.read_stored(part, (0, 1) if info.shape and info.shape[0] else None)
+                    digest.update(block.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     def digest(self) -> str:
@@ -138,7 +165,8 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        """Bytes stored."""
+        return sum(t.nbytes for t in (self.stored or self.tensors).values())
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -298,8 +326,10 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
     """
     if not hub.names_repo(path):
         local = Path(path).expanduser()
+        if local.is_dir() and (settings := adapter_config(local)) is not None:
+            return _open_adapter(local, path, settings)
         if os.path.lexists(local):
-            return refuse_quantized(open_local(local, source=path))
+            return readable(open_local(local, source=path))
         raise InputNotFoundError(path)
     try:
         snapshot = hub.resolve(path, revision=revision)
@@ -307,26 +337,21 @@ def open_checkpoint(path: str, *, revision: str | None = None, headers_only: boo
         exc.local_path_tried = True  # the message says first that no such local path exists
         raise
     if (headers_only or fetcher) and hub.streamable(snapshot):
-        return refuse_quantized(_open_remote(snapshot, None if headers_only else fetcher))
+        return readable(_open_remote(snapshot, None if headers_only else fetcher))
     directory = hub.fetch_weights(snapshot)
     # snapshots/<commit>/ links into the repo folder's blobs/: the repo folder is the input's tree
-    return refuse_quantized(open_local(directory, source=path, commit=snapshot.commit, root=directory.parent.parent))
+    return readable(open_local(directory, source=path, commit=snapshot.commit, root=directory.parent.parent))
 
 
-def refuse_quantized(checkpoint: Checkpoint) -> Checkpoint:
-    """The checkpoint, unless its config or tensors show a quantized format: merged as plain tensors, its
-    codes and scales would give a wrong model (or one whose weights transformers fills at random).
-
-    Raises:
-        CheckpointError: naming the format and what shows it.
-    """
-    found = stored_format(checkpoint.config(), checkpoint.tensors)
-    if found is None:
-        return checkpoint
-    checkpoint.close()
-    raise CheckpointError(checkpoint.source, f"its weights are stored quantized, as {found.name} ({found.evidence}), "
-                                             "which mergecli does not read",
-                          hint="merge the model's unquantized release (bfloat16 / float16 / float32)")
+def _open_adapter(directory: Path, source: str, settings: dict) -> Checkpoint:
+    """A PEFT adapter folder: its factors as a checkpoint, its config in `adapter` (io/adapters.py applies it
+    to its base)."""
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(directory, f"holds {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    checkpoint = open_local(_check_file(weights, directory), source=source)
+    checkpoint.directory, checkpoint.root, checkpoint.adapter = directory, directory, settings
+    return checkpoint
 
 
 def _open_remote(snapshot: hub.Snapshot, fetcher: Fetcher | None = None) -> Checkpoint:
@@ -360,13 +385,14 @@ def _open_remote(snapshot: hub.Snapshot, fetcher: Fetcher | None = None) -> Chec
                       _remote=remote, fetcher=fetcher)
 
 
-def iter_row_blocks(info: TensorInfo, max_elements: int) -> Iterator[tuple[int, int] | None]:
-    """Row ranges of `info` holding at most `max_elements` each (at least one row); None = whole."""
+def iter_row_blocks(info: TensorInfo, max_elements: int, *, align: int = 1) -> Iterator[tuple[int, int] | None]:
+    """Row ranges of `info` holding at most `max_elements` each (at least one row; whole multiples of
+    `align` rows, but for the last); None = whole."""
     if len(info.shape) < 1 or info.numel <= max_elements:
         yield None
         return
     rows = info.shape[0]
     per_row = max(1, info.numel // rows) if rows else 1
-    step = max(1, max_elements // per_row)
+    step = max(align, max_elements // per_row // align * align)
     for start in range(0, rows, step):
         yield (start, min(rows, start + step))

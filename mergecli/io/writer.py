@@ -14,7 +14,9 @@ import torch
 
 from mergecli.errors import MergecliError
 from mergecli.io.checkpoint import Checkpoint
+from mergecli.io.decoders import readable
 from mergecli.io.files import SAFETENSORS_INDEX, SINGLE_SAFETENSORS
+from mergecli.io.fp8 import FP8, Fp8Output, quantize, scale_name
 from mergecli.io.linux import preallocate, start_writeback
 from mergecli.io.safetensors import TensorInfo, TensorSpec, encode_header, pwrite_all, tensor_bytes
 
@@ -59,12 +61,15 @@ class ShardWriter:
     shards: list[ShardPlan]
     tensors: dict[str, TensorSpec]
     sync: bool = False  # start each block's writeback as it is written (the final fsync then waits little)
+    fp8: Fp8Output | None = None  # tensors written fp8 block-scaled: given float32 blocks of whole tiles
     _fds: dict[str, int] = field(default_factory=dict)
     _where: dict[str, tuple[str, int]] = field(default_factory=dict)
     _written: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)  # `write` is called from several threads
 
     def __post_init__(self) -> None:
+        if self.fp8 is not None:
+            self.tensors = {spec.name: spec for spec in self.fp8.stored(list(self.tensors.values()))}
         for shard in self.shards:
             fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[shard.filename] = fd
@@ -73,9 +78,19 @@ class ShardWriter:
             for name, offset in shard.offsets.items():
                 self._where[name] = (shard.filename, offset)
 
+    def row_align(self, name: str) -> int:
+        """What a block of tensor `name` must start at a multiple of (an fp8 one's tile rows)."""
+        return self.fp8.tile[0] if self.fp8 is not None and name in self.fp8.names else 1
+
     def write(self, name: str, block: torch.Tensor, row_start: int = 0) -> None:
-        """Write `block` (rows `row_start...` of tensor `name`, in its output dtype)."""
+        """Write `block` (rows `row_start...` of tensor `name`, in its output dtype; float32 whole tiles for
+        one written fp8, requantized here)."""
         spec = self.tensors[name]
+        if spec.dtype == FP8 and block.dtype != FP8:
+            values, scales = quantize(block, self.fp8.tile)
+            self.write(name, values, row_start)
+            self.write(scale_name(name), scales, row_start // self.fp8.tile[0])
+            return
         if block.dtype != spec.dtype:
             raise ValueError(f"{name}: block is {block.dtype}, planned {spec.dtype}")
         filename, offset = self._where[name]
@@ -95,7 +110,11 @@ class ShardWriter:
                 spec = self.tensors[name]
                 tensors[name] = TensorInfo(name, spec.dtype, spec.shape, self.directory / shard.filename, offset)
         files = [self.directory / shard.filename for shard in self.shards]
-        return Checkpoint("the merged output", files, tensors, self.directory)
+        checkpoint = Checkpoint("the merged output", files, tensors, self.directory)
+        if self.fp8 is None:
+            return checkpoint
+        return readable(checkpoint, {"quantization_config": {"quant_method": "fp8",
+                                                             "weight_block_size": list(self.fp8.tile)}})
 
     def close(self) -> None:
         for fd in self._fds.values():

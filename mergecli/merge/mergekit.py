@@ -65,9 +65,9 @@ class Translation:
 
     def reference(self, path: Path_, value: Any) -> ModelRef:
         reference = model_ref(self.document, path, value)
-        if reference.lora:
-            raise self.refuse(path, f"{reference.path}+{reference.lora}: a LoRA adapter applied on the fly ('+') is "
-                                    "not supported; merge the adapter into its model first")
+        if reference.lora and reference.revision:
+            raise self.refuse(path, f"{reference.path}@{reference.revision}+{reference.lora}: a LoRA adapter's base "
+                                    "at a revision; give the base a local path")
         if reference.path in self.stages:
             return ModelRef(STAGE + reference.path)
         return reference
@@ -77,8 +77,10 @@ class Translation:
         if reference not in self.models:
             index = len(self.models)
             self.models.append(reference)
-            self.names = default_names([model.path.removeprefix(STAGE) for model in self.models])
-            self.out.put(("models", index, "path"), reference.path, origin)
+            self.names = default_names([(model.lora or model.path).removeprefix(STAGE) for model in self.models])
+            self.out.put(("models", index, "path"), reference.lora or reference.path, origin)
+            if reference.lora:  # `model+lora`: the adapter, applied to its base as it is read (io/adapters.py)
+                self.out.put(("models", index, "base"), reference.path, origin)
             if reference.revision:
                 self.out.put(("models", index, "revision"), reference.revision, origin)
         for index, name in enumerate(self.names):  # names may grow longer to stay unique

@@ -10,10 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergecli.errors import InputNotFoundError
+from mergecli.io.adapter_bases import with_bases
 from mergecli.io.atomic import check_output_path, output_directory, partial_directory, recover
 from mergecli.io.blocks import block_of, renumbered
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
+from mergecli.io.fp8 import Fp8Output
 from mergecli.io.remote import Fetcher
 from mergecli.io.writer import ShardPlan, plan_shards
 from mergecli.merge.compatible import check_compatible, check_digests, check_nothing_lost
@@ -22,7 +26,7 @@ from mergecli.merge.slices import is_pre, plan_slices
 from mergecli.merge.stages import planned_checkpoint, stage_directory
 from mergecli.merge.stream import peak_memory
 from mergecli.merge.support import SupportFiles, plan_support
-from mergecli.merge.tasks import default_tasks
+from mergecli.merge.tasks import default_tasks, fp8_output
 from mergecli.merge.vocabulary import plan_vocabulary
 from mergecli.methods.base import Inputs, Method, Stage, TensorTask, varying_values
 from mergecli.recipe import Recipe, model_label
@@ -46,6 +50,7 @@ class MergePlan:
     sync: bool = True  # the output reaches the disk before it is put in place (--no-sync: not)
     stage_plans: list[MergePlan] = field(default_factory=list)  # the recipe's stages, written first (scratch)
     varying: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # setting → value → tensors
+    fp8: Fp8Output | None = None  # the tensors written fp8 block-scaled (requantized from the float32 merge)
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -128,6 +133,13 @@ def open_inputs(recipe: Recipe, *, headers_only: bool = False, fetcher: Fetcher 
                             "directory; if the output was moved, point them at the inputs again "
                             "(--set models.N.path=PATH)")
         raise failure
+    base = opened[0] if recipe.base else None
+    try:
+        opened = with_bases(specs, opened, base, headers_only=headers_only, fetcher=fetcher)
+    except BaseException:
+        for checkpoint in opened:
+            checkpoint.close()
+        raise
     base = opened[0] if recipe.base else None
     return Inputs(models=opened[1:] if base else opened, base=base, fetcher=fetcher if not headers_only else None)
 
@@ -235,6 +247,32 @@ def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bo
     return plan
 
 
+def quantized_notes(recipe: Recipe, inputs: Inputs, fp8: Fp8Output | None) -> list[str]:
+    """What --dry-run and the report say of quantized inputs (dequantized as read) and an fp8 output."""
+    notes = []
+    for name, checkpoint in zip(recipe.input_names, inputs.all):
+        formats: dict[str, int] = {}
+        for decoder in getattr(checkpoint, "decoders", {}).values():
+            formats[decoder.info.stored_as] = formats.get(decoder.info.stored_as, 0) + 1
+        for stored_as, count in formats.items():
+            notes.append(f"{name}: its {stored_as} adapter is applied to {count} tensors of its base as they are read"
+                         if stored_as in ("LoRA", "DoRA") else
+                         f"{name}: {count} tensors stored as {stored_as} are dequantized as they are read")
+    if fp8 is not None and fp8.names:
+        notes.append(f"{len(fp8.names)} tensors are written as fp8 e4m3 with a scale per {fp8.tile[0]}×{fp8.tile[1]} "
+                     "block, requantized from the float32 merge; the rest as bfloat16")
+    return notes
+
+
+def planned_fp8(recipe: Recipe, inputs: Inputs, outputs: list) -> Fp8Output | None:
+    """The output tensors written fp8 block-scaled (merged in float32: tasks.output_dtype), if any."""
+    fp8 = fp8_output(recipe, inputs.reference)
+    if fp8 is None:
+        return None
+    merged_in_float32 = {spec.name for spec in outputs if spec.dtype == torch.float32}
+    return Fp8Output(fp8.tile, fp8.names & merged_in_float32, fp8.settings)
+
+
 def _plan(job: Job, target: Path, *, force: bool = False, dry_run: bool, sync: bool, device: str,
           stages: dict[str, Checkpoint], scratch: bool = False) -> MergePlan:
     """One merge planned (the recipe's, or one of its stages', into `scratch` inside the output's
@@ -277,11 +315,13 @@ def _plan(job: Job, target: Path, *, force: bool = False, dry_run: bool, sync: b
             notes += stream_notes(recipe, inputs, stages)
         if not scratch:
             check_output_path(target, input_paths(inputs), force=force)
-        shards = plan_shards([task.out for task in output_order(stages, inputs, sliced=bool(recipe.slices))],
-                             recipe.shard_size)
+        outputs = [task.out for task in output_order(stages, inputs, sliced=bool(recipe.slices))]
+        fp8 = None if scratch else planned_fp8(recipe, inputs, outputs)
+        notes += quantized_notes(recipe, inputs, fp8)
+        shards = plan_shards(fp8.stored(outputs) if fp8 else outputs, recipe.shard_size)
         support = plan_support(recipe, inputs, warnings, vocabulary, layers=layers)
         return MergePlan(recipe, method, target, force, inputs, stages, shards, support, warnings, notes, sync,
-                         varying=varying)
+                         varying=varying, fp8=fp8)
     except BaseException:
         inputs.close()
         raise

@@ -15,6 +15,8 @@ import torch
 from mergecli.errors import MergecliError
 from mergecli.io.atomic import atomic_directory
 from mergecli.io.writer import ShardWriter
+from mergecli.merge.lora_extract import DEFAULT_LORA_RANK, AdapterWriter, LoraSink
+from mergecli.merge.lora_run import base_name
 from mergecli.merge.plan import MergePlan
 from mergecli.merge.stream import NonFinite, stream_tasks
 from mergecli.merge.support import resolved_recipe, with_stages, write_support_files
@@ -24,6 +26,8 @@ from mergecli.recipe import Recipe
 
 def config_dtype(plan: MergePlan) -> str:
     """The output's floating dtype, as config.json names it: the most common among its tensors."""
+    if plan.fp8 is not None and plan.fp8.names:
+        return "bfloat16"  # as DeepSeek's and Qwen's fp8 releases say: the dtype of what is not fp8
     dtypes = [t.out.dtype for t in plan.tasks if t.out.dtype.is_floating_point]
     common = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
     return str(common).removeprefix("torch.")
@@ -139,8 +143,17 @@ def resolved_plan_recipe(plan: MergePlan) -> Recipe:
 
 
 def write_merge(plan: MergePlan, directory: Path, done: Progress, recipe: Recipe) -> None:
-    """Stream one planned merge into `directory` (its shards, then its support files)."""
-    writer = ShardWriter(directory, plan.shards, {t.out.name: t.out for t in plan.tasks}, sync=plan.sync)
+    """Stream one planned merge into `directory` (its shards, or with `output_format = "lora"` an adapter of
+    its base, then its support files)."""
+    specs = {t.out.name: t.out for t in plan.tasks}
+    adapter = None
+    if plan.recipe.output_format == "lora":
+        rank = plan.recipe.lora_rank or (None if plan.recipe.lora_error else DEFAULT_LORA_RANK)  # error: capped
+        adapter = AdapterWriter(plan.inputs.base, rank=rank, error=plan.recipe.lora_error,
+                                base_name=base_name(plan.recipe.base.path))
+        writer = LoraSink(adapter, specs)
+    else:
+        writer = ShardWriter(directory, plan.shards, specs, sync=plan.sync, fp8=plan.fp8)
     try:
         non_finite = NonFinite(plan.recipe.allow_non_finite, plan.warnings)
         for stage in plan.stages:
@@ -155,11 +168,16 @@ def write_merge(plan: MergePlan, directory: Path, done: Progress, recipe: Recipe
                 done.advance(stage.hook_cost / 2)
         if plan.inputs.fetcher is not None:  # every streamed file against the Hub's sha256, before it counts
             plan.inputs.fetcher.verify()
-        writer.finish()
+        if adapter is not None:
+            adapter.write(directory)
+        else:
+            writer.finish()
     finally:
         writer.close()
     sizes = {name: ckpt.nbytes for name, ckpt in zip(plan.recipe.input_names, plan.inputs.all)}
+    quantization = plan.fp8.config([t.out for t in plan.tasks]) if plan.fp8 and plan.fp8.names else None
     write_support_files(directory, support=plan.support, method=plan.method, dtype=config_dtype(plan),
+                        quantization=quantization, adapter=adapter,
                         recipe=recipe, sizes=sizes, directory_name=plan.output.name, notes=plan.task_notes())
 
 

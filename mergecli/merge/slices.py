@@ -42,8 +42,8 @@ class LayerView:
     def read(self, name: str, rows: tuple[int, int] | None = None, **kwargs: Any) -> Any:
         return self.checkpoint.read(self.names[name], rows, **kwargs)
 
-    def remote_read(self, name: str, rows: tuple[int, int] | None) -> Any:
-        return self.checkpoint.remote_read(self.names[name], rows)
+    def remote_reads(self, name: str, rows: tuple[int, int] | None) -> Any:
+        return self.checkpoint.remote_reads(self.names[name], rows)
 
     def close(self) -> None:
         self.checkpoint.close()

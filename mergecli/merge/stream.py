@@ -147,9 +147,9 @@ def announce_reads(blocks: list[tuple[TensorTask, tuple[int, int] | None]]) -> N
     for task, rows in blocks:
         for source in task.sources:
             if getattr(source, "fetcher", None) is not None:
-                read = source.remote_read(task.out.name, rows)
-                if read is not None:
-                    fetchers.setdefault(id(source.fetcher), (source.fetcher, []))[1].append(read)
+                reads = source.remote_reads(task.out.name, rows)
+                if reads:
+                    fetchers.setdefault(id(source.fetcher), (source.fetcher, []))[1].extend(reads)
     for fetcher, reads in fetchers.values():
         fetcher.schedule(reads)
 
@@ -177,7 +177,8 @@ class _Stream:
 
     def _blocks(self, tasks: list[TensorTask]) -> Iterator[tuple[TensorTask, tuple[int, int] | None]]:
         for task in tasks:
-            blocks = list(iter_row_blocks(task.sources[0].tensors[task.out.name], task.block_elements))
+            blocks = list(iter_row_blocks(task.sources[0].tensors[task.out.name], task.block_elements,
+                                          align=self.writer.row_align(task.out.name)))
             if self.depth is not None:
                 prepass = task.prepasses[self.depth]
                 blocks, work = prepass.rows(blocks), task.bytes_read * prepass.reads
@@ -208,7 +209,8 @@ class _Stream:
         for k, source in enumerate(task.sources):
             info = source.tensors[name]
             nbytes = info.nbytes if rows is None else (rows[1] - rows[0]) * info.row_bytes
-            blocks.append(source.read(name, rows, buffer=buffers.get(k, nbytes)))
+            decoded = name in getattr(source, "decoders", ())  # dequantized into a tensor of its own
+            blocks.append(source.read(name, rows, buffer=None if decoded else buffers.get(k, nbytes)))
         start = rows[0] * (task.out.numel // task.out.shape[0]) if rows else 0  # the block's first element
         if self.depth is not None:
             task.prepasses[self.depth].fold(blocks, start)

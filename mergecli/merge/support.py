@@ -251,6 +251,8 @@ def resolved_recipe(recipe: Recipe, inputs: Inputs, output: Path, *, normalize: 
         update = {"path": where(spec.path), "digest": checkpoint.digest()}
         if getattr(spec, "data", None):
             update["data"] = where(spec.data)
+        if getattr(spec, "base", None) and os.path.isabs(spec.base):  # a LoRA adapter's base
+            update["base"] = where(spec.base)
         return spec.model_copy(update=update)
 
     update: dict[str, Any] = {"normalize": normalize,
@@ -279,7 +281,8 @@ def with_stages(recipe: Recipe, stages: list[Recipe]) -> Recipe:
 
 def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recipe, method: Method,
                         dtype: str, sizes: dict[str, int], directory_name: str,
-                        notes: dict[str, list[str]] | None = None) -> None:
+                        notes: dict[str, list[str]] | None = None, quantization: dict | None = None,
+                        adapter: Any = None) -> None:
     """config.json (with the output dtype), tokenizer files, mergecli.toml and the model card.
 
     Args:
@@ -288,13 +291,23 @@ def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recip
         directory_name: the output's final name (`directory` is its temporary sibling).
         dtype: the output's floating dtype ("bfloat16"), for the config.
         sizes: bytes of each input by its label, for the card.
+        quantization: the output's quantization_config (fp8 block-scaled); None: its weights are plain, and
+            an input's quantization_config is not carried over.
+        adapter: the output is a LoRA adapter (merge/lora_extract.py's AdapterWriter): no config.json (PEFT
+            reads its base's), and the card gives each matrix's error.
     """
     config = None
     if support.config is not None:
         config = scrub(support.config)
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[key] = dtype
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for holder in (config, config.get("text_config")):
+            if isinstance(holder, dict):
+                holder.pop("quantization_config", None)
+        if quantization is not None:
+            config["quantization_config"] = quantization
+        if adapter is None:
+            (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name, source in support.copies.items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         if name.endswith(".json"):
@@ -314,4 +327,7 @@ def write_support_files(directory: Path, *, support: SupportFiles, recipe: Recip
     card = render_card(recipe, method, config=config, title=directory_name, config_from=support.config_from,
                        pipeline_from=support.pipeline_from,
                        tokenizer_from=support.tokenizer_from, sizes=sizes, license=support.license, notes=notes)
+    if adapter is not None:
+        card += "\n## The LoRA adapter\n\nThe merge's difference from its base, as a truncated SVD of each matrix.\n\n"
+        card += adapter.summary()
     (directory / "README.md").write_text(card)

@@ -11,6 +11,9 @@ import torch
 
 from mergecli.errors import RecipeError, shown
 from mergecli.io.blocks import positions
+from mergecli.io.dequantize import QuantizedInfo
+from mergecli.io.fp8 import DEFAULT_TILE, Fp8Output, fits, quantizable
+from mergecli.io.quantized import quantization_config
 from mergecli.io.safetensors import TensorInfo, TensorSpec
 from mergecli.methods import base
 from mergecli.methods.average import weighted_combine
@@ -20,11 +23,36 @@ from mergecli.recipe import Recipe
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def output_dtype(recipe: Recipe, info: TensorInfo) -> torch.dtype:
-    """Floating tensors get the recipe's dtype ("auto": the reference's); others keep theirs."""
-    if not info.dtype.is_floating_point or recipe.dtype == "auto":
+def fp8_output(recipe: Recipe, reference) -> Fp8Output | None:
+    """The tensors written fp8 block-scaled: with dtype "auto", those the reference stores so (with its
+    tile and quantization_config); with "float8_e4m3fn", every linear weight of the blocks that is whole
+    tiles (the reference's tile, else 128 × 128). None: no fp8 output."""
+    blocked = {name: info for name, info in reference.tensors.items()
+               if isinstance(info, QuantizedInfo) and info.block is not None}
+    tile = next(iter(blocked.values())).block if blocked else DEFAULT_TILE
+    if recipe.dtype == "auto" and blocked:
+        names = {name for name, info in blocked.items() if fits(info.shape, tile)}
+    elif recipe.dtype == "float8_e4m3fn":
+        names = {name for name, info in reference.tensors.items()
+                 if info.dtype.is_floating_point and quantizable(name, info.shape, tile)}
+    else:
+        return None
+    settings = quantization_config(reference.config()) if blocked else None
+    return Fp8Output(tile, frozenset(names), dict(settings or {}))
+
+
+def output_dtype(recipe: Recipe, info: TensorInfo, fp8: Fp8Output | None = None) -> torch.dtype:
+    """Floating tensors get the recipe's dtype ("auto": the reference's; bfloat16 for one stored quantized);
+    a tensor written fp8 is merged in float32 (and requantized as it is written); others keep theirs."""
+    if not info.dtype.is_floating_point:
         return info.dtype
-    return OUTPUT_DTYPES[recipe.dtype]
+    if fp8 is not None and info.name in fp8.names:
+        return torch.float32
+    if recipe.dtype == "auto" and isinstance(info, QuantizedInfo):
+        return info.plain_dtype or torch.bfloat16
+    if recipe.dtype == "float8_e4m3fn":
+        return torch.bfloat16
+    return info.dtype if recipe.dtype == "auto" else OUTPUT_DTYPES[recipe.dtype]
 
 
 def _integer_combine(name: str, warnings: list[str]) -> Combine:
@@ -69,11 +97,12 @@ def default_tasks(recipe: Recipe, inputs: Inputs, warnings: list[str], dropped: 
         return read, combines[key]
 
     block = base.BLOCK_ELEMENTS  # read at call time: tests stream in tiny blocks
+    fp8 = fp8_output(recipe, reference)
     tasks = []
     for name, info in reference.tensors.items():
         if name in dropped:
             continue
-        out = TensorSpec(name, output_dtype(recipe, info), info.shape)
+        out = TensorSpec(name, output_dtype(recipe, info, fp8), info.shape)
         t = places[name]
         if any(p.fullmatch(name) for p in exclude):
             tasks.append(TensorTask(out, "exclude", (reference,), copy_first, block, independent_blocks=True, t=t))

@@ -140,8 +140,8 @@ class VocabularyView:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.checkpoint, name)
 
-    def remote_read(self, name: str, rows: tuple[int, int] | None) -> Any:
-        return None if name in self.vocabulary.tensors else self.checkpoint.remote_read(name, rows)
+    def remote_reads(self, name: str, rows: tuple[int, int] | None) -> Any:
+        return [] if name in self.vocabulary.tensors else self.checkpoint.remote_reads(name, rows)
 
     def read(self, name: str, rows: tuple[int, int] | None = None, *,
              buffer: torch.Tensor | None = None) -> torch.Tensor:

@@ -146,6 +146,8 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             entry["path"] = resolve_local(path, base_dir)
         if isinstance(entry, dict) and isinstance(entry.get("data"), str):
             entry["data"] = os.path.abspath(base_dir / Path(entry["data"]).expanduser())
+        if isinstance(entry, dict) and isinstance(entry.get("base"), str) and entry["base"]:
+            entry["base"] = resolve_local(entry["base"], base_dir)  # a LoRA adapter's base
     tokenizer = data.get("tokenizer")
     names = {entry.get("name") for entry in models if isinstance(entry, dict)}
     if isinstance(tokenizer, str) and tokenizer not in ("base", "union", *names) and "/" in tokenizer:

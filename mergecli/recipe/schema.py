@@ -32,7 +32,7 @@ from mergecli.recipe.sections import CHAT_TEMPLATES, SliceSpec, TokenSpec
 from mergecli.recipe.strict import Flag, StrictModel
 from mergecli.recipe.varying import Varying, evaluate, varies
 
-Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16", "float8_e4m3fn"]
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -116,6 +116,7 @@ class ModelSpec(StrictModel):
     # 0.3, never "0.3"; or varying by tensor (recipe/varying.py)
     weight: Varying(float, strict=True, allow_inf_nan=False) = 1.0
     data: str | None = None
+    base: str | None = None  # a LoRA adapter's base model (else its adapter_config's, else the recipe's [base])
     _options: dict[str, Any] = PrivateAttr(default_factory=dict)
     _settings: BaseModel | None = PrivateAttr(default=None)
 
@@ -179,6 +180,9 @@ class Recipe(StrictModel):
     name: str | None = None  # a stage's name
     push_to_hub: Flag = False
     push: PushSettings | None = None
+    output_format: Literal["safetensors", "lora"] = "safetensors"  # lora: the merge's difference from [base]
+    lora_rank: int | None = Field(default=None, ge=1)  # the factors' rank (default 16 without lora_error)
+    lora_error: float | None = Field(default=None, gt=0, lt=1)  # the least rank within it (lora_rank: at most)
     _source: str = PrivateAttr(default="recipe")
     _base_dir: Path | None = PrivateAttr(default=None)
     _overrides: list[str] = PrivateAttr(default_factory=list)  # the keys `--set` gave, for messages
@@ -298,6 +302,9 @@ class Recipe(StrictModel):
             raise ValueError(f"model names must be unique; set `name` for: {', '.join(duplicates)}")
         if self.push_to_hub and not (self.push and self.push.repo_id):
             raise ValueError("push_to_hub = true needs [push] repo_id")
+        if self.output_format == "lora" and (self.base is None or self.stages or self.slices):
+            raise ValueError("output_format = \"lora\" writes the merge's difference from its [base]: it needs a "
+                             "[base], and no stages or slices")
         return self
 
     @property

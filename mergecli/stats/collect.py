@@ -24,8 +24,9 @@ from typing import Any, Protocol
 import torch
 
 from mergecli.errors import OutputInPlace, StatsError, UsageError
+from mergecli.io.adapter_bases import open_model
 from mergecli.io.atomic import STATISTICS, atomic_directory, clean_directory, scratch_directory
-from mergecli.io.checkpoint import Checkpoint, open_checkpoint
+from mergecli.io.checkpoint import Checkpoint
 from mergecli.io.memory import give_back_memory
 from mergecli.io.remote import Fetcher
 from mergecli.recipe import ModelSpec, model_label
@@ -167,7 +168,7 @@ def plan_stats(models: list[ModelSpec], settings: CalibrationSettings, *, only: 
             data = read_examples(spec.data, num_examples=settings.num_examples,
                                  text_field=settings.text_field, label=f"{label}.data")
             headers = Fetcher(connections=stream[0], buffer=stream[1]) if stream else None  # nothing fetched ahead
-            checkpoint = open_checkpoint(spec.path, revision=spec.revision, fetcher=headers)
+            checkpoint = open_model(spec, fetcher=headers)
             directory = Path(settings.stats_dir) / spec.name
             job = StatsJob(spec, index, directory, checkpoint, checkpoint.fingerprint(), data, settings,
                            False, "", list(data.warnings), stream)
@@ -251,8 +252,8 @@ class StatsSession:
             fetcher = Fetcher(connections=job.stream[0], buffer=job.stream[1]) if job.stream else None
             if fetcher is not None:
                 stack.callback(fetcher.close)
-            checkpoint = stack.enter_context(open_checkpoint(job.spec.path, revision=job.spec.revision,
-                                                             fetcher=fetcher))
+            checkpoint = open_model(job.spec, fetcher=fetcher)
+            stack.callback(checkpoint.close)
             budget = MemoryBudget(job.settings.memory_budget, scratch_directory(job.directory.parent, "spill"))
             stack.callback(budget.close)
             skeleton, layers, batches, max_length = self._prepare(job, checkpoint, warnings)

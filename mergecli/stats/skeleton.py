@@ -102,8 +102,9 @@ class Skeleton:
             if key in self.stored or key in self.fused:  # else a buffer the checkpoint does not store
                 wanted.append(key)
         if self.checkpoint.fetcher is not None:
-            reads = [self.checkpoint.remote_read(name, None) for key in wanted for name in self.stored_as(key)]
-            self.checkpoint.fetcher.schedule([read for read in reads if read is not None])
+            reads = [read for key in wanted for name in self.stored_as(key)
+                     for read in self.checkpoint.remote_reads(name, None)]
+            self.checkpoint.fetcher.schedule(reads)
         for key in wanted:
             places = self._places[key]
             is_buffer = places[0][2]
