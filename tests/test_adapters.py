@@ -271,3 +271,24 @@ def test_a_rank_larger_than_a_tensor_is_refused(adapters, tmp_path):
     result = cli("extract-lora", model, "--base", adapters["base"], "--rank", "1000", "-o", tmp_path / "a")
     assert result.exit_code == 2, result.output
     assert "rank 1000 is larger than" in result.stderr and not (tmp_path / "a").exists()
+
+
+def test_a_gpt2_adapter_on_its_fused_conv1d_attention_is_applied_transposed(models_dir, tmp_path):
+    """GPT-2 stores c_attn as a Conv1D [in, 3·out]: PEFT's fan_in_fan_out adds (B·A)ᵀ."""
+    from builders import build_gpt2
+
+    base = build_gpt2(tmp_path / "gpt2", seed=70)
+    merged = make_adapter(base, tmp_path / "gpt2-adapter", {"r": 4, "lora_alpha": 8, "fan_in_fan_out": True,
+                                                            "target_modules": ["c_attn", "c_fc"]}, seed=71)
+    lines = ['method = "average"', f'output = "{tmp_path / "out"}"', 'dtype = "float32"', "[[models]]",
+             f'path = "{tmp_path / "gpt2-adapter"}"', f'base = "{base}"']
+    (tmp_path / "r.toml").write_text("\n".join(lines) + "\n")
+    result = cli("merge", tmp_path / "r.toml")
+    assert result.exit_code == 0, result.output
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    changed = 0
+    for name, value in got.items():
+        want = merged.get(name, merged.get(f"transformer.{name}"))
+        assert int(units_off(value, want).max()) <= 1, name
+        changed += "c_attn.weight" in name
+    assert changed == 2
