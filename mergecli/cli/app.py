@@ -13,6 +13,7 @@ from mergecli import __version__
 from mergecli.cli._errors import print_error
 from mergecli.cli.average import AVERAGE_HELP, merge, merge_help
 from mergecli.cli.convert import convert
+from mergecli.cli.evaluate import evaluate
 from mergecli.cli.extract_lora import extract_lora
 from mergecli.cli.push import push
 from mergecli.cli.regmean import regmean_app
@@ -69,6 +70,7 @@ app.command()(push)
 app.command()(validate)
 app.command()(convert)
 app.command("extract-lora")(extract_lora)
+app.command("eval")(evaluate)
 
 
 def _version(value: bool) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mergecli.errors import InputNotFoundError
+from mergecli.errors import InputNotFoundError, UsageError
 from mergecli.io.adapter_bases import with_bases
 from mergecli.io.atomic import check_output_path, output_directory, partial_directory, recover
 from mergecli.io.blocks import block_of, renumbered
@@ -262,6 +262,15 @@ def quantized_notes(recipe: Recipe, inputs: Inputs, fp8: Fp8Output | None) -> li
         notes.append(f"{len(fp8.names)} tensors are written as fp8 e4m3 with a scale per {fp8.tile[0]}×{fp8.tile[1]} "
                      "block, requantized from the float32 merge; the rest as bfloat16")
     return notes
+
+
+def plan_unwritten(recipe: Recipe, *, device: str = "cpu") -> MergePlan:
+    """A merge planned to be computed, never written (`mergecli eval`): no output path, no stages."""
+    job = Job(recipe).bind()
+    if job.stages:
+        raise UsageError("a recipe with stages is not evaluated yet", hint="evaluate each stage's recipe")
+    return _plan(job, Path(recipe.base_dir or ".") / ".mergecli-eval", dry_run=False, sync=False, device=device,
+                 stages={}, scratch=True)
 
 
 def planned_fp8(recipe: Recipe, inputs: Inputs, outputs: list) -> Fp8Output | None:

@@ -101,7 +101,7 @@ class NonFinite:
 
 
 def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: ProgressCallback | None = None, *,
-                 non_finite: NonFinite | None = None) -> None:
+                 non_finite: NonFinite | None = None, prepasses: bool = True, combine: bool = True) -> None:
     """Read → combine → write every row block of `tasks`, on `workers(tasks)` threads (this one and
     the others), each with buffers of its own; first, the tasks' prepasses (statistics of a whole
     tensor that their combines need: a magnitude threshold, a norm), each a streamed read of its own.
@@ -112,12 +112,15 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
     combiner to a writer thread, as mergecli did before, moved each byte through memory twice more,
     between cores; a worker's block stays in its own cache. The first failure (or Ctrl-C) stops
     every worker after its current block and is raised here.
+    (`prepasses` / `combine` False: that part is left out: `mergecli eval` runs the prepasses once, then
+    combines a model block's tensors when its data reaches them.)
     """
     done = 0.0
-    for depth in range(max((len(task.prepasses) for task in tasks), default=0)):
+    for depth in range(max((len(task.prepasses) for task in tasks), default=0) if prepasses else 0):
         todo = [task for task in tasks if len(task.prepasses) > depth and task.prepasses[depth].needed()]
         done = _run(_Stream(todo, writer, on_progress, non_finite or NonFinite(), depth=depth, work_done=done))
-    _run(_Stream(tasks, writer, on_progress, non_finite or NonFinite(), work_done=done))
+    if combine:
+        _run(_Stream(tasks, writer, on_progress, non_finite or NonFinite(), work_done=done))
 
 
 def _run(stream: _Stream) -> float:

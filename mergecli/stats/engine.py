@@ -4,7 +4,8 @@
   the first block (their weights loaded as they are called) and records what each block receives.
 - `run_block`: one block, its weights loaded, over every batch's hidden states.
 - `run_tail`: the forward again, every block replaced by a replay of the last block's outputs, runs
-  the modules after the last block, and stops once the layers it was asked for have run.
+  the modules after the last block, and stops once the layers it was asked for have run; `run_head`
+  runs it to the end and hands on each batch's output (the logits `mergecli eval` scores).
 Gram hooks (regmean/grams.py) can be attached to any of the three.
 """
 
@@ -273,3 +274,18 @@ def run_tail(skeleton: Skeleton, acts: Activations, forward: Forward, *, collect
     finally:
         for handle in handles:
             handle.remove()
+
+
+def run_head(skeleton: Skeleton, acts: Activations, forward: Forward) -> Iterator[tuple[Batch, Any]]:
+    """The modules after the last block on `acts`' final hidden states, each batch's whole output (logits):
+    the forward pass again, its blocks replaying those states (`mergecli eval`)."""
+    replay = _Replay(_returns_tensor(skeleton.blocks[0]))
+    with _blocks_replaced(skeleton, lambda i: replay), _loaded_on_call(skeleton, set()), torch.inference_mode():
+        for number, batch in enumerate(acts.batches):
+            replay.output = acts.hidden.get(number)
+            replay.extras = acts.extras[number] if acts.extras else ()
+            try:
+                output = forward(**batch.inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise _forward_error(skeleton.label, exc) from None
+            yield batch, output
