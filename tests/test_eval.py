@@ -76,3 +76,75 @@ def test_eval_refuses_images_and_a_missing_data_file_in_one_line(tmp_path):
     result = cli("eval", recipe, "--data", tmp_path / "empty.txt")
     assert result.exit_code != 0 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep
+
+
+@pytest.fixture
+def ties_setup(tmp_path):
+    models = family("llama", tmp_path)
+    data = write_txt(tmp_path / "held-out.txt", random_texts(9, TEXTS, longest=20))
+    recipe = tmp_path / "ties.toml"
+    recipe.write_text(f'method = "ties"\noutput = "unused"\ndtype = "float32"\n[base]\npath = "{models[0]}"\n'
+                      "[ties]\ndensity = 0.5\n" + "".join(f'[[models]]\npath = "{m}"\n' for m in models[1:]))
+    return models, data, recipe
+
+
+def test_each_sweep_candidate_scores_as_eval_of_it_alone_reading_the_inputs_about_twice(ties_setup, tmp_path,
+                                                                                      monkeypatch):
+    """6 TIES candidates: every loss equals `eval` with the same --set, and the inputs' bytes read in all (counted
+    at the reader) are at most 2.5 times their size: a threshold pass and the merges, shared by the candidates."""
+    from mergecli.io.checkpoint import Checkpoint
+
+    models, data, recipe = ties_setup
+    counted = [0]
+    original = Checkpoint.read_stored
+
+    def counting(self, name, rows=None, **kwargs):
+        out = original(self, name, rows, **kwargs)
+        counted[0] += out.nbytes
+        return out
+
+    monkeypatch.setattr(Checkpoint, "read_stored", counting)
+    args = ["--data", data, "--max-length", "24", "--batch-size", "4"]
+    result = cli("sweep", recipe, "--grid", "ties.density=0.2,0.5,0.9", "--grid", "models.1.weight=0.5,1.5", *args,
+                 "--json", "--report", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    swept = json.loads(result.stdout)
+    size = sum((m / "model.safetensors").stat().st_size for m in models)
+    assert counted[0] <= 2.5 * size, (counted[0], size)
+    monkeypatch.setattr(Checkpoint, "read_stored", original)
+    losses = [c["loss"] for c in swept["candidates"]]
+    assert len(losses) == 6 and losses == sorted(losses)
+    assert (tmp_path / "report" / "loss.png").stat().st_size > 1000 and swept["plot"].endswith("loss.png")
+    for candidate in swept["candidates"]:
+        sets = [f"--set={k}={v}" for k, v in candidate["settings"].items()]
+        alone = json.loads(cli("eval", recipe, *args, *sets, "--json").stdout)["merge"]
+        assert abs(alone["loss"] - candidate["loss"]) <= 1e-6 * alone["loss"], (candidate, alone)
+
+
+def test_sweep_writes_the_best_and_fails_above_a_loss(ties_setup, tmp_path):
+    _, data, recipe = ties_setup
+    args = ["--data", data, "--max-length", "24", "--grid", "ties.density=0.3,0.7"]
+    result = cli("sweep", recipe, *args, "--write-best", "-o", tmp_path / "best", "--json")
+    assert result.exit_code == 0, result.output
+    best = json.loads(result.stdout)["candidates"][0]
+    written = (tmp_path / "best" / "mergecli.toml").read_text()
+    assert f"density = {best['settings']['ties.density']}" in written
+    failed = cli("sweep", recipe, *args, "--fail-above", "0.01")
+    assert failed.exit_code == 1 and "is above --fail-above 0.01" in failed.stderr
+
+
+@pytest.mark.parametrize("grid, words", [
+    ("ties.densty=0.2,0.4", "ties.densty"),
+    ("ties.density=a,b", "ties.density"),
+    ("ties.density", "expected KEY=V1,V2"),
+])
+def test_a_bad_grid_is_one_line(ties_setup, grid, words):
+    _, data, recipe = ties_setup
+    result = cli("sweep", recipe, "--grid", grid, "--data", data)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and words in lines[0] and "Traceback" not in result.stderr

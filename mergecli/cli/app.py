@@ -17,6 +17,7 @@ from mergecli.cli.evaluate import evaluate
 from mergecli.cli.extract_lora import extract_lora
 from mergecli.cli.push import push
 from mergecli.cli.regmean import regmean_app
+from mergecli.cli.sweep import sweep
 from mergecli.cli.validate import validate
 
 
@@ -71,6 +72,7 @@ app.command()(validate)
 app.command()(convert)
 app.command("extract-lora")(extract_lora)
 app.command("eval")(evaluate)
+app.command()(sweep)
 
 
 def _version(value: bool) -> None:

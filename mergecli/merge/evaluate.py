@@ -55,7 +55,7 @@ class MergedCheckpoint:
     """The recipe's merge seen as a checkpoint: a tensor is merged when it is read, with the other tensors
     of its model block (which the skeleton loads together); nothing is written."""
 
-    def __init__(self, plan: MergePlan):
+    def __init__(self, plan: MergePlan, *, prepasses: bool = True):
         if any(stage.before or stage.after for stage in plan.stages) or len(plan.stages) != 1:
             raise UsageError(f"{plan.recipe.method}: a method whose merge runs in stages (RegMean) is not "
                              "evaluated yet", hint="evaluate its output: `mergecli merge`, then `mergecli eval` "
@@ -67,7 +67,8 @@ class MergedCheckpoint:
         self.directory, self.fetcher, self.commit = reference.directory, None, None
         self._config = reference.config()
         self.held: dict[str, torch.Tensor] = {}
-        stream_tasks(plan.tasks, MemoryWriter({}), combine=False)  # the prepasses, once
+        if prepasses:  # once, before any block (`mergecli sweep` runs them itself, its candidates side by side)
+            stream_tasks(plan.tasks, MemoryWriter({}), combine=False)
 
     def config(self, **_: Any) -> dict | None:
         return self._config
@@ -78,7 +79,8 @@ class MergedCheckpoint:
             group = [task for other, task in self.tasks.items() if other not in self.held
                      and (other == name or (where is not None and block_of(other) == where))]
             writer = MemoryWriter({task.out.name: task.out for task in group})
-            stream_tasks(group, writer, prepasses=False)
+            with torch.inference_mode(False):  # the skeleton loads inside inference mode, the workers do not
+                stream_tasks(group, writer, prepasses=False)
             self.held.update(writer.tensors)
         tensor = self.held.pop(name)  # read once per load: the skeleton keeps it while the block runs
         return tensor[rows[0]:rows[1]] if rows else tensor
@@ -101,26 +103,44 @@ def next_token_loss(batch: Any, output: Any) -> tuple[float, int]:
     return float(losses[valid].double().sum()), int(valid.sum())
 
 
-def score(checkpoint: Any, data: Any, *, label: str, batch_size: int, max_length: int, device: str,
-          budget: MemoryBudget, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """A model's mean next-token loss (and perplexity) on `data`, run one block at a time."""
-    skeleton = build_skeleton(checkpoint.directory, checkpoint, device=device, label=label, dtype=dtype)
-    batches, _ = model_batches(data, checkpoint.directory, batch_size=batch_size, max_length=max_length,
-                               max_positions=max_positions(skeleton.model), label=label)
-    batches = [batch.to(device, skeleton.dtype) for batch in batches]
-    forward = forward_of(skeleton.model, data.kind)
-    acts = run_prefix(skeleton, batches, forward, budget, label.replace("/", "-"))
+def score(checkpoints: list[Any], labels: list[str], data: Any, *, batch_size: int, max_length: int, device: str,
+          budget: MemoryBudget, dtype: torch.dtype | None = None,
+          on_block: Any = None) -> list[dict[str, Any]]:
+    """Each model's mean next-token loss (and perplexity) on `data`, run one block at a time, the models side
+    by side: block k of every model runs before block k + 1 of any (`mergecli sweep`'s candidates read each
+    input block once). `on_block(k, count)` is told as each block is done."""
+    runs = []
     try:
-        for index in range(len(skeleton.blocks)):
-            advance(acts, run_block(skeleton, index, acts, name=label.replace("/", "-")))
-        total, tokens = 0.0, 0
-        for batch, output in run_head(skeleton, acts, forward):
-            loss, count = next_token_loss(batch, output)
-            total, tokens = total + loss, tokens + count
+        for checkpoint, label in zip(checkpoints, labels):
+            skeleton = build_skeleton(checkpoint.directory, checkpoint, device=device, label=label, dtype=dtype)
+            batches, _ = model_batches(data, checkpoint.directory, batch_size=batch_size, max_length=max_length,
+                                       max_positions=max_positions(skeleton.model), label=label)
+            batches = [batch.to(device, skeleton.dtype) for batch in batches]
+            forward = forward_of(skeleton.model, data.kind)
+            runs.append((skeleton, forward, run_prefix(skeleton, batches, forward, budget, safe(label))))
+        count = len(runs[0][0].blocks) if runs else 0
+        for index in range(count):
+            for skeleton, _, acts in runs:
+                advance(acts, run_block(skeleton, index, acts, name=safe(skeleton.label)))
+            if on_block is not None:
+                on_block(index + 1, count)
+        rows = []
+        for (skeleton, forward, acts), label in zip(runs, labels):
+            total, tokens = 0.0, 0
+            for batch, output in run_head(skeleton, acts, forward):
+                loss, counted = next_token_loss(batch, output)
+                total, tokens = total + loss, tokens + counted
+            mean = total / tokens if tokens else float("nan")
+            rows.append({"name": label, "loss": mean, "perplexity": math.exp(mean) if tokens else float("nan"),
+                         "tokens": tokens})
+        return rows
     finally:
-        acts.close()
-    mean = total / tokens if tokens else float("nan")
-    return {"name": label, "loss": mean, "perplexity": math.exp(mean) if tokens else float("nan"), "tokens": tokens}
+        for _, _, acts in runs:
+            acts.close()
+
+
+def safe(label: str) -> str:
+    return label.replace("/", "-").replace(" ", "-")
 
 
 def evaluate(recipe: Recipe, data_path: str, *, num_examples: int = 64, batch_size: int = 8,
@@ -136,9 +156,8 @@ def evaluate(recipe: Recipe, data_path: str, *, num_examples: int = 64, batch_si
     options = {"batch_size": batch_size, "max_length": max_length, "device": device, "budget": budget,
                "dtype": torch.float32}
     try:
-        models = [score(checkpoint, data, label=name, **options)
-                  for name, checkpoint in zip(recipe.input_names, plan.inputs.all)]
-        merged = score(MergedCheckpoint(plan), data, label="merge", **options)
+        models = score(plan.inputs.all, list(recipe.input_names), data, **options)
+        merged = score([MergedCheckpoint(plan)], ["merge"], data, **options)[0]
     finally:
         plan.inputs.close()
         shutil.rmtree(spill, ignore_errors=True)

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -121,6 +122,14 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
         done = _run(_Stream(todo, writer, on_progress, non_finite or NonFinite(), depth=depth, work_done=done))
     if combine:
         _run(_Stream(tasks, writer, on_progress, non_finite or NonFinite(), work_done=done))
+
+
+def run_prepass(tasks: list[TensorTask], depth: int, writer: Any) -> None:
+    """The prepasses of one depth of `tasks` that have something to do (`mergecli sweep` runs each tensor's
+    candidates in turn, so that they share each read)."""
+    todo = [task for task in tasks if len(task.prepasses) > depth and task.prepasses[depth].needed()]
+    if todo:
+        _run(_Stream(todo, writer, None, NonFinite(), depth=depth))
 
 
 def _run(stream: _Stream) -> float:
