@@ -132,8 +132,11 @@ def _value(text: str) -> Any:
 
 def plot(candidates: list[dict[str, Any]], path: Path) -> Path:
     """Loss against each swept key (one panel per key), as a PNG."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--report draws loss.png with matplotlib, which is not installed",
+                         hint="pip install 'mergecli[plot]' (or matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
