@@ -44,10 +44,14 @@ def evaluate(
 
     spec = load_recipe(recipe, overrides=set_ or [])
     import_torch()
+    from mergecli.cli._render import progress
     from mergecli.merge.evaluate import evaluate as run
 
-    report = run(spec, data, num_examples=num_examples, batch_size=batch_size, max_length=max_length, device=device,
-                 memory_budget=parse_size(memory_budget))
+    with progress("scoring", total=0, unit="blocks") as update:
+        report = run(spec, data, num_examples=num_examples, batch_size=batch_size, max_length=max_length, device=device,
+                     memory_budget=parse_size(memory_budget),
+                     on_progress=lambda done, count, what: update(done, f"block {done}/{count} of {what}",
+                                                                  total=count))
     from mergecli.cli._console import result
 
     def table() -> None:

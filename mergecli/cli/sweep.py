@@ -63,11 +63,15 @@ def sweep(
     recipes = [load_recipe(recipe, overrides=[*(set_ or []), *(f"{k}={v}" for k, v in combo.items())])
                for combo in combos]  # a bad key or value: said before anything is read
     import_torch()
+    from mergecli.cli._render import progress
     from mergecli.merge.sweep import plot
     from mergecli.merge.sweep import sweep as run
 
-    found = run(recipes, combos, data, num_examples=num_examples, batch_size=batch_size, max_length=max_length,
-                device=device, memory_budget=parse_size(memory_budget))
+    with progress("scoring", total=0, unit="blocks") as update:
+        found = run(recipes, combos, data, num_examples=num_examples, batch_size=batch_size, max_length=max_length,
+                    device=device, memory_budget=parse_size(memory_budget),
+                    on_progress=lambda done, count, what: update(done, f"block {done}/{count} of {what}",
+                                                                 total=count))
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
         found["plot"] = str(plot(found["candidates"], report / "loss.png"))

@@ -145,8 +145,9 @@ def safe(label: str) -> str:
 
 def evaluate(recipe: Recipe, data_path: str, *, num_examples: int = 64, batch_size: int = 8,
              max_length: int = 512, device: str = "cpu", memory_budget: int = 2 * 10**9,
-             text_field: str = "text") -> dict[str, Any]:
-    """`mergecli eval`: each input model's loss and the merge's, in float32, in one JSON-ready object."""
+             text_field: str = "text", on_progress: Any = None) -> dict[str, Any]:
+    """`mergecli eval`: each input model's loss and the merge's, in float32, in one JSON-ready object.
+    `on_progress(done, count, what)` is told as each block of the inputs, then of the merge, is done."""
     data = read_examples(data_path, num_examples=num_examples, text_field=text_field, label="--data")
     if data.kind == "image":
         raise UsageError("--data: images have no next token to predict", hint="give text (.jsonl or .txt)")
@@ -156,8 +157,11 @@ def evaluate(recipe: Recipe, data_path: str, *, num_examples: int = 64, batch_si
     options = {"batch_size": batch_size, "max_length": max_length, "device": device, "budget": budget,
                "dtype": torch.float32}
     try:
-        models = score(plan.inputs.all, list(recipe.input_names), data, **options)
-        merged = score([MergedCheckpoint(plan)], ["merge"], data, **options)[0]
+        def told(what: str) -> Any:
+            return None if on_progress is None else lambda done, count: on_progress(done, count, what)
+
+        models = score(plan.inputs.all, list(recipe.input_names), data, on_block=told("the inputs"), **options)
+        merged = score([MergedCheckpoint(plan)], ["merge"], data, on_block=told("the merge"), **options)[0]
     finally:
         plan.inputs.close()
         shutil.rmtree(spill, ignore_errors=True)

@@ -79,7 +79,8 @@ def grid_overrides(grid: list[str]) -> list[dict[str, str]]:
 def sweep(recipes: list[Recipe], settings: list[dict[str, str]], data_path: str, *, num_examples: int = 64,
           batch_size: int = 8, max_length: int = 512, device: str = "cpu", memory_budget: int = 2 * 10**9,
           on_progress: Any = None) -> dict[str, Any]:
-    """Every candidate's loss on the data, ranked (best first), and the bytes of the inputs read in all."""
+    """Every candidate's loss on the data, ranked (best first), and the bytes of the inputs read in all.
+    `on_progress(done, count, what)` is told as each block of every candidate is done."""
     data = read_examples(data_path, num_examples=num_examples, label="--data")
     if data.kind == "image":
         raise UsageError("--data: images have no next token to predict", hint="give text (.jsonl or .txt)")
@@ -106,7 +107,7 @@ def sweep(recipes: list[Recipe], settings: list[dict[str, str]], data_path: str,
         def block_done(done: int, count: int) -> None:
             reads.forget()
             if on_progress is not None:
-                on_progress(done, count)
+                on_progress(done, count, f"{len(plans)} candidates")
 
         rows = score(merged, labels, data, batch_size=batch_size, max_length=max_length, device=device,
                      budget=MemoryBudget(memory_budget, spill), on_block=block_done)
