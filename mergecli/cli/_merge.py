@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergecli.cli._console import interactive, plural, say
+from mergecli.cli._console import interactive, plural, say, set_mode
 from mergecli.cli._heavy import import_torch
 from mergecli.cli._render import human_bytes, print_plan, print_report, progress
 from mergecli.errors import OutputInPlace
@@ -36,6 +36,10 @@ def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bo
     except BaseException:
         job.close()
         raise
+    from mergecli.stats.collect import process_rank
+
+    if process_rank()[0] != 0:  # under torchrun, rank 0 speaks for every process
+        set_mode(quiet=True)
     if dry_run:
         try:
             print_plan(plan, title=f"{recipe.method} (dry run: nothing written)")
@@ -43,7 +47,7 @@ def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bo
             plan.inputs.close()
         return
     merge_and_report(plan)
-    if recipe.push_to_hub:
+    if recipe.push_to_hub and process_rank()[0] == 0:
         from mergecli.cli.push import push_after_merge
 
         push_after_merge(plan.output, recipe)

@@ -62,6 +62,7 @@ class ShardWriter:
     tensors: dict[str, TensorSpec]
     sync: bool = False  # start each block's writeback as it is written (the final fsync then waits little)
     fp8: Fp8Output | None = None  # tensors written fp8 block-scaled: given float32 blocks of whole tiles
+    create: bool = True  # False: the files exist, headers written (another torchrun rank made them)
     _fds: dict[str, int] = field(default_factory=dict)
     _where: dict[str, tuple[str, int]] = field(default_factory=dict)
     _written: dict[str, int] = field(default_factory=dict)
@@ -71,10 +72,13 @@ class ShardWriter:
         if self.fp8 is not None:
             self.tensors = {spec.name: spec for spec in self.fp8.stored(list(self.tensors.values()))}
         for shard in self.shards:
-            fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if self.create:
+                fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                preallocate(fd, shard.size)  # a third less kernel time per write; a full disk fails here
+                pwrite_all(fd, shard.header, 0)
+            else:
+                fd = os.open(self.directory / shard.filename, os.O_WRONLY)
             self._fds[shard.filename] = fd
-            preallocate(fd, shard.size)  # a third less kernel time per write; a full disk fails here
-            pwrite_all(fd, shard.header, 0)
             for name, offset in shard.offsets.items():
                 self._where[name] = (shard.filename, offset)
 
@@ -124,9 +128,18 @@ class ShardWriter:
     def finish(self) -> None:
         """Close the files, check that every tensor was completely written, write the index."""
         self.close()
-        missing = [n for n, t in self.tensors.items() if self._written.get(n, 0) != t.nbytes]
+        self.check_written(set(self.tensors))
+        self.write_index()
+
+    def check_written(self, names: set[str]) -> None:
+        """Every tensor of `names` (and the fp8 scales that go with it) completely written."""
+        wanted = names | {scale_name(n) for n in names if self.fp8 is not None and n in self.fp8.names}
+        missing = [n for n in wanted if self._written.get(n, 0) != self.tensors[n].nbytes]
         if missing:
             raise MergecliError(f"internal error: tensor {missing[0]} was not completely written")
+
+    def write_index(self) -> None:
+        """The index of a sharded output (nothing for one file)."""
         if len(self.shards) > 1:
             weight_map = {n: self._where[n][0] for n in self.tensors}
             index = {"metadata": {"total_size": sum(t.nbytes for t in self.tensors.values())},

@@ -18,10 +18,12 @@ from mergecli.io.writer import ShardWriter
 from mergecli.merge.lora_extract import DEFAULT_LORA_RANK, AdapterWriter, LoraSink
 from mergecli.merge.lora_run import base_name
 from mergecli.merge.plan import MergePlan
+from mergecli.merge.ranks import write_on_ranks
 from mergecli.merge.stream import NonFinite, stream_tasks
 from mergecli.merge.support import resolved_recipe, with_stages, write_support_files
 from mergecli.methods.base import Stage
 from mergecli.recipe import Recipe
+from mergecli.stats.collect import process_rank
 
 
 def config_dtype(plan: MergePlan) -> str:
@@ -107,6 +109,13 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
     """
     started = time.perf_counter()
     plans = [*plan.stage_plans, plan]
+    if process_rank()[1] > 1:  # under torchrun: the ranks split the shards (merge/ranks.py)
+        check_disk_space(plan)
+        recipe = resolved_plan_recipe(plan)
+        done = Progress(on_progress)
+        write_on_ranks(plan, recipe, lambda directory: write_support(plan, directory, recipe), done.update)
+        return MergeReport(plan.output, len(plan.tasks), len(plan.shards), plan.bytes_read, plan.bytes_written,
+                           time.perf_counter() - started, plan.counts(), plan.warnings, plan.notes, {})
     try:
         check_disk_space(plan)
         recipe = resolved_plan_recipe(plan)  # the digests: before any write
@@ -174,6 +183,11 @@ def write_merge(plan: MergePlan, directory: Path, done: Progress, recipe: Recipe
             writer.finish()
     finally:
         writer.close()
+    write_support(plan, directory, recipe, adapter)
+
+
+def write_support(plan: MergePlan, directory: Path, recipe: Recipe, adapter: AdapterWriter | None = None) -> None:
+    """The support files and the card of a merge whose tensors are written."""
     sizes = {name: ckpt.nbytes for name, ckpt in zip(plan.recipe.input_names, plan.inputs.all)}
     quantization = plan.fp8.config([t.out for t in plan.tasks]) if plan.fp8 and plan.fp8.names else None
     write_support_files(directory, support=plan.support, method=plan.method, dtype=config_dtype(plan),
