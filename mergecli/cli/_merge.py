@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bool, dry_run: bool,
-                 sync: bool = True, device: str = "cpu") -> None:
+                 sync: bool = True, device: str = "cpu", resume: bool = False) -> None:
     """Dry run: print the plan. Otherwise merge, report, and push if the recipe asks."""
     from mergecli.merge.job import Job
 
@@ -32,7 +32,8 @@ def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bo
         from mergecli.merge.plan import plan_merge
 
         job.bind(command=command, push=not dry_run)
-        plan = plan_merge(job, output=output, force=force or dry_run, dry_run=dry_run, sync=sync, device=device)
+        plan = plan_merge(job, output=output, force=force or dry_run, dry_run=dry_run, sync=sync, device=device,
+                          resume=resume)
     except BaseException:
         job.close()
         raise

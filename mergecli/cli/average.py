@@ -140,6 +140,9 @@ def merge(
         "--device", metavar="cpu|cuda[:N]",
         help="Where the matrix methods (tsv, iso_c, iso_cts, wudi) take their SVDs and solves; a tensor too "
              "large for it is done on the CPU.")] = "cpu",
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Carry on a killed merge of the same output: keep the shards it finished whose "
+                         "recorded CRC checks, write the rest (a changed recipe or input starts over).")] = False,
 ) -> None:
     """`mergecli average` (AVERAGE_HELP) or `mergecli merge` (MERGE_HELP), by the name it was called by."""
     spec = recipe_from_options(recipe, model or [], weights, name or [], base, [*(set_ or []),
@@ -149,4 +152,4 @@ def merge(
 
         device = resolve_device(device)
     plan_and_run(spec, context.info_name, output=output, force=force, dry_run=dry_run, sync=not no_sync,
-                 device=device)
+                 device=device, resume=resume)

@@ -26,6 +26,7 @@ from mergecli.io.durable import sync_directory, sync_tree
 from mergecli.io.files import SAFETENSORS_INDEX, SINGLE_SAFETENSORS, TOKENIZER_FILES
 from mergecli.io.linux import exchange as _exchange
 from mergecli.io.manifest import MANIFEST, foreign_file, write_manifest
+from mergecli.io.resume import RESUME_FILE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,7 +80,13 @@ def _dead(directory: Path, prefix: str) -> list[Path]:
     return sorted(found)
 
 
-def recover(output: Path) -> list[str]:
+def resumable(output: Path) -> Path | None:
+    """The newest temporary directory a killed merge of `output` left with a resume record (io/resume.py)."""
+    found = [p for p in _dead(output.parent, f".{output.name}.partial-") if (p / RESUME_FILE).is_file()]
+    return max(found, key=lambda p: (p / RESUME_FILE).stat().st_mtime, default=None)
+
+
+def recover(output: Path, *, keep: Path | None = None) -> list[str]:
     """Restore or remove what killed runs left beside `output`; say what was done.
 
     A `.replaced-PID` directory is an earlier output moved aside by a replacement that did not
@@ -95,6 +102,8 @@ def recover(output: Path) -> list[str]:
             shutil.rmtree(replaced, ignore_errors=True)
             notes.append(f"removed {replaced.name}, the previous output left by an interrupted replacement")
     for partial in _dead(output.parent, f".{output.name}.partial-"):
+        if partial == keep:  # a merge resumes from it (`--resume`)
+            continue
         shutil.rmtree(partial, ignore_errors=True)
         notes.append(f"removed {partial.name}, left by an interrupted run")
     return notes
@@ -245,7 +254,7 @@ def partial_directory(output: Path) -> Path:
 
 @contextmanager
 def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUTPUT,
-                     notes: list[str] | None = None, sync: bool = True) -> Iterator[Path]:
+                     notes: list[str] | None = None, sync: bool = True, adopt: Path | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `output`; put it in place only if the block succeeds.
 
     Args:
@@ -253,6 +262,7 @@ def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUT
         notes: where to say what was recovered from killed runs.
         sync: every file and the directory reach the disk before the rename that publishes them,
             and the parent after it (the default); False for scratch outputs: nothing is synced.
+        adopt: a killed run's temporary directory to carry on in (`--resume`), renamed to this run's.
 
     On any failure (including Ctrl-C) the temporary directory is removed and an existing output is
     left untouched. A killed process leaves only hidden `.NAME.partial-PID` (and, on systems
@@ -262,13 +272,16 @@ def atomic_directory(output: Path, *, force: bool = False, kind: str = MERGE_OUT
     """
     output = Path(os.path.abspath(output))
     output.parent.mkdir(parents=True, exist_ok=True)
-    recovered = recover(output)
+    recovered = recover(output, keep=adopt)
     if notes is not None:
         notes.extend(recovered)
     temporary = partial_directory(output)
     old = None
     try:  # from its creation on: a signal right after the mkdir must remove it too
-        temporary.mkdir()
+        if adopt is not None:
+            os.rename(adopt, temporary)
+        else:
+            temporary.mkdir()
         yield temporary
         write_manifest(temporary, kind)
         if sync:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,15 +64,21 @@ class ShardWriter:
     sync: bool = False  # start each block's writeback as it is written (the final fsync then waits little)
     fp8: Fp8Output | None = None  # tensors written fp8 block-scaled: given float32 blocks of whole tiles
     create: bool = True  # False: the files exist, headers written (another torchrun rank made them)
+    done: set[str] = field(default_factory=set)  # shards finished by an interrupted run (`--resume`): kept
+    on_shard_done: Callable[[str], None] | None = None  # told each shard's name once all its bytes are written
     _fds: dict[str, int] = field(default_factory=dict)
     _where: dict[str, tuple[str, int]] = field(default_factory=dict)
     _written: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)  # `write` is called from several threads
+    _left: dict[str, int] = field(default_factory=dict)  # per shard, the data bytes not yet written
 
     def __post_init__(self) -> None:
         if self.fp8 is not None:
             self.tensors = {spec.name: spec for spec in self.fp8.stored(list(self.tensors.values()))}
         for shard in self.shards:
+            if shard.filename in self.done:
+                continue
+            self._left[shard.filename] = sum(self.tensors[name].nbytes for name in shard.offsets)
             if self.create:
                 fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 preallocate(fd, shard.size)  # a third less kernel time per write; a full disk fails here
@@ -105,6 +112,10 @@ class ShardWriter:
             start_writeback(fd, start, len(data))
         with self._lock:
             self._written[name] = self._written.get(name, 0) + len(data)
+            self._left[filename] -= len(data)
+            finished = self._left[filename] == 0
+        if finished and self.on_shard_done is not None:
+            self.on_shard_done(filename)
 
     def checkpoint(self) -> Checkpoint:
         """The output as a checkpoint, to read back tensors already written (read nothing else)."""
@@ -128,12 +139,14 @@ class ShardWriter:
     def finish(self) -> None:
         """Close the files, check that every tensor was completely written, write the index."""
         self.close()
-        self.check_written(set(self.tensors))
+        self.check_written({name for shard in self.shards if shard.filename not in self.done
+                            for name in shard.offsets})
         self.write_index()
 
     def check_written(self, names: set[str]) -> None:
         """Every tensor of `names` (and the fp8 scales that go with it) completely written."""
-        wanted = names | {scale_name(n) for n in names if self.fp8 is not None and n in self.fp8.names}
+        wanted = names | {scale_name(n) for n in names if self.fp8 is not None and n in self.fp8.names
+                          and scale_name(n) in self.tensors}
         missing = [n for n in wanted if self._written.get(n, 0) != self.tensors[n].nbytes]
         if missing:
             raise MergecliError(f"internal error: tensor {missing[0]} was not completely written")
@@ -141,7 +154,7 @@ class ShardWriter:
     def write_index(self) -> None:
         """The index of a sharded output (nothing for one file)."""
         if len(self.shards) > 1:
-            weight_map = {n: self._where[n][0] for n in self.tensors}
+            weight_map = {n: shard.filename for shard in self.shards for n in shard.offsets}
             index = {"metadata": {"total_size": sum(t.nbytes for t in self.tensors.values())},
                      "weight_map": weight_map}
             (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -14,7 +14,7 @@ import torch
 
 from mergecli.errors import InputNotFoundError, UsageError
 from mergecli.io.adapter_bases import with_bases
-from mergecli.io.atomic import check_output_path, output_directory, partial_directory, recover
+from mergecli.io.atomic import check_output_path, output_directory, partial_directory, recover, resumable
 from mergecli.io.blocks import block_of, renumbered
 from mergecli.io.checkpoint import Checkpoint, open_checkpoint
 from mergecli.io.fp8 import Fp8Output
@@ -51,6 +51,7 @@ class MergePlan:
     stage_plans: list[MergePlan] = field(default_factory=list)  # the recipe's stages, written first (scratch)
     varying: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # setting → value → tensors
     fp8: Fp8Output | None = None  # the tensors written fp8 block-scaled (requantized from the float32 merge)
+    resume_from: Path | None = None  # a killed run's temporary directory whose finished shards are kept
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -207,7 +208,7 @@ def _sliced(job: Job, inputs: Inputs, warnings: list[str], notes: list[str]) -> 
 
 
 def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bool = False,
-               dry_run: bool = False, sync: bool = True, device: str = "cpu") -> MergePlan:
+               dry_run: bool = False, sync: bool = True, device: str = "cpu", resume: bool = False) -> MergePlan:
     """Open and check the inputs of a recipe, let its method plan every tensor, and lay out the
     output; read no tensor. Unless `dry_run`, first restore or remove what killed runs left beside
     the output (said in the plan's warnings). With `dry_run`, hub inputs are planned from their
@@ -215,6 +216,7 @@ def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bo
 
     Args:
         job: a recipe bound to its method (merge/job.py), or a recipe, which is bound here.
+        resume: carry on in what a killed run of this output left (`--resume`: io/resume.py).
 
     Raises:
         UsageError: unknown method, no output, output exists (without `force`) or overlaps an input.
@@ -229,7 +231,11 @@ def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bo
     if isinstance(job, Recipe):
         job = Job(job).bind()
     target = output_directory(output if output is not None else job.recipe.output)
-    recovered = [] if dry_run else recover(target)
+    resume_from = resumable(target) if resume else None
+    if resume and (resume_from is None or job.stages):
+        why = "a recipe with stages does not resume" if job.stages else f"no interrupted merge of {target} was found"
+        raise UsageError(f"--resume: {why}", hint="run the merge without --resume")
+    recovered = [] if dry_run else recover(target, keep=resume_from)
     stage_plans, planned = [], {}
     try:
         for stage in job.stages:
@@ -244,6 +250,7 @@ def plan_merge(job: Job | Recipe, *, output: Path | str | None = None, force: bo
         raise
     plan.notes[:0] = recovered
     plan.stage_plans = stage_plans
+    plan.resume_from = resume_from
     return plan
 
 

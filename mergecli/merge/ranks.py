@@ -35,6 +35,8 @@ def check_splittable(plan: MergePlan) -> None:
     if plan.stage_plans or any(stage.before or stage.after for stage in plan.stages):
         raise UsageError(f"{plan.recipe.method}: a merge in stages (a recipe's stages, RegMean's solves) does not "
                          "run under torchrun yet", hint="run it as one process")
+    if plan.resume_from is not None:
+        raise UsageError("--resume does not run under torchrun yet", hint="resume it as one process")
     if plan.recipe.output_format != "safetensors":
         raise UsageError("output_format = \"lora\" does not run under torchrun yet", hint="run it as one process")
 

@@ -4,6 +4,7 @@ support files, and report what was done.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import torch
 
 from mergecli.errors import MergecliError
 from mergecli.io.atomic import atomic_directory
+from mergecli.io.resume import finished_shards, forget, record_shard
 from mergecli.io.writer import ShardWriter
 from mergecli.merge.lora_extract import DEFAULT_LORA_RANK, AdapterWriter, LoraSink
 from mergecli.merge.lora_run import base_name
@@ -23,6 +25,7 @@ from mergecli.merge.stream import NonFinite, stream_tasks
 from mergecli.merge.support import resolved_recipe, with_stages, write_support_files
 from mergecli.methods.base import Stage
 from mergecli.recipe import Recipe
+from mergecli.recipe.dump import dump_recipe
 from mergecli.stats.collect import process_rank
 
 
@@ -120,7 +123,8 @@ def run_merge(plan: MergePlan, *, on_progress: MergeProgress | None = None) -> M
         check_disk_space(plan)
         recipe = resolved_plan_recipe(plan)  # the digests: before any write
         done = Progress(on_progress)
-        with atomic_directory(plan.output, force=plan.force, notes=plan.notes, sync=plan.sync) as directory:
+        with atomic_directory(plan.output, force=plan.force, notes=plan.notes, sync=plan.sync,
+                              adopt=plan.resume_from) as directory:
             for stage in plan.stage_plans:
                 stage.output.mkdir(parents=True)
                 write_merge(stage, stage.output, done, resolved_recipe(stage.recipe, stage.inputs, stage.output,
@@ -156,13 +160,21 @@ def write_merge(plan: MergePlan, directory: Path, done: Progress, recipe: Recipe
     its base, then its support files)."""
     specs = {t.out.name: t.out for t in plan.tasks}
     adapter = None
+    digest = hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()  # what a resume record belongs to
+    kept: set[str] = set()
+    if plan.resume_from is not None:
+        kept, notes = finished_shards(directory, digest, [shard.filename for shard in plan.shards])
+        plan.notes.extend(notes)
     if plan.recipe.output_format == "lora":
         rank = plan.recipe.lora_rank or (None if plan.recipe.lora_error else DEFAULT_LORA_RANK)  # error: capped
         adapter = AdapterWriter(plan.inputs.base, rank=rank, error=plan.recipe.lora_error,
                                 base_name=base_name(plan.recipe.base.path))
         writer = LoraSink(adapter, specs)
     else:
-        writer = ShardWriter(directory, plan.shards, specs, sync=plan.sync, fp8=plan.fp8)
+        record = (lambda filename: record_shard(directory, filename, digest)) if len(plan.shards) > 1 else None
+        writer = ShardWriter(directory, plan.shards, specs, sync=plan.sync, fp8=plan.fp8, done=kept,
+                             on_shard_done=record)
+    where = {name: shard.filename for shard in plan.shards for name in shard.offsets}
     try:
         non_finite = NonFinite(plan.recipe.allow_non_finite, plan.warnings)
         for stage in plan.stages:
@@ -170,7 +182,8 @@ def write_merge(plan: MergePlan, directory: Path, done: Progress, recipe: Recipe
             if stage.before:
                 stage.before()
                 done.advance(stage.hook_cost / 2)
-            stream_tasks(stage.tasks, writer, done.update, non_finite=non_finite)
+            stream_tasks([task for task in stage.tasks if where.get(task.out.name) not in kept], writer, done.update,
+                         non_finite=non_finite)
             done.stage_done()
             if stage.after:
                 stage.after(writer.checkpoint())
@@ -181,6 +194,7 @@ def write_merge(plan: MergePlan, directory: Path, done: Progress, recipe: Recipe
             adapter.write(directory)
         else:
             writer.finish()
+            forget(directory)  # the resume record: not part of the output
     finally:
         writer.close()
     write_support(plan, directory, recipe, adapter)
