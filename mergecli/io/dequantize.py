@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mergecli.io.precision import for_requantization
 from mergecli.io.safetensors import TensorInfo
 
 Rows = tuple[int, int] | None
@@ -172,7 +173,8 @@ def _fp8_decoder(info: TensorInfo, scale: str, tile: tuple[int, int], stored_as:
 
     def decode(read: ReadStored, rows: Rows) -> torch.Tensor:
         (_, value_rows), (_, scale_rows) = reads(rows)
-        values, table = fp8_values(read(weight, value_rows), dtype), read(scale, scale_rows).to(dtype)
+        wanted = torch.float32 if for_requantization() else dtype  # requantized to fp8: float32 is plenty
+        values, table = fp8_values(read(weight, value_rows), wanted), read(scale, scale_rows).to(wanted)
         if len(shape) > 2:
             flat = values.reshape(-1, *shape[-2:])
             tables = table.reshape(-1, *table.shape[-2:])

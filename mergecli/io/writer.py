@@ -89,9 +89,13 @@ class ShardWriter:
             for name, offset in shard.offsets.items():
                 self._where[name] = (shard.filename, offset)
 
+    def requantizes(self, name: str) -> bool:
+        """Whether tensor `name` is written fp8 block-scaled (its float32 blocks requantized here)."""
+        return self.fp8 is not None and name in self.fp8.names
+
     def row_align(self, name: str) -> int:
         """What a block of tensor `name` must start at a multiple of (an fp8 one's tile rows)."""
-        return self.fp8.tile[0] if self.fp8 is not None and name in self.fp8.names else 1
+        return self.fp8.tile[0] if self.requantizes(name) else 1
 
     def write(self, name: str, block: torch.Tensor, row_start: int = 0) -> None:
         """Write `block` (rows `row_start...` of tensor `name`, in its output dtype; float32 whole tiles for

@@ -18,6 +18,7 @@ import torch
 from mergecli.errors import NonFiniteError, shown
 from mergecli.io.buffers import ScratchBuffers
 from mergecli.io.checkpoint import iter_row_blocks
+from mergecli.io.precision import requantized
 from mergecli.io.remote import Fetcher
 from mergecli.io.safetensors import TensorInfo
 from mergecli.io.writer import ShardWriter
@@ -209,7 +210,8 @@ class _Stream:
                     task, rows = next(self.blocks, (None, None))
                 if task is None:
                     return
-                self._merge_block(task, rows, buffers)
+                with requantized(getattr(self.writer, "requantizes", lambda name: False)(task.out.name)):
+                    self._merge_block(task, rows, buffers)
         except BaseException as error:  # Ctrl-C included: raised by `stream_tasks` once all have stopped
             with self.lock:
                 self.error = self.error or error

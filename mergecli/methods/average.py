@@ -9,6 +9,7 @@ import torch
 
 from mergecli.exact import common_fraction
 from mergecli.io.buffers import thread_buffer
+from mergecli.io.precision import for_requantization
 from mergecli.methods.base import Combine, Method, register
 
 WIDE = (torch.float32, torch.float64)
@@ -19,7 +20,10 @@ def accumulation_dtype(dtypes: list[torch.dtype], out: torch.dtype | None = None
     """What a merge computes in: float32 for 16-bit inputs and output (exact for the bf16 and fp16 values
     and small integer weights it sums, mergecli/exact.py; else a few units of float32, which the output's
     rounding hides); float64 where an input or the output is float32 or float64 (float32 arithmetic on
-    float32 values is not within one unit where terms cancel, nor correctly rounded to fp16 often enough)."""
+    float32 values is not within one unit where terms cancel, nor correctly rounded to fp16 often enough);
+    float32 for a block requantized to fp8 as it is written (io/precision.py)."""
+    if for_requantization():
+        return torch.float32
     return torch.float64 if out in WIDE or any(dtype in WIDE for dtype in dtypes) else torch.float32
 
 
