@@ -57,3 +57,32 @@ def test_a_method_in_stages_is_refused_under_torchrun_in_one_line(tmp_path):
     run = torchrun("regmean", "merge", recipe)
     assert run.returncode != 0 and "does not run under torchrun yet" in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_that_fails_makes_every_rank_fail_and_nothing_is_published(tmp_path):
+    """A NaN in a tensor of shard 2 (rank 1's): rank 1 stops on it, rank 0 finishes its own shards, learns of
+    the failure in the all-reduce, and removes the temporary directory: no output, every rank exits non-zero."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    models = [build_llama(tmp_path / f"m{i}", seed=97 + i) for i in range(2)]
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "average"\noutput = "out"\nshard_size = "30KB"\n'
+                      + "".join(f'[[models]]\npath = "{m}"\n' for m in models))
+    assert cli("merge", recipe, "-o", tmp_path / "probe").exit_code == 0
+    index = json.loads((tmp_path / "probe" / "model.safetensors.index.json").read_text())["weight_map"]
+    second = sorted(set(index.values()))[1]
+    victim = next(name for name, shard in index.items() if shard == second)
+    tensors = load_file(models[1] / "model.safetensors")
+    tensors[victim] = tensors[victim].clone()
+    tensors[victim].view(-1)[0] = float("nan")
+    save_file(tensors, models[1] / "model.safetensors", metadata={"format": "pt"})
+    run = torchrun("merge", recipe)
+    assert run.returncode != 0, run.stdout + run.stderr
+    assert "another torchrun rank failed: nothing was written" in run.stderr, run.stderr[-2000:]  # rank 0
+    assert victim in run.stderr  # rank 1 names the tensor
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert torch.isnan(tensors[victim]).any()
