@@ -56,6 +56,10 @@ app = typer.Typer(
       mergecli validate recipe.toml
       mergecli regmean collect-stats recipe.toml && mergecli regmean merge recipe.toml
       mergecli regmean merge plusplus.toml          # [regmean] sequential = true: RegMean++
+      mergecli eval ties.toml --data held-out.jsonl   # each input's loss and the merge's, nothing written
+      mergecli sweep ties.toml --grid ties.density=0.2,0.5 --data held-out.jsonl
+      mergecli extract-lora merged/ --base meta-llama/Llama-3.1-8B --rank 32 -o adapter/
+      torchrun --nproc-per-node 4 -m mergecli merge ties.toml   # the ranks split the output's shards
       mergecli push merged/ --repo-id me/llama-merged
     """,
     no_args_is_help=True,
