@@ -33,7 +33,14 @@ def signals_deferred() -> Iterator[None]:
         raise Terminated if pending[0] == signal.SIGTERM else KeyboardInterrupt
 
 
-def import_torch() -> None:
-    """Import torch (once) with signals deferred; the commands that compute call it first."""
+def import_torch(*modules: str) -> None:
+    """Import torch (once), and `modules` (a command's machinery, which loads numpy's, safetensors' and
+    transformers' extensions: one interrupted while it initializes cannot be loaded again in the process),
+    with signals deferred; the commands that compute call it first."""
+    import importlib
+
     with signals_deferred():
         import torch  # noqa: F401
+
+        for module in modules:
+            importlib.import_module(module)

@@ -28,7 +28,7 @@ def plan_and_run(recipe: Recipe, command: str, *, output: Path | None, force: bo
     if not dry_run:
         job.start_streaming(output, force=force)  # headers read while torch imports
     try:
-        import_torch()
+        import_torch("mergecli.merge.plan", "mergecli.merge.run", "mergecli.stats.collect")
         from mergecli.merge.plan import plan_merge
 
         job.bind(command=command, push=not dry_run)
