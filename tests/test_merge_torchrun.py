@@ -86,3 +86,23 @@ def test_a_rank_that_fails_makes_every_rank_fail_and_nothing_is_published(tmp_pa
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert torch.isnan(tensors[victim]).any()
+
+
+def test_ranks_given_different_recipes_all_refuse_in_one_line(tmp_path):
+    """A launcher that gives rank 1 another setting (here by a wrapper reading RANK): the recipes' digests
+    differ, every rank says so, and nothing is written."""
+    models = [build_llama(tmp_path / f"m{i}", seed=99 + i) for i in range(2)]
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "average"\noutput = "out"\n' + "".join(f'[[models]]\npath = "{m}"\n' for m in models))
+    wrapper = tmp_path / "launch.py"
+    wrapper.write_text("import os, sys\nfrom mergecli.__main__ import main\n"
+                       f"sys.argv = ['mergecli', 'merge', {str(recipe)!r}, '--set',\n"
+                       "            'models.0.weight=' + ('1.0' if os.environ['RANK'] == '0' else '2.0')]\n"
+                       "main()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(wrapper)], capture_output=True, text=True, env=env, timeout=180)
+    assert run.returncode != 0, run.stdout + run.stderr
+    assert run.stderr.count("the torchrun ranks disagree on the recipe (2 different ones)") == 2, run.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
