@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_method_formulas import CASES, units_off
 
 from builders import build_llama
-from clirunner import cli
+from clirunner import cli, merge_recipe
 
 ADAPTERS = {
     "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
@@ -54,20 +54,8 @@ def adapters(models_dir) -> dict:
     return found
 
 
-def run(tmp_path: Path, method: str, models: list[Path], *, base: Path | None = None, table: str = "",
-        weights: list[float] | None = None, extra: str = "") -> dict[str, torch.Tensor]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    lines = [f'method = "{method}"', f'output = "{tmp_path / "out"}"', 'dtype = "float32"', extra]
-    if base is not None:
-        lines += ["[base]", f'path = "{base}"']
-    if table:
-        lines += [f"[{method}]", table]
-    for i, path in enumerate(models):
-        lines += ["[[models]]", f'path = "{path}"', f'name = "m{i}"', f"weight = {(weights or [1.0] * 9)[i]}"]
-    (tmp_path / "recipe.toml").write_text("\n".join(lines) + "\n")
-    result = cli("merge", tmp_path / "recipe.toml", "--force")
-    assert result.exit_code == 0, result.output
-    return load_file(tmp_path / "out" / "model.safetensors")
+def run(directory: Path, method: str, models: list[Path], **options) -> dict[str, torch.Tensor]:
+    return load_file(merge_recipe(directory, method, models, **options) / "model.safetensors")
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))

@@ -22,6 +22,7 @@ from test_method_formulas import CASES, units_off
 import quantized
 from builders import build_llama, llama_config, word_tokenizer
 from clirunner import cli
+from clirunner import merge_recipe as merged
 from fakehub import fake_hub as fake_hub  # noqa: F401  (the fixture)
 
 TILE = 16  # the tiny models' fp8 block
@@ -104,22 +105,6 @@ def formats(models_dir, plains) -> dict[str, tuple[Path, dict[str, torch.Tensor]
 
 def load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
-
-
-def merged(tmp_path: Path, method: str, models: list[Path], *, base: Path | None = None, dtype: str = "float32",
-           table: str = "", weights: list[float] | None = None) -> Path:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    lines = [f'method = "{method}"', f'output = "{tmp_path / "out"}"', f'dtype = "{dtype}"']
-    if base is not None:
-        lines += ["[base]", f'path = "{base}"']
-    if table:
-        lines += [f"[{method}]", table]
-    for i, path in enumerate(models):
-        lines += ["[[models]]", f'path = "{path}"', f'name = "m{i}"', f"weight = {(weights or [1.0] * 9)[i]}"]
-    (tmp_path / "recipe.toml").write_text("\n".join(lines) + "\n")
-    result = cli("merge", tmp_path / "recipe.toml", "--force")
-    assert result.exit_code == 0, result.output
-    return tmp_path / "out"
 
 
 def assert_within_one_unit(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
