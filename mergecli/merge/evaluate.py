@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +20,14 @@ import torch
 
 from mergecli.errors import UsageError
 from mergecli.io.blocks import block_of
-from mergecli.io.safetensors import TensorInfo, TensorSpec
+from mergecli.io.safetensors import TensorInfo
 from mergecli.merge.plan import MergePlan, plan_unwritten
-from mergecli.merge.stream import stream_tasks
+from mergecli.merge.stream import WholeTensors, stream_tasks
 from mergecli.recipe import Recipe
 from mergecli.stats.calibration import model_batches, read_examples
 from mergecli.stats.engine import advance, run_block, run_head, run_prefix
 from mergecli.stats.hidden import MemoryBudget
 from mergecli.stats.skeleton import build_skeleton, forward_of, max_positions
-
-
-class MemoryWriter:
-    """Where the streaming loop writes merged tensors when nothing goes to disk: whole tensors in memory."""
-
-    def __init__(self, specs: dict[str, TensorSpec]):
-        self.specs, self.tensors = specs, {}
-        self.lock = threading.Lock()
-
-    def row_align(self, name: str) -> int:
-        return 1
-
-    def write(self, name: str, block: torch.Tensor, row_start: int = 0) -> None:
-        spec = self.specs[name]
-        with self.lock:
-            whole = self.tensors.setdefault(name, torch.empty(spec.shape, dtype=spec.dtype))
-        if spec.shape and block.dim():
-            whole[row_start:row_start + block.shape[0]] = block
-        else:
-            whole.copy_(block)
 
 
 class MergedCheckpoint:
@@ -68,7 +47,7 @@ class MergedCheckpoint:
         self._config = reference.config()
         self.held: dict[str, torch.Tensor] = {}
         if prepasses:  # once, before any block (`mergecli sweep` runs them itself, its candidates side by side)
-            stream_tasks(plan.tasks, MemoryWriter({}), combine=False)
+            stream_tasks(plan.tasks, WholeTensors({}), combine=False)
 
     def config(self, **_: Any) -> dict | None:
         return self._config
@@ -78,7 +57,7 @@ class MergedCheckpoint:
             where = block_of(name)
             group = [task for other, task in self.tasks.items() if other not in self.held
                      and (other == name or (where is not None and block_of(other) == where))]
-            writer = MemoryWriter({task.out.name: task.out for task in group})
+            writer = WholeTensors({task.out.name: task.out for task in group})
             with torch.inference_mode(False):  # the skeleton loads inside inference mode, the workers do not
                 stream_tasks(group, writer, prepasses=False)
             self.held.update(writer.tensors)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from mergecli.errors import UsageError
 from mergecli.io.architecture import meta_model
 from mergecli.io.safetensors import TensorSpec
+from mergecli.merge.stream import WholeTensors
 
 EXACT_SVD_ELEMENTS = 1 << 22
 DEFAULT_LORA_RANK = 16
@@ -162,38 +162,13 @@ class AdapterWriter:
         return "\n".join(lines) + "\n"
 
 
-class LoraSink:
+class LoraSink(WholeTensors):
     """Where a merge streams its blocks when written as an adapter: each tensor's blocks gathered until it is
     whole (one tensor per worker in memory at a time), then handed to the AdapterWriter."""
 
     def __init__(self, writer: AdapterWriter, specs: dict[str, TensorSpec]):
-        self.writer, self.specs = writer, specs
-        self.lock = threading.Lock()
-        self.held: dict[str, tuple[torch.Tensor, list[int]]] = {}
-
-    def row_align(self, name: str) -> int:
-        return 1
+        super().__init__(specs, on_whole=writer.add)
 
     def checkpoint(self) -> Any:
         raise UsageError("output_format = \"lora\" with a method that reads its output back between stages",
                          hint="write the merge in full, then `mergecli extract-lora` it")
-
-    def close(self) -> None:
-        self.held.clear()
-
-    def write(self, name: str, block: torch.Tensor, row_start: int = 0) -> None:
-        spec = self.specs[name]
-        with self.lock:
-            whole, left = self.held.setdefault(name, (torch.empty(spec.shape, dtype=block.dtype), [spec.numel]))
-        rows = block.shape[0] if block.dim() and spec.shape else 1
-        if spec.shape and block.dim():
-            whole[row_start:row_start + rows] = block
-        else:
-            whole.copy_(block)
-        with self.lock:
-            left[0] -= block.numel()
-            done = left[0] == 0
-            if done:
-                del self.held[name]
-        if done:
-            self.writer.add(name, whole)

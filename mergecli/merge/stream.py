@@ -20,7 +20,7 @@ from mergecli.io.buffers import ScratchBuffers
 from mergecli.io.checkpoint import iter_row_blocks
 from mergecli.io.precision import requantized
 from mergecli.io.remote import Fetcher
-from mergecli.io.safetensors import TensorInfo
+from mergecli.io.safetensors import TensorInfo, TensorSpec
 from mergecli.io.writer import ShardWriter
 from mergecli.methods.average import CHUNK_ELEMENTS
 from mergecli.methods.base import TensorTask
@@ -123,6 +123,46 @@ def stream_tasks(tasks: list[TensorTask], writer: ShardWriter, on_progress: Prog
         done = _run(_Stream(todo, writer, on_progress, non_finite or NonFinite(), depth=depth, work_done=done))
     if combine:
         _run(_Stream(tasks, writer, on_progress, non_finite or NonFinite(), work_done=done))
+
+
+class WholeTensors:
+    """A writer for the streaming loop that gathers each tensor's blocks in memory, whole: kept in `tensors`
+    (`mergecli eval`'s merged blocks), or handed to `on_whole(name, tensor)` and let go once its last block is
+    in (a merge written as an adapter)."""
+
+    def __init__(self, specs: dict[str, TensorSpec], on_whole: Callable[[str, torch.Tensor], None] | None = None):
+        self.specs, self.on_whole = specs, on_whole
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._left: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def row_align(self, name: str) -> int:
+        return 1
+
+    def write(self, name: str, block: torch.Tensor, row_start: int = 0) -> None:
+        spec = self.specs[name]
+        with self.lock:
+            whole = self.tensors.get(name)
+            if whole is None:
+                whole = self.tensors[name] = torch.empty(spec.shape, dtype=spec.dtype)
+                self._left[name] = spec.numel
+        if spec.shape and block.dim():
+            whole[row_start:row_start + block.shape[0]] = block
+        else:
+            whole.copy_(block)
+        if self.on_whole is None:
+            return
+        with self.lock:
+            self._left[name] -= block.numel()
+            done = self._left[name] == 0
+            if done:
+                del self.tensors[name], self._left[name]
+        if done:
+            self.on_whole(name, whole)
+
+    def close(self) -> None:
+        if self.on_whole is not None:
+            self.tensors.clear()
 
 
 def run_prepass(tasks: list[TensorTask], depth: int, writer: Any) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from mergecli.errors import UsageError
-from mergecli.merge.evaluate import MemoryWriter, MergedCheckpoint, score
+from mergecli.merge.evaluate import MergedCheckpoint, score
 from mergecli.merge.plan import plan_unwritten
-from mergecli.merge.stream import run_prepass
+from mergecli.merge.stream import WholeTensors, run_prepass
 from mergecli.recipe import Recipe
 from mergecli.stats.calibration import read_examples
 from mergecli.stats.hidden import MemoryBudget
@@ -98,7 +98,7 @@ def sweep(recipes: list[Recipe], settings: list[dict[str, str]], data_path: str,
             for level in range(depth):
                 for tasks in by_name:
                     if name in tasks:
-                        run_prepass([tasks[name]], level, MemoryWriter({}))
+                        run_prepass([tasks[name]], level, WholeTensors({}))
             reads.forget()
         reads.until_forget = False
         merged = [MergedCheckpoint(plan, prepasses=False) for plan in plans]
